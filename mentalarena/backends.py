@@ -21,9 +21,62 @@ class ChatBackend:
 
     name: str = "backend"
     batched: bool = False
+    context_limit: int | None = None  # tokens; None: never truncate
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        """A rough count (4 characters a token) for backends without a tokenizer at hand."""
+        return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
 
     def generate(self, conversations: list[list[dict]]) -> list[Reply]:
         raise NotImplementedError
 
     def close(self) -> None:
         pass
+
+
+BACKENDS = ("auto", "embedded", "hf", "openai")
+
+
+def resolve_backend(model: str | None, backend: str = "auto", api_base: str | None = None) -> str:
+    """Which backend serves `model`. The `auto` rule, in order:
+    no model (or "embedded") -> embedded; an --api_base -> openai (served names may contain '/');
+    an existing local path -> hf; an `org/name` hub id -> hf; anything else (gpt-4o, gpt-3.5-turbo,
+    ft:...) -> openai."""
+    if backend not in BACKENDS:
+        from .errors import InputError
+        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend != "auto":
+        return backend
+    if model in (None, "", "embedded"):
+        return "embedded"
+    if api_base:
+        return "openai"
+    import os
+    import re
+    if os.path.exists(model) or re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        return "hf"
+    return "openai"
+
+
+def make_backend(model: str | None, backend: str = "auto", api_base: str | None = None, *,
+                 temperature: float, max_new_tokens: int, seed: int, max_parallel: int = 16,
+                 device: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
+                 max_context_tokens: int | None = None) -> ChatBackend:
+    """Build the backend for one model; heavy imports happen only for the backend chosen."""
+    kind = resolve_backend(model, backend, api_base)
+    if kind == "openai":
+        from .openai_backend import OpenAIBackend
+        if not model:
+            from .errors import InputError
+            raise InputError("--backend openai needs --base_model (the served model name)")
+        backend_obj = OpenAIBackend(model, api_base=api_base, temperature=temperature,
+                                    max_new_tokens=max_new_tokens, max_parallel=max_parallel, seed=seed)
+        backend_obj.context_limit = max_context_tokens
+        return backend_obj
+    from .hf_backend import EMBEDDED_GGUF, HFBackend, embedded_model_dir
+    local = dict(temperature=temperature, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
+                 max_batch_size=max_batch_size, max_context_tokens=max_context_tokens, seed=seed)
+    if kind == "embedded":
+        return HFBackend(embedded_model_dir(), gguf_file=EMBEDDED_GGUF,
+                         name="embedded:SmolLM2-135M-Instruct", **local)
+    return HFBackend(model, **local)

@@ -1,0 +1,476 @@
+"""MentalArena self-play: one base model plays patient and therapist; each session is one record.
+
+    python arena_med.py                                   # embedded SmolLM2, bundled sample patients
+    python arena_med.py --base_model gpt-3.5-turbo --output_file test.jsonl
+    python arena_med.py --base_model meta-llama/Meta-Llama-3-8B --judge_model gpt-4-turbo-2024-04-09
+
+The session follows ../shared/docs/METHOD.md §4 step by step (numbers in the comments below).
+Re-running the same command resumes: finished sessions are skipped.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mentalarena.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
+from mentalarena.dialogue import HISTORY_MODES, Conversation, fresh
+from mentalarena.engine import Gate, ModelClient
+from mentalarena.errors import InputError
+from mentalarena.jsonl import append_jsonl, read_jsonl, write_json_atomic
+from mentalarena.parsing import (parse_extraction, parse_extraction_reference, parse_group_number,
+                                 parse_score)
+from mentalarena.prompts import Prompts
+
+log = logging.getLogger("mentalarena.arena")
+FEEDBACK_MODES = ("steer", "reference")  # steer: decoder feedback reaches the doctor (paper's intent)
+DECODER_ITEMS = ("intermediate_belief", "intermediate_belief_depression", "coping_strategies", "situation")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that shapes a session's content; stored in every record."""
+    base_model: str
+    judge_model: str
+    encoder: str
+    similarity_threshold: float
+    temperature: float = 0.8
+    max_new_tokens: int = 256
+    dialogue_rounds: int = 4
+    num_principle_groups: int = 5
+    max_decode_rounds: int = 5
+    max_tries: int = 7
+    target_score: int = 9
+    feedback_mode: str = "steer"
+    history_mode: str = "reference"
+    merge_system: bool = False
+    extraction_parser: str = "robust"
+    seed: int = 0
+    prompts_hash: str = ""
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Session:
+    """One patient's self-play: the shared conversation, fresh calls, and the transcript."""
+
+    def __init__(self, patient: dict, sample: int, ctx: "Arena"):
+        self.patient, self.sample, self.ctx = patient, sample, ctx
+        self.conv = Conversation(ctx.settings.history_mode, opening=ctx.prompts.render("roles_opening"))
+        self.transcript: list[dict] = []
+
+    def render(self, template: str, /, **values) -> str:
+        return self.ctx.prompts.render(template, **values)
+
+    async def shared(self, step: str, speaker: str, template: str, prompt: str | None,
+                     system: str | None = None, public: bool = False) -> str:
+        """A call inside the session's conversation (the reference's shared message list)."""
+        reply = await self._call(step, speaker, "base", "shared", template,
+                                 self.conv.request(speaker, prompt, system), prompt)
+        self.conv.add(speaker, prompt, system, reply, public)
+        return reply
+
+    async def fresh(self, step: str, speaker: str, model: str, template: str, prompt: str,
+                    system: str | None = None) -> str:
+        """A call with a new, empty conversation."""
+        return await self._call(step, speaker, model, "fresh", template, fresh(prompt, system), prompt)
+
+    async def _call(self, step, speaker, model, thread, template, messages, prompt) -> str:
+        client = self.ctx.base if model == "base" else self.ctx.judge
+        reply = await client.chat(messages)
+        self.transcript.append({
+            "step": step, "speaker": speaker, "model": model, "thread": thread, "template": template,
+            "n_messages": len(messages),
+            # persona prompts are stored once per record (`personas`), not at every turn
+            "prompt": None if template.startswith("patient_cbt") or prompt is None else prompt,
+            "reply": reply.text, "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens, "truncated": reply.truncated})
+        return reply.text
+
+    async def patient_turn(self, step: str, persona: str) -> str:
+        if self.conv.mode == "reference":  # the persona is the user message, as in the reference
+            return await self.shared(step, "patient", "patient_cbt", persona, public=True)
+        return await self.shared(step, "patient", "patient_cbt", None, system=persona, public=True)
+
+    async def doctor_turn(self, step: str, system: str) -> str:
+        return await self.shared(step, "doctor", "doctor_continue", self.render("doctor_continue"),
+                                 system=system, public=True)
+
+
+# ---------------------------------------------------------------- the session, METHOD.md §4
+async def run_session(patient: dict, sample: int, ctx: "Arena") -> dict:
+    s, cfg, started = Session(patient, sample, ctx), ctx.settings, time.time()
+    slots = profile_slots(patient)
+
+    # 1-2. Principle selection and the principles every dialogue persona must follow.
+    principles = await choose_principles(s)
+    persona_a = "\n".join([s.render("patient_cbt", **slots),
+                           s.render("principles_header", principles="\n".join(principles["principles"]))])
+    persona_b = s.render("patient_imagine", **slots)  # 3b: for the fresh calls of steps 9-11
+
+    # 4-5. Opening, then the dialogue rounds.
+    doctor_system = s.render("doctor_system")
+    await s.patient_turn("opening.patient", persona_a)
+    for r in range(1, cfg.dialogue_rounds + 1):
+        await s.doctor_turn(f"dialogue.{r}.doctor", doctor_system)
+        await s.patient_turn(f"dialogue.{r}.patient", persona_a)
+
+    # 6-7. Symptom Decoder; while the judge has feedback, more rounds (at most max_decode_rounds).
+    decoded = [await decode_symptoms(s, principles["principles"], 0)]
+    while decoded[-1]["feedback"] and len(decoded) <= cfg.max_decode_rounds:
+        r = len(decoded)
+        system = doctor_system
+        if cfg.feedback_mode == "steer":
+            system = s.render("doctor_feedback", doctor_system=doctor_system, feedback=decoded[-1]["feedback"])
+        # (reference mode: the reference built this steered prompt and discarded it)
+        await s.doctor_turn(f"decode.{r}.doctor", system)
+        await s.patient_turn(f"decode.{r}.patient", persona_a)
+        decoded.append(await decode_symptoms(s, principles["principles"], r))
+
+    # 8. Two different diagnoses inside the conversation.
+    diagnosis_system = s.render("diagnosis_system")
+    d1 = await s.shared("diagnosis.1", "doctor", "diagnosis_first", s.render("diagnosis_first"), diagnosis_system)
+    d2 = await s.shared("diagnosis.2", "doctor", "diagnosis_second", s.render("diagnosis_second"), diagnosis_system)
+    # 9. The patient reviews both (fresh, persona b); a fresh base call names the final illness.
+    review = await s.fresh("diagnosis.review", "patient", "base", "patient_review",
+                           s.render("patient_review", diagnosis_1=d1, diagnosis_2=d2), persona_b)
+    illness = await s.fresh("diagnosis.final", "assistant", "base", "final_illness",
+                            s.render("final_illness", review=review))
+
+    # 10. Try and reflect, for a treatment then for a medicine.
+    treatment = await try_and_reflect(s, illness, persona_b, "treatment")
+    medicine = await try_and_reflect(s, illness, persona_b, "medicine")
+
+    # 11. Extraction of the four fields by the judge.
+    candidates = treatment["best"] + "\n" + medicine["best"]
+    extraction_reply = await s.fresh("extraction", "judge", "judge", "extraction",
+                                     s.render("extraction", candidates=candidates))
+    parse = parse_extraction if cfg.extraction_parser == "robust" else parse_extraction_reference
+    fields = parse(extraction_reply)
+
+    return {
+        "symptom": s.render("symptom", **slots), "illness": illness, **fields,
+        "patient_id": patient["id"], "sample": sample, "patient_name": patient["name"],
+        "diagnoses": [d1, d2], "patient_review": review, "principles": principles,
+        "decoder": decoded, "feedback_rounds": len(decoded) - 1,
+        "treatment_search": treatment, "medicine_search": medicine, "extraction_reply": extraction_reply,
+        "personas": {"patient_cbt": persona_a, "patient_imagine": persona_b},
+        "transcript": s.transcript, "calls": len(s.transcript),
+        "truncated_calls": sum(t["truncated"] for t in s.transcript),
+        "models": {"base": ctx.base.name, "judge": ctx.judge.name, "encoder": cfg.encoder},
+        "seed": cfg.seed, "settings": asdict(cfg), "settings_hash": cfg.digest(),
+        "elapsed_s": round(time.time() - started, 2),
+    }
+
+
+async def choose_principles(s: Session) -> dict:
+    """Step 1: the k groups most similar to the coping strategies; the judge picks one."""
+    cfg, coping = s.ctx.settings, s.patient["coping_strategies"]
+    top = s.ctx.rank_groups(coping, cfg.num_principle_groups)
+    groups = "\n".join(f"Group {i}: " + " ".join(s.ctx.groups[g]) for i, (g, _) in enumerate(top, 1))
+    reply = await s.fresh("principles.choice", "judge", "judge", "principle_choice",
+                          s.render("principle_choice", coping_strategies=coping, groups=groups))
+    number = parse_group_number(reply, len(top))
+    # No usable number: the best-similarity group (the reference crashed or kept raw text).
+    chosen = top[(number or 1) - 1][0]
+    return {"candidates": [{"group": g, "score": round(sc, 4)} for g, sc in top], "judge_reply": reply,
+            "chosen_group": chosen, "fallback": number is None, "principles": s.ctx.groups[chosen]}
+
+
+async def decode_symptoms(s: Session, principles: list[str], round_: int) -> dict:
+    """Step 6: the doctor states what it inferred; items below the threshold get judge feedback."""
+    p = s.patient
+    questions = {
+        "intermediate_belief": s.render("decode_intermediate_belief"),
+        "intermediate_belief_depression": s.render("decode_intermediate_belief_depression"),
+        "coping_strategies": s.render("decode_coping_strategies"),
+        "situation": s.render("decode_situation", situation=p["situation"]),
+        "principles": s.render("decode_principles"),
+    }
+    truth = {
+        "intermediate_belief": p["intermediate_belief"],
+        "intermediate_belief_depression": p["intermediate_belief_depression"],
+        "coping_strategies": p["coping_strategies"],
+        "situation": s.render("decoder_truth_situation", **profile_slots(p)),
+        "principles": " ".join(principles),
+    }
+    answers = {}
+    for key, question in questions.items():
+        answers[key] = await s.shared(f"decode.{round_}.{key}", "doctor", f"decode_{key}", question)
+    keys = list(questions)
+    sims = dict(zip(keys, s.ctx.encoder.similarities([(answers[k], truth[k]) for k in keys])))
+    below = [k for k in keys if sims[k] < s.ctx.settings.similarity_threshold]
+    judge_calls = []
+    cognitive = [k for k in DECODER_ITEMS if k in below]
+    if cognitive:
+        judge_calls.append(s.fresh(f"decode.{round_}.feedback", "judge", "judge", "judge_cognitive_feedback",
+                                   s.render("judge_cognitive_feedback",
+                                            truth="\n".join(f"{k}:\n{truth[k]}" for k in cognitive),
+                                            answers="\n".join(f"{k}:\n{answers[k]}" for k in cognitive))))
+    if "principles" in below:
+        judge_calls.append(s.fresh(f"decode.{round_}.principle_feedback", "judge", "judge",
+                                   "judge_principle_feedback",
+                                   s.render("judge_principle_feedback", principles=truth["principles"],
+                                            answer=answers["principles"])))
+    feedback = "\n".join(await asyncio.gather(*judge_calls))
+    return {"round": round_, "similarities": {k: round(v, 4) for k, v in sims.items()},
+            "below_threshold": below, "feedback": feedback}
+
+
+async def try_and_reflect(s: Session, illness: str, persona_b: str, kind: str) -> dict:
+    """Step 10: propose, let the patient imagine the effect, let the judge score it; keep the best."""
+    cfg, tries, best, best_score = s.ctx.settings, [], None, 0
+    system = s.render("treatment_system")
+    while len(tries) < cfg.max_tries and best_score < cfg.target_score:
+        n = len(tries) + 1
+        template = f"{kind}_first" if n == 1 else f"{kind}_next"
+        candidate = await s.shared(f"{kind}.{n}.doctor", "doctor", template,
+                                   s.render(template, illness=illness), system)
+        state = await s.fresh(f"{kind}.{n}.patient", "patient", "base", f"patient_after_{kind}",
+                              s.render(f"patient_after_{kind}", candidate=candidate), persona_b)
+        rating = await s.fresh(f"{kind}.{n}.score", "judge", "judge", "judge_health_score",
+                               s.render("judge_health_score", state=state), persona_b)
+        score = parse_score(rating)
+        tries.append({"candidate": candidate, "patient_state": state, "judge_reply": rating, "score": score})
+        if score > best_score:  # strictly higher, as the reference
+            best, best_score = candidate, score
+    # Every score 0 (unparseable): keep the first candidate; the reference crashed here.
+    return {"best": best if best is not None else tries[0]["candidate"], "best_score": best_score,
+            "fallback": best is None, "tries": tries}
+
+
+def profile_slots(patient: dict) -> dict:
+    emotion = patient["emotion"]
+    return {**patient, "emotion": "; ".join(emotion) if isinstance(emotion, list) else emotion}
+
+
+# ---------------------------------------------------------------- running many sessions
+class Arena:
+    """What all sessions share: settings, prompts, clients, encoder, principle groups."""
+
+    def __init__(self, settings, prompts, base, judge, encoder, groups):
+        self.settings, self.prompts, self.base, self.judge = settings, prompts, base, judge
+        self.encoder, self.groups = encoder, groups
+
+    def rank_groups(self, text: str, k: int) -> list[tuple[str, float]]:
+        from mentalarena.similarity import top_k_groups
+        return top_k_groups(self.encoder, self.groups, text, k)
+
+
+async def run_all(arena: Arena, todo: list[tuple[dict, int]], output: Path, errors: Path,
+                  concurrency: int, progress=None) -> dict:
+    """Keep `concurrency` sessions in flight; write each record whole as soon as it finishes."""
+    queue = list(reversed(todo))
+    gate = arena.base.gate
+    counts = {"ok": 0, "failed": 0}
+
+    async def worker():
+        while queue:
+            patient, sample = queue.pop()
+            gate.active += 1
+            try:
+                record = await run_session(patient, sample, arena)
+            except Exception as exc:  # noqa: BLE001 - one failed session must not stop the run
+                counts["failed"] += 1
+                log.error("session %s/%s failed: %s", patient["id"], sample, exc)
+                append_jsonl(errors, {"patient_id": patient["id"], "sample": sample,
+                                      "error": f"{type(exc).__name__}: {exc}", "time": time.time()})
+            else:
+                counts["ok"] += 1
+                append_jsonl(output, record)
+            finally:
+                gate.active -= 1
+                gate.notify()
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(ok=counts["ok"], failed=counts["failed"], calls=arena.base.stats.calls)
+
+    await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    return counts
+
+
+def pending_sessions(patients: list[dict], num_samples: int, output: Path, settings_hash: str):
+    """Sessions not yet in the output; refuses to mix records made with other settings."""
+    done = set()
+    for number, row in enumerate(read_jsonl(output, repair=True), 1):
+        if "patient_id" not in row:
+            raise InputError(f"{output}: line {number}: field \"patient_id\" is missing "
+                             "(not an output of this script); choose another --output_file")
+        if row.get("settings_hash") != settings_hash:
+            raise InputError(f"{output}: line {number}: made with other settings (hash "
+                             f"{row.get('settings_hash')} != {settings_hash}); use a new --output_file")
+        done.add((str(row["patient_id"]), row["sample"]))
+    return [(p, k) for p in patients for k in range(num_samples) if (p["id"], k) not in done], len(done)
+
+
+PROMPT_NAMES = [
+    "patient_cbt", "patient_imagine", "principles_header", "principle_choice", "doctor_system",
+    "doctor_continue", "doctor_feedback", "decode_intermediate_belief",
+    "decode_intermediate_belief_depression", "decode_coping_strategies", "decode_situation",
+    "decode_principles", "judge_cognitive_feedback", "judge_principle_feedback", "diagnosis_system",
+    "diagnosis_first", "diagnosis_second", "patient_review", "final_illness", "treatment_system",
+    "treatment_first", "treatment_next", "medicine_first", "medicine_next", "patient_after_treatment",
+    "patient_after_medicine", "judge_health_score", "extraction", "symptom", "decoder_truth_situation",
+    "roles_opening",
+]
+
+
+def run(
+    # models
+    base_model: str | None = None,     # None: the embedded SmolLM2-135M-Instruct; a path / org/name: hf; else OpenAI
+    backend: str = "auto",             # auto | embedded | hf | openai (rule: mentalarena.backends.resolve_backend)
+    api_base: str | None = None,       # an OpenAI-compatible server (vLLM, llama.cpp, Ollama); key from OPENAI_API_KEY
+    judge_model: str | None = None,    # helper calls (paper: gpt-4-turbo-2024-04-09); None: the base model
+    judge_backend: str = "auto",
+    judge_api_base: str | None = None,
+    merge_system: bool = False,        # system text into the user turn, for templates without a system role
+    encoder_model: str | None = None,  # sentence encoder; None: bundled all-MiniLM-L6-v2; bert-base-uncased = paper
+    similarity_threshold: float | None = None,  # None: the encoder's calibrated value (0.9 for bert-base-uncased)
+    # data
+    patients_file: str | None = None,  # Patient-Psi-CM JSON list; None: data/sample_patients.json
+    principles_file: str | None = None,  # roleplay-doh CSV or grouped JSON; None: data/sample_principles.csv
+    output_file: str = "outputs/arena.jsonl",
+    prompt_dir: str | None = None,     # folder of prompt templates; None: prompts/
+    limit: int | None = None,          # first N patients only
+    num_samples: int = 1,              # sessions per patient
+    # method constants (paper defaults)
+    temperature: float = 0.8,
+    max_new_tokens: int = 256,
+    dialogue_rounds: int = 4,
+    num_principle_groups: int = 5,
+    max_decode_rounds: int = 5,
+    max_tries: int = 7,
+    target_score: int = 9,
+    feedback_mode: str = "steer",      # steer: decoder feedback reaches the doctor; reference: dropped
+    history_mode: str = "reference",   # reference: the reference's shared message list; roles: role-separated
+    extraction_parser: str = "robust",  # robust | reference (the reference's fixed-offset slicing)
+    # running
+    concurrency: int = 8,              # sessions in flight; their requests are batched together
+    max_batch_size: int = 16,          # local backends: conversations per forward batch
+    max_context_tokens: int | None = None,  # None: the model's own limit (no truncation for API models)
+    device: str | None = None,
+    dtype: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Run the self-play sessions and append one record per session to `output_file`."""
+    _check_choice("feedback_mode", feedback_mode, FEEDBACK_MODES)
+    _check_choice("history_mode", history_mode, HISTORY_MODES)
+    _check_choice("extraction_parser", extraction_parser, ("robust", "reference"))
+    # Validate every input before any model loads.
+    patients = load_patients(patients_file or DEFAULT_PATIENTS_FILE)[:limit]
+    groups = load_principles(principles_file or DEFAULT_PRINCIPLES_FILE)
+    prompts = Prompts(prompt_dir)
+    prompts.check(PROMPT_NAMES)
+    from mentalarena.similarity import Encoder, threshold_for
+    encoder = Encoder(encoder_model)
+    threshold = similarity_threshold if similarity_threshold is not None else threshold_for(encoder.name)
+    if threshold is None:
+        raise InputError(f"--encoder_model {encoder_model}: no calibrated threshold for this encoder; "
+                         "pass --similarity_threshold (benchmarks/calibrate_threshold.py derives one)")
+    prompts_hash = hashlib.sha256("".join(prompts.template(n) for n in PROMPT_NAMES).encode()).hexdigest()[:16]
+    settings = Settings(
+        base_model=base_model or "embedded", judge_model=judge_model or base_model or "embedded",
+        encoder=encoder.name, similarity_threshold=threshold, temperature=temperature,
+        max_new_tokens=max_new_tokens, dialogue_rounds=dialogue_rounds,
+        num_principle_groups=num_principle_groups, max_decode_rounds=max_decode_rounds,
+        max_tries=max_tries, target_score=target_score, feedback_mode=feedback_mode,
+        history_mode=history_mode, merge_system=merge_system, extraction_parser=extraction_parser,
+        seed=seed, prompts_hash=prompts_hash)
+    output = Path(output_file)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    errors = output.with_name(output.stem + ".errors.jsonl")
+    todo, already = pending_sessions(patients, num_samples, output, settings.digest())
+    _seed_everything(seed)
+    print(f"[arena] {len(patients)} patients x {num_samples} samples: {already} done, {len(todo)} to run "
+          f"-> {output}", flush=True)
+    print("[arena] settings " + json.dumps(asdict(settings)), flush=True)
+    if not todo:
+        return {"ok": 0, "failed": 0, "skipped": already}
+
+    from mentalarena.backends import make_backend
+    common = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                  max_parallel=max(16, 4 * concurrency), device=device, dtype=dtype,
+                  max_batch_size=max_batch_size, max_context_tokens=max_context_tokens)
+    gate = Gate()
+    base = ModelClient(make_backend(base_model, backend, api_base, **common), gate, max_new_tokens,
+                       merge_system)
+    if judge_model is None or (judge_model == base_model and judge_backend == "auto" and judge_api_base == api_base):
+        judge = base
+    else:
+        judge = ModelClient(make_backend(judge_model, judge_backend, judge_api_base, **common), gate,
+                            max_new_tokens, merge_system)
+    arena = Arena(settings, prompts, base, judge, encoder, groups)
+    if errors.exists():
+        errors.unlink()  # the errors file reports the latest run only
+    started = time.time()
+    bar = _progress_bar(len(todo)) if progress else None
+    try:
+        counts = asyncio.run(run_all(arena, todo, output, errors, concurrency, bar))
+    finally:
+        if bar is not None:
+            bar.close()
+        base.close()
+        if judge is not base:
+            judge.close()
+    summary = _summary(counts, already, arena, time.time() - started, output, errors)
+    write_json_atomic(output.with_name(output.stem + ".summary.json"), summary)
+    return summary
+
+
+def _summary(counts, already, arena, wall, output, errors) -> dict:
+    clients = {"base": arena.base.stats.as_dict()}
+    if arena.judge is not arena.base:
+        clients["judge"] = arena.judge.stats.as_dict()
+    done = counts["ok"] + counts["failed"]
+    summary = {"sessions_ok": counts["ok"], "sessions_failed": counts["failed"], "skipped": already,
+               "wall_seconds": round(wall, 1),
+               "sessions_per_hour": round(3600 * done / wall, 2) if wall else 0.0,
+               "model_calls": sum(c["calls"] for c in clients.values()),
+               "prompt_tokens": sum(c["prompt_tokens"] for c in clients.values()),
+               "completion_tokens": sum(c["completion_tokens"] for c in clients.values()),
+               "truncated_calls": sum(c["truncated_calls"] for c in clients.values()),
+               "clients": clients, "output_file": str(output),
+               "errors_file": str(errors) if counts["failed"] else None}
+    print("[arena] summary " + json.dumps(summary), flush=True)
+    return summary
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="session", dynamic_ncols=True, file=sys.stderr)
+
+
+def _check_choice(flag: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise InputError(f"--{flag} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    import numpy as np
+    import torch
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import fire
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = fire.Fire(run, command=argv, serialize=lambda _: None)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 1 if isinstance(summary, dict) and summary.get("sessions_failed") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

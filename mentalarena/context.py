@@ -1,0 +1,58 @@
+"""Fitting a conversation into a context window, predictably, and merging system text for
+chat templates that reject system messages."""
+from __future__ import annotations
+
+from typing import Callable
+
+
+def fit_messages(messages: list[dict], count: Callable[[list[dict]], int], budget: int,
+                 keep_first: int = 2) -> tuple[list[dict], int]:
+    """Drop the fewest messages after the first `keep_first` so that `count(messages) <= budget`.
+
+    The last two messages (this call's system/user prompt) are never dropped. Returns the
+    messages and how many were dropped; when even the minimal conversation is too long it is
+    returned as is and the backend cuts tokens from the left.
+    """
+    if count(messages) <= budget:
+        return messages, 0
+    head = messages[:keep_first]
+    tail_min = min(2, len(messages) - len(head))
+    middle = len(messages) - len(head) - tail_min
+    lo, hi = 1, middle  # smallest number of dropped middle messages that fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count(head + messages[keep_first + mid:]) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    if middle <= 0:
+        return messages, 0
+    return head + messages[keep_first + lo:], lo
+
+
+def merge_system(messages: list[dict]) -> list[dict]:
+    """System text goes into the next user message; adjacent messages of one role are joined.
+
+    For chat templates that reject system messages or non-alternating roles (e.g. Llama-2,
+    Mistral). The reference did this for the call's own system prompt only, chosen by a "7b"
+    substring in the model name; here it is an explicit flag and covers the whole history.
+    """
+    merged: list[dict] = []
+    pending: list[str] = []
+    for m in messages:
+        if m["role"] == "system":
+            pending.append(m["content"])
+            continue
+        content = "\n".join(pending + [m["content"]])
+        pending = []
+        if merged and merged[-1]["role"] == m["role"]:
+            merged[-1] = {"role": m["role"], "content": merged[-1]["content"] + "\n" + content}
+        else:
+            merged.append({"role": m["role"], "content": content})
+    if pending:
+        text = "\n".join(pending)
+        if merged and merged[-1]["role"] == "user":
+            merged[-1] = {"role": "user", "content": merged[-1]["content"] + "\n" + text}
+        else:
+            merged.append({"role": "user", "content": text})
+    return merged

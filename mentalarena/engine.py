@@ -1,0 +1,140 @@
+"""Many independent sessions, one model: requests from all sessions in flight are gathered.
+
+Sessions are asyncio tasks that `await client.chat(messages)`. For a batched (local) backend, a
+dispatcher waits until every live session is blocked on some model call, then sends everything
+pending as one `generate` batch; remote backends get one request per call, many in flight.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .backends import ChatBackend, Reply
+from .context import fit_messages, merge_system
+
+
+class Gate:
+    """Counts the sessions alive and those waiting on a model; dispatchers watch the two."""
+
+    def __init__(self):
+        self.active = 0
+        self.waiting = 0
+        self.changed = asyncio.Event()
+
+    def notify(self) -> None:
+        self.changed.set()
+
+    def all_waiting(self) -> bool:
+        return self.waiting >= self.active
+
+
+@dataclass
+class CallStats:
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    truncated_calls: int = 0
+    dropped_messages: int = 0
+    batches: int = 0
+    busy_seconds: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        sizes = self.batch_sizes
+        return {"calls": self.calls, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "truncated_calls": self.truncated_calls,
+                "dropped_messages": self.dropped_messages, "batches": self.batches,
+                "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else 0.0,
+                "busy_seconds": round(self.busy_seconds, 2)}
+
+
+class ModelClient:
+    """`await chat(messages)`: fits the context, merges system text if asked, batches, counts."""
+
+    def __init__(self, backend: ChatBackend, gate: Gate, max_new_tokens: int,
+                 merge_system_prompt: bool = False, keep_first: int = 2, max_parallel: int = 16):
+        self.backend, self.gate = backend, gate
+        self.merge = merge_system_prompt
+        self.keep_first = keep_first
+        self.max_new_tokens = max_new_tokens
+        self.stats = CallStats()
+        self._pending: list[tuple[list[dict], asyncio.Future]] = []
+        self._dispatcher: asyncio.Task | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1 if backend.batched else max_parallel)
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def prepare(self, messages: list[dict]) -> tuple[list[dict], int]:
+        """The messages actually sent, and how many history messages were dropped to fit."""
+        messages = merge_system(messages) if self.merge else list(messages)
+        limit = getattr(self.backend, "context_limit", None)
+        if not limit:
+            return messages, 0
+        budget = limit - self.max_new_tokens
+        return fit_messages(messages, self.backend.count_tokens, budget, self.keep_first)
+
+    async def chat(self, messages: list[dict]) -> Reply:
+        sent, dropped = self.prepare(messages)
+        self.gate.waiting += 1
+        self.gate.notify()
+        try:
+            if self.backend.batched:
+                reply = await self._queue(sent)
+            else:
+                reply = await self._run([sent])
+                reply = reply[0]
+        finally:
+            self.gate.waiting -= 1
+        reply.truncated = reply.truncated or dropped > 0
+        self.stats.calls += 1
+        self.stats.prompt_tokens += reply.prompt_tokens
+        self.stats.completion_tokens += reply.completion_tokens
+        self.stats.truncated_calls += int(reply.truncated)
+        self.stats.dropped_messages += dropped
+        return reply
+
+    async def _run(self, batch: list[list[dict]]) -> list[Reply]:
+        start = time.perf_counter()
+        replies = await asyncio.get_running_loop().run_in_executor(self._pool, self.backend.generate, batch)
+        self.stats.busy_seconds += time.perf_counter() - start
+        self.stats.batches += 1
+        self.stats.batch_sizes.append(len(batch))
+        return replies
+
+    async def _queue(self, messages: list[dict]) -> Reply:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((messages, future))
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.create_task(self._dispatch())
+        return await future
+
+    async def _dispatch(self) -> None:
+        """Send pending requests once every live session waits on a model (or after a short pause,
+        so a session busy elsewhere never stalls the others for long)."""
+        while self._pending:
+            deadline = time.monotonic() + 0.5
+            while not self.gate.all_waiting() and time.monotonic() < deadline:
+                self.gate.changed.clear()
+                try:
+                    await asyncio.wait_for(self.gate.changed.wait(), timeout=0.05)
+                except asyncio.TimeoutError:
+                    pass
+            batch, self._pending = self._pending, []
+            try:
+                replies = await self._run([m for m, _ in batch])
+            except Exception as exc:  # every waiting session sees the failure
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), reply in zip(batch, replies):
+                if not future.done():
+                    future.set_result(reply)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.backend.close()

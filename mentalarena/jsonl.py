@@ -1,0 +1,62 @@
+"""Crash-safe JSONL: each line is written whole and synced; a torn last line is repaired on read."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from .errors import InputError
+
+log = logging.getLogger("mentalarena.jsonl")
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one row with a single write, then flush and fsync, so a kill leaves no half rows behind
+    except possibly a torn final line, which `read_jsonl(..., repair=True)` removes."""
+    data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
+    """Rows of a JSONL file ([] if absent). With `repair`, a final line without its newline (a write
+    cut short by a kill) is cut off the file; any other bad line is an error naming its number."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    complete = raw.rfind(b"\n") + 1
+    if complete < len(raw):
+        if not repair:
+            line = raw.count(b"\n") + 1
+            raise InputError(f"{path}: line {line} is incomplete")
+        log.warning("%s: removing an incomplete last line (%d bytes) left by an interrupted run",
+                    path, len(raw) - complete)
+        with open(path, "r+b") as f:
+            f.truncate(complete)
+            os.fsync(f.fileno())
+        raw = raw[:complete]
+    rows = []
+    for number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: line {number}: not valid JSON ({exc.msg})") from exc
+    return rows
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    """Write a derived JSON file whole: to a temporary name, then rename over the old one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

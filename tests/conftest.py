@@ -1,0 +1,50 @@
+"""Shared test helpers: the repo root on sys.path, the shared data folder, a scripted backend."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+from mentalarena.backends import ChatBackend, Reply  # noqa: E402
+
+
+class ScriptedBackend(ChatBackend):
+    """Answers by rules on the last user message; records every conversation it was sent."""
+
+    batched = True
+
+    def __init__(self, rules=None, default="I am not sure.", name="scripted"):
+        self.rules = list(rules or [])
+        self.default = default
+        self.name = name
+        self.seen: list[list[dict]] = []
+        self.batches: list[int] = []
+
+    def reply_for(self, messages: list[dict]) -> str:
+        last = messages[-1]["content"]
+        for needle, answer in self.rules:
+            if needle in last:
+                return answer(messages) if callable(answer) else answer
+        return self.default
+
+    def generate(self, conversations):
+        self.batches.append(len(conversations))
+        out = []
+        for conv in conversations:
+            self.seen.append([dict(m) for m in conv])
+            text = self.reply_for(conv)
+            out.append(Reply(text, prompt_tokens=sum(len(m["content"]) for m in conv) // 4,
+                             completion_tokens=len(text) // 4))
+        return out
+
+
+def shared_data(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not found: the reference data folder ../shared/data is absent")
+    return path

@@ -1,0 +1,170 @@
+"""A fake OpenAI-compatible chat server for tests: standard library only, 127.0.0.1, with fault injection.
+
+    with FakeOpenAI(faults=Faults(["429:0", "500", "drop"])) as server:
+        backend = OpenAIBackend("fake-model", api_base=server.base_url)
+
+Fault kinds, consumed one per request (scripted ones first, then random ones at `rate`):
+  "<status>"        that HTTP status with a JSON error body, e.g. "400", "401", "429", "500", "503"
+  "<status>:<v>"    the same with a `Retry-After: <v>` header, e.g. "429:0", "429:1" or an HTTP date
+  "stall"           sleep `stall_seconds` (longer than the client's timeout), then answer normally
+  "malformed"       200, Content-Type application/json, body that is not JSON
+  "html"            200, Content-Type text/html, an error page (what a broken proxy sends)
+  "empty_choices"   200, a chat.completion with `choices: []`
+  "null_content"    200, a chat.completion whose message content is null and finish_reason "stop"
+  "drop"            close the connection without sending any response
+"""
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterable, Sequence
+
+RANDOM_KINDS = ("429", "429:0", "500", "503", "stall", "malformed", "html", "empty_choices", "null_content", "drop")
+
+
+def echo_responder(request: dict) -> str:
+    """Deterministic reply derived from the last user message, so tests can check replies stay in order."""
+    last_user = [m["content"] for m in request["messages"] if m["role"] == "user"][-1]
+    return "ECHO: " + last_user[-40:]
+
+
+class Faults:
+    """Thread-safe source of faults: a script consumed in order, then random kinds with probability `rate`."""
+
+    def __init__(self, script: Iterable[str] = (), rate: float = 0.0,
+                 kinds: Sequence[str] = RANDOM_KINDS, seed: int = 0) -> None:
+        self._script = deque(script)
+        self._rate = rate
+        self._kinds = tuple(kinds)
+        self._rng = random.Random(seed)  # seeded so a failing storm can be replayed
+        self._lock = threading.Lock()
+        self.injected: list[str] = []
+
+    def push(self, *kinds: str) -> None:
+        with self._lock:
+            self._script.extend(kinds)
+
+    def next(self) -> str | None:
+        with self._lock:
+            if self._script:
+                kind = self._script.popleft()
+            elif self._rate and self._rng.random() < self._rate:
+                kind = self._rng.choice(self._kinds)
+            else:
+                return None
+            self.injected.append(kind)
+            return kind
+
+
+class FakeOpenAI:
+    """The server; a context manager that runs it in a daemon thread. `base_url` ends in /v1."""
+
+    def __init__(self, responder: Callable[[dict], str] = echo_responder, faults: Faults | None = None,
+                 stall_seconds: float = 1.5, model: str = "fake-model") -> None:
+        self.responder = responder
+        self.faults = faults or Faults()
+        self.stall_seconds = stall_seconds
+        self.model = model
+        self.requests: list[dict] = []  # every chat request body received, faulted ones included
+        self.auth_headers: list[str | None] = []
+        self._lock = threading.Lock()
+        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd.fake = self  # type: ignore[attr-defined]  # how handlers reach this object
+        self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        # a short poll interval keeps shutdown (once per test) fast
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self) -> FakeOpenAI:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def record(self, body: dict, authorization: str | None) -> None:
+        with self._lock:
+            self.requests.append(body)
+            self.auth_headers.append(authorization)
+
+    def completion(self, request: dict, content: str | None, choices: bool = True) -> dict:
+        text = content or ""
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in request["messages"])
+        choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        return {
+            "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
+            "model": request.get("model", self.model), "choices": [choice] if choices else [],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(text.split()),
+                      "total_tokens": prompt_tokens + len(text.split())},
+        }
+
+
+class _Server(ThreadingHTTPServer):
+    # The default listen backlog (5) overflows when 16 clients connect at once; the kernel then drops
+    # SYNs and the retransmit (1 s) looks like a timeout that no fault caused.
+    request_queue_size = 128
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive like real servers, so dropped connections hit a pooled client
+    server: ThreadingHTTPServer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # keep test output clean
+
+    def do_GET(self) -> None:
+        fake: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
+        if self.path.rstrip("/") != "/v1/models":
+            return self._send(404, {"error": {"message": "not found", "code": "not_found"}})
+        self._send(200, {"object": "list", "data": [
+            {"id": fake.model, "object": "model", "created": 0, "owned_by": "fake"}]})
+
+    def do_POST(self) -> None:
+        fake: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            return self._send(404, {"error": {"message": "not found", "code": "not_found"}})
+        request = json.loads(raw)
+        fake.record(request, self.headers.get("Authorization"))
+        kind = fake.faults.next()
+        if kind == "drop":
+            self.close_connection = True
+            return
+        if kind == "stall":
+            time.sleep(fake.stall_seconds)
+        if kind and kind.split(":")[0].isdigit():
+            return self._send_status_fault(kind)
+        if kind == "malformed":
+            return self._send_raw(200, b'{"id": "chatcmpl-x", "choices": [', "application/json")
+        if kind == "html":
+            return self._send_raw(200, b"<html><body>502 Bad Gateway</body></html>", "text/html")
+        if kind == "empty_choices":
+            return self._send(200, fake.completion(request, "", choices=False))
+        if kind == "null_content":
+            return self._send(200, fake.completion(request, None))
+        self._send(200, fake.completion(request, fake.responder(request)))
+
+    def _send_status_fault(self, kind: str) -> None:
+        status, _, retry_after = kind.partition(":")
+        body = {"error": {"message": f"injected {status}", "type": "fake_error", "code": f"fake_{status}"}}
+        self._send(int(status), body, {"Retry-After": retry_after} if retry_after else {})
+
+    def _send(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+        self._send_raw(status, json.dumps(body).encode(), "application/json", headers)
+
+    def _send_raw(self, status: int, payload: bytes, content_type: str,
+                  headers: dict[str, str] | None = None) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(payload)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (it timed out during a stall); nothing to answer
