@@ -355,6 +355,7 @@ def run(
     concurrency: int = 8,              # sessions in flight; their requests are batched together
     max_batch_size: int = 16,          # local backends: conversations per forward batch
     max_context_tokens: int | None = None,  # None: the model's own limit (no truncation for API models)
+    prefix_cache: bool = True,         # local backends: reuse cached key/values of shared prompt prefixes
     device: str | None = None,
     dtype: str | None = None,
     seed: int = 0,
@@ -398,7 +399,8 @@ def run(
     from mentalarena.backends import make_backend
     common = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                   max_parallel=max(16, 4 * concurrency), device=device, dtype=dtype,
-                  max_batch_size=max_batch_size, max_context_tokens=max_context_tokens)
+                  max_batch_size=max_batch_size, max_context_tokens=max_context_tokens,
+                  prefix_cache=prefix_cache)
     gate = Gate()
     base = ModelClient(make_backend(base_model, backend, api_base, **common), gate, max_new_tokens,
                        merge_system)
@@ -426,9 +428,9 @@ def run(
 
 
 def _summary(counts, already, arena, wall, output, errors) -> dict:
-    clients = {"base": arena.base.stats.as_dict()}
+    clients = {"base": arena.base.stats_dict()}
     if arena.judge is not arena.base:
-        clients["judge"] = arena.judge.stats.as_dict()
+        clients["judge"] = arena.judge.stats_dict()
     done = counts["ok"] + counts["failed"]
     summary = {"sessions_ok": counts["ok"], "sessions_failed": counts["failed"], "skipped": already,
                "wall_seconds": round(wall, 1),

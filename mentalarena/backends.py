@@ -30,6 +30,10 @@ class ChatBackend:
     def generate(self, conversations: list[list[dict]]) -> list[Reply]:
         raise NotImplementedError
 
+    def stats(self) -> dict:
+        """Backend-specific counters for the run summary."""
+        return {}
+
     def close(self) -> None:
         pass
 
@@ -61,7 +65,7 @@ def resolve_backend(model: str | None, backend: str = "auto", api_base: str | No
 def make_backend(model: str | None, backend: str = "auto", api_base: str | None = None, *,
                  temperature: float, max_new_tokens: int, seed: int, max_parallel: int = 16,
                  device: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
-                 max_context_tokens: int | None = None) -> ChatBackend:
+                 max_context_tokens: int | None = None, prefix_cache: bool = True) -> ChatBackend:
     """Build the backend for one model; heavy imports happen only for the backend chosen."""
     kind = resolve_backend(model, backend, api_base)
     if kind == "openai":
@@ -75,7 +79,8 @@ def make_backend(model: str | None, backend: str = "auto", api_base: str | None 
         return backend_obj
     from .hf_backend import EMBEDDED_GGUF, HFBackend, embedded_model_dir
     local = dict(temperature=temperature, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
-                 max_batch_size=max_batch_size, max_context_tokens=max_context_tokens, seed=seed)
+                 max_batch_size=max_batch_size, max_context_tokens=max_context_tokens, seed=seed,
+                 prefix_cache_tokens=None if prefix_cache else 0)
     if kind == "embedded":
         return HFBackend(embedded_model_dir(), gguf_file=EMBEDDED_GGUF,
                          name="embedded:SmolLM2-135M-Instruct", **local)

@@ -135,6 +135,9 @@ class ModelClient:
                 if not future.done():
                     future.set_result(reply)
 
+    def stats_dict(self) -> dict:
+        return {**self.stats.as_dict(), **self.backend.stats()}
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.backend.close()

@@ -102,6 +102,11 @@ class HFBackend(ChatBackend):
                                  else prefix_cache_tokens)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._lock = threading.Lock()  # one generate at a time per model
+        self.prefilled_tokens = 0
+
+    def stats(self) -> dict:
+        return {"prefix_cache_hits": self.cache.hits, "prefix_reused_tokens": self.cache.reused_tokens,
+                "prefilled_tokens": self.prefilled_tokens}
 
     # ---- tokens -------------------------------------------------------------------------
     def render(self, messages: list[dict]) -> str:
@@ -131,6 +136,7 @@ class HFBackend(ChatBackend):
         reuse = [min(n, len(p) - 1) if kv is not None else 0 for (kv, n), p in zip(hits, prompts)]
         cache, mask = self._stack_caches([kv for kv, _ in hits], reuse)
         positions = torch.tensor(reuse, device=self.device)
+        self.prefilled_tokens += sum(len(p) - r for p, r in zip(prompts, reuse))
         logits, positions, mask = self._prefill(cache, mask, positions,
                                                 [p[r:] for p, r in zip(prompts, reuse)])
         return self._decode(prompts, cache, mask, positions, logits)

@@ -63,7 +63,7 @@ class OpenAIBackend(ChatBackend):
         self._client = OpenAI(api_key=_api_key(api_base), base_url=api_base, max_retries=0, timeout=timeout)
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="openai")
         self._stats_lock = threading.Lock()
-        self.stats = {"requests": 0, "retries": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self.counters = {"requests": 0, "retries": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.model!r}, api_base={self.api_base!r})"
@@ -72,6 +72,10 @@ class OpenAIBackend(ChatBackend):
         if len(conversations) == 1:  # the common case (callers already run many threads): skip the pool hop
             return [self._complete(conversations[0])]
         return list(self._pool.map(self._complete, conversations))
+
+    def stats(self) -> dict:
+        with self._stats_lock:
+            return {"http_" + k: v for k, v in self.counters.items()}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -122,7 +126,7 @@ class OpenAIBackend(ChatBackend):
     def _count(self, **amounts: int) -> None:
         with self._stats_lock:
             for key, amount in amounts.items():
-                self.stats[key] += amount
+                self.counters[key] += amount
 
 
 def _api_key(api_base: str | None) -> str:

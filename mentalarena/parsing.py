@@ -135,8 +135,8 @@ def _target(kind: str, block: str | None, result: dict[str, str]) -> str:
     return "explain_t" if not result["explain_t"] else "explain_m"
 
 
-_BLOCK_OF = {"treatment": "explain_t", "medicine": "explain_m",
-             "explain_t": "explain_t", "explain_m": "explain_m"}
+# Only treatment/medicine labels open a block; explanations never redirect later explanations.
+_BLOCK_OF = {"treatment": "explain_t", "medicine": "explain_m"}
 
 
 def parse_extraction(text: str) -> dict[str, str]:

@@ -60,7 +60,7 @@ def test_plain_call_returns_text_tokens_and_sends_key(server, make_backend):
     [reply] = backend.generate([conversation(1)])
     assert reply.text == "ECHO: question number 1"
     assert (reply.prompt_tokens, reply.completion_tokens) == (7, 4)
-    assert backend.stats == {"requests": 1, "retries": 0, "failures": 0,
+    assert backend.counters == {"requests": 1, "retries": 0, "failures": 0,
                              "prompt_tokens": 7, "completion_tokens": 4}
     sent = server.requests[0]
     assert (sent["model"], sent["temperature"], sent["max_tokens"]) == ("fake-model", 0.3, 17)
@@ -96,7 +96,7 @@ def test_each_fault_is_retried_then_succeeds(server, make_backend, kind, caplog)
         [reply] = backend.generate([conversation(3)])
     assert reply.text == "ECHO: question number 3"
     assert len(server.requests) == 2
-    assert backend.stats["retries"] == 1 and backend.stats["requests"] == 2
+    assert backend.counters["retries"] == 1 and backend.counters["requests"] == 2
     assert "retry 1/5" in caplog.text
 
 
@@ -108,8 +108,8 @@ def test_random_fault_storm_completes_in_order(make_backend):
         replies = backend.generate(convs)
     assert [r.text for r in replies] == [expected_text(c) for c in convs]
     assert len(faults.injected) >= 10  # the storm really happened
-    assert backend.stats["retries"] == len(faults.injected)
-    assert backend.stats["requests"] == 50 + len(faults.injected)
+    assert backend.counters["retries"] == len(faults.injected)
+    assert backend.counters["requests"] == 50 + len(faults.injected)
 
 
 def test_retry_after_header_is_honoured(server, make_backend):
@@ -141,7 +141,7 @@ def test_exhausted_retries_raise_without_leaking_the_key(server, make_backend, c
     message = str(raised.value)
     assert "fake-model" in message and "4 attempts" in message and "HTTP 500" in message
     assert "\n" not in message and "question number" not in message
-    assert len(server.requests) == 4 and backend.stats["failures"] == 1
+    assert len(server.requests) == 4 and backend.counters["failures"] == 1
     assert caplog.text.count("retry ") == 3
     assert server.auth_headers[0] == f"Bearer {SECRET}"  # sent to the server, and nowhere else:
     assert SECRET not in message and SECRET not in caplog.text and SECRET not in repr(backend)

@@ -165,6 +165,23 @@ EXTRACTION_CASES = [
     pytest.param(
         "Treatment: CBT\nExplanation:",
         ex("CBT"), ex("CBT"), id="label-on-last-line"),
+    pytest.param(
+        "Explanation: Targets negative thoughts.\nExplanation: An SSRI that lifts mood.",
+        ex("", "Targets negative thoughts.", "", "An SSRI that lifts mood."),
+        ex("", "Targets negative thoughts.", "", "An SSRI that lifts mood."),
+        id="explanations-only-keep-order"),
+    pytest.param(
+        "Treatment - CBT\n*Explanation:* Targets negative thoughts.\nMedicine – Sertraline\n"
+        "> Explanation: An SSRI that lifts mood.",
+        CLEAN,
+        ex("", "* Targets negative thoughts.", "", ": An SSRI that lifts mood."),
+        id="dash-separator-italics-quote"),
+    pytest.param(
+        "Medicine: Sertraline\nExplanation: An SSRI that lifts mood.\nTreatment: CBT\n"
+        "Explanation: Targets negative thoughts.",
+        CLEAN,
+        ex("CBT", "An SSRI that lifts mood.", "Sertraline", "Targets negative thoughts."),
+        id="medicine-block-first"),
     pytest.param("", ex(), ex(), id="empty"),
     pytest.param("I cannot extract anything from this.", ex(), ex(), id="no-labels"),
 ]
