@@ -59,6 +59,8 @@ class Conversation:
             elif t.speaker == speaker:
                 _append(messages, "user", t.prompt)
                 _append(messages, "assistant", t.reply)
+        if messages and messages[0]["role"] == "assistant":  # the patient opened: after the greeting
+            messages.insert(0, {"role": "user", "content": self.opening})
         return messages
 
 

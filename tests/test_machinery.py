@@ -1,0 +1,166 @@
+"""Context fitting, system merging, crash-safe JSONL, prompt rendering, backend choice, batching."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from conftest import ScriptedBackend
+
+from mentalarena.backends import resolve_backend
+from mentalarena.context import fit_messages, merge_system
+from mentalarena.engine import Gate, ModelClient
+from mentalarena.errors import InputError
+from mentalarena.jsonl import append_jsonl, read_jsonl
+from mentalarena.prompts import Prompts
+
+
+def msgs(*sizes):
+    return [{"role": "user" if i % 2 else "system", "content": "x" * n} for i, n in enumerate(sizes)]
+
+
+def length(messages):
+    return sum(len(m["content"]) for m in messages)
+
+
+@pytest.mark.parametrize("sizes,budget,dropped", [
+    ((10, 10, 10, 10, 10, 10), 100, 0),   # fits: untouched
+    ((10, 10, 30, 30, 10, 10), 60, 2),    # drops the oldest middle messages first
+    ((10, 10, 30, 30, 10, 10), 50, 2),
+    ((10, 10, 30, 30, 10, 10), 40, 2),
+    ((10, 10, 30, 30, 10, 10), 30, 2),    # cannot go below head + last two: returned minimal
+    ((50, 50), 10, 0),                    # nothing droppable
+])
+def test_fit_messages_keeps_first_and_latest(sizes, budget, dropped):
+    messages = msgs(*sizes)
+    fitted, n = fit_messages(messages, length, budget, keep_first=2)
+    assert n == dropped
+    assert fitted[:2] == messages[:2] and fitted[-2:] == messages[-2:]
+    assert fitted == messages[:2] + messages[2 + n:]
+
+
+def test_merge_system_alternates_roles():
+    history = [{"role": "user", "content": "persona"}, {"role": "system", "content": "Patient: hi"},
+               {"role": "system", "content": "doctor rules"}, {"role": "user", "content": "continue"},
+               {"role": "assistant", "content": "ok"}, {"role": "system", "content": "tail"}]
+    merged = merge_system(history)
+    assert [m["role"] for m in merged] == ["user", "assistant", "user"]
+    assert merged[0]["content"] == "persona\nPatient: hi\ndoctor rules\ncontinue"
+    assert merged[-1]["content"] == "tail"
+    assert history[1]["role"] == "system"  # the caller's list is not mutated
+
+
+def test_append_and_repair_torn_line(tmp_path):
+    path = tmp_path / "out.jsonl"
+    append_jsonl(path, {"a": 1})
+    append_jsonl(path, {"a": "é\n2"})
+    with open(path, "ab") as f:
+        f.write(b'{"a": 3, "trunc')  # a write cut short by kill -9
+    with pytest.raises(InputError, match="incomplete"):
+        read_jsonl(path)
+    assert read_jsonl(path, repair=True) == [{"a": 1}, {"a": "é\n2"}]
+    assert path.read_bytes().endswith(b"\n")
+    append_jsonl(path, {"a": 4})
+    assert [r["a"] for r in read_jsonl(path)] == [1, "é\n2", 4]
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"a": 1}\nnot json\n')
+    with pytest.raises(InputError, match=r"out.jsonl: line 2"):
+        read_jsonl(path, repair=True)
+
+
+def test_prompt_files_render_and_fail_loudly(tmp_path):
+    (tmp_path / "greet.txt").write_text("Hello {name}, {{literal}} {mood}\n")
+    prompts = Prompts(tmp_path)
+    assert prompts.render("greet", name="Ann", mood="fine") == "Hello Ann, {literal} fine"
+    with pytest.raises(InputError, match=r"greet.txt: no value for slot\(s\) \{mood\}"):
+        prompts.render("greet", name="Ann")
+    with pytest.raises(InputError, match="missing.txt: prompt file not found"):
+        prompts.render("missing")
+
+
+def test_edited_prompt_changes_what_is_sent(tmp_path):
+    import shutil
+
+    from mentalarena.prompts import PROMPT_DIR
+    shutil.copytree(PROMPT_DIR, tmp_path / "p")
+    (tmp_path / "p" / "doctor_continue.txt").write_text("EDITED: go on talking.\n")
+    assert Prompts(tmp_path / "p").render("doctor_continue") == "EDITED: go on talking."
+    assert Prompts().render("doctor_continue") != "EDITED: go on talking."
+
+
+@pytest.mark.parametrize("model,backend,api_base,expected", [
+    (None, "auto", None, "embedded"),
+    ("embedded", "auto", None, "embedded"),
+    ("gpt-3.5-turbo", "auto", None, "openai"),
+    ("gpt-4-turbo-2024-04-09", "auto", None, "openai"),
+    ("ft:gpt-3.5-turbo-0125:org::abc", "auto", None, "openai"),
+    ("meta-llama/Meta-Llama-3-8B", "auto", None, "hf"),
+    ("klyang/MentaLLaMA-chat-7B", "auto", None, "hf"),
+    ("meta-llama/Meta-Llama-3-8B-Instruct", "auto", "http://127.0.0.1:8000/v1", "openai"),
+    ("my-7b-model", "auto", None, "openai"),   # no substring rules: "7b" changes nothing
+    ("gpt-4o", "hf", None, "hf"),
+])
+def test_backend_rule(model, backend, api_base, expected):
+    assert resolve_backend(model, backend, api_base) == expected
+
+
+def test_backend_rule_local_path(tmp_path):
+    assert resolve_backend(str(tmp_path), "auto") == "hf"
+    with pytest.raises(InputError, match="--backend must be one of"):
+        resolve_backend("x", "vllm")
+
+
+def test_requests_of_concurrent_sessions_are_batched():
+    backend = ScriptedBackend(default="ok")
+    gate = Gate()
+    client = ModelClient(backend, gate, max_new_tokens=8)
+
+    async def session(i):
+        gate.active += 1
+        try:
+            for turn in range(3):
+                reply = await client.chat([{"role": "user", "content": f"s{i} t{turn}"}])
+                assert reply.text == "ok"
+        finally:
+            gate.active -= 1
+            gate.notify()
+
+    async def main():
+        await asyncio.gather(*(session(i) for i in range(6)))
+
+    asyncio.run(main())
+    assert backend.batches == [6, 6, 6]
+    assert client.stats.calls == 18 and client.stats.batches == 3
+
+
+def test_backend_failure_reaches_every_waiting_session():
+    class Broken(ScriptedBackend):
+        def generate(self, conversations):
+            raise RuntimeError("device lost")
+
+    gate = Gate()
+    client = ModelClient(Broken(), gate, max_new_tokens=8)
+
+    async def main():
+        gate.active = 2
+        return await asyncio.gather(*(client.chat([{"role": "user", "content": "x"}]) for _ in range(2)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_truncation_is_counted():
+    backend = ScriptedBackend(default="ok")
+    backend.context_limit = 40  # with max_new_tokens 8: 32 tokens of prompt
+    client = ModelClient(backend, Gate(), max_new_tokens=8)
+    long = [{"role": "user", "content": "y" * 40}] * 2 + [{"role": "user", "content": "z" * 200}] * 4
+    client.gate.active = 1
+    reply = asyncio.run(client.chat(long))
+    assert reply.truncated and client.stats.truncated_calls == 1 and client.stats.dropped_messages > 0
+    sent = backend.seen[-1]
+    assert sent[:2] == long[:2] and len(sent) < len(long)
+    json.dumps(client.stats.as_dict())

@@ -1,0 +1,212 @@
+"""One whole session through a scripted backend, checked message by message against the
+reference sequence (METHOD.md §4), rebuilt here independently with a plain mutable list."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import ScriptedBackend
+
+import arena_med as am
+from mentalarena.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
+from mentalarena.engine import Gate, ModelClient
+from mentalarena.prompts import Prompts
+
+P = Prompts()
+FEEDBACK = "Ask about sleep."
+
+
+class CountingBackend(ScriptedBackend):
+    """Replies 'R<n>' for the n-th call, except for the judge's group, score and extraction prompts."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = list(scores)
+
+    def reply_for(self, messages):
+        last, n = messages[-1]["content"], len(self.seen)
+        if "number of the best group" in last:
+            return "I would choose Group 2."
+        if "Rate this health state" in last:
+            return f"{self.scores.pop(0)}"
+        if "What should the doctor ask" in last:
+            return FEEDBACK
+        if "extract the treatment" in last:
+            return "Treatment: CBT\nExplanation: it helps\nMedicine: sertraline\nExplanation: an SSRI"
+        return f"R{n}"
+
+    def generate(self, conversations):
+        out = []
+        for conv in conversations:  # one at a time so the reply counter follows the call order
+            out += super().generate([conv])
+        return out
+
+
+class FixedEncoder:
+    """Every pair scores 0.1: below any threshold, so the decoder always asks for feedback."""
+    name = "fixed"
+
+    def similarities(self, pairs):
+        return [0.1] * len(pairs)
+
+
+def make_arena(backend, **overrides):
+    settings = am.Settings(base_model="scripted", judge_model="scripted", encoder="fixed",
+                           similarity_threshold=0.5, **overrides)
+    client = ModelClient(backend, Gate(), 256)
+    groups = load_principles(DEFAULT_PRINCIPLES_FILE)
+    arena = am.Arena(settings, P, client, client, FixedEncoder(), groups)
+    ranked = [(g, 1.0 - i / 100) for i, g in enumerate(groups)]  # group order = file order
+    arena.rank_groups = lambda text, k: ranked[:k]
+    return arena
+
+
+def run_one(arena, patient):
+    arena.base.gate.active = 1
+    return asyncio.run(am.run_session(patient, 0, arena))
+
+
+def expected_sequence(patient, groups, settings, reply, feedback_mode):
+    """The reference's message lists: one shared list, replies appended as system messages."""
+    sent, shared = [], []
+    slots = am.profile_slots(patient)
+
+    def call(prompt, system=None, history=None, role=None):
+        msgs = history if history is not None else []
+        if system:
+            msgs.append({"role": "system", "content": system})
+        msgs.append({"role": "user", "content": prompt})
+        sent.append([dict(m) for m in msgs])
+        text = reply(msgs, len(sent) - 1)
+        if role:
+            msgs.append({"role": "system", "content": f"{role}: {text}"})
+        return text
+
+    top = list(groups)[:settings.num_principle_groups]
+    listing = "\n".join(f"Group {i}: " + " ".join(groups[g]) for i, g in enumerate(top, 1))
+    call(P.render("principle_choice", coping_strategies=patient["coping_strategies"], groups=listing))
+    principles = groups[top[1]]  # "Group 2"
+    persona_a = P.render("patient_cbt", **slots) + "\n" + P.render("principles_header", principles="\n".join(principles))
+    persona_b = P.render("patient_imagine", **slots)
+    doctor = P.render("doctor_system")
+    call(persona_a, history=shared, role="Patient")
+    for _ in range(settings.dialogue_rounds):
+        call(P.render("doctor_continue"), doctor, shared, "Doctor")
+        call(persona_a, history=shared, role="Patient")
+
+    def decode():
+        for q in ["decode_intermediate_belief", "decode_intermediate_belief_depression",
+                  "decode_coping_strategies"]:
+            call(P.render(q), history=shared, role="Doctor")
+        call(P.render("decode_situation", situation=patient["situation"]), history=shared, role="Doctor")
+        call(P.render("decode_principles"), history=shared, role="Doctor")
+        call("COGNITIVE-FEEDBACK")  # placeholders, compared by their template below
+        call("PRINCIPLE-FEEDBACK")
+
+    decode()
+    for _ in range(settings.max_decode_rounds):
+        system = doctor if feedback_mode == "reference" else P.render(
+            "doctor_feedback", doctor_system=doctor, feedback=FEEDBACK + "\n" + FEEDBACK)
+        call(P.render("doctor_continue"), system, shared, "Doctor")
+        call(persona_a, history=shared, role="Patient")
+        decode()
+    dsys = P.render("diagnosis_system")
+    d1 = call(P.render("diagnosis_first"), dsys, shared, "Doctor")
+    d2 = call(P.render("diagnosis_second"), dsys, shared, "Doctor")
+    review = call(P.render("patient_review", diagnosis_1=d1, diagnosis_2=d2), persona_b)
+    illness = call(P.render("final_illness", review=review))
+    best = {}
+    for kind in ("treatment", "medicine"):
+        tsys = P.render("treatment_system")
+        scores = []
+        for n in range(settings.max_tries):
+            template = f"{kind}_first" if n == 0 else f"{kind}_next"
+            cand = call(P.render(template, illness=illness), tsys, shared, "Doctor")
+            state = call(P.render(f"patient_after_{kind}", candidate=cand), persona_b)
+            score = int(call(P.render("judge_health_score", state=state), persona_b))
+            if not scores or score > max(scores):
+                best[kind] = cand
+            scores.append(score)
+            if score >= settings.target_score:
+                break
+    call(P.render("extraction", candidates=best["treatment"] + "\n" + best["medicine"]))
+    return sent
+
+
+@pytest.mark.parametrize("feedback_mode", ["steer", "reference"])
+def test_whole_session_matches_reference_message_sequence(feedback_mode):
+    patient = load_patients(DEFAULT_PATIENTS_FILE)[0]
+    scores = [3, 5, 9, 2, 4, 1]  # treatment stops at 9 after 3 tries; medicine uses all 3 (best 4)
+    backend = CountingBackend(scores)
+    arena = make_arena(backend, max_decode_rounds=1, max_tries=3, feedback_mode=feedback_mode)
+    record = run_one(arena, patient)
+
+    replay = CountingBackend(scores)
+
+    def replay_reply(msgs, n):  # same reply rule, same call counter as the backend
+        replay.seen.append(msgs)
+        return replay.reply_for(msgs)
+
+    expected = expected_sequence(patient, arena.groups, arena.settings, replay_reply, feedback_mode)
+    assert len(backend.seen) == len(expected) == record["calls"]
+    for i, (got, want) in enumerate(zip(backend.seen, expected)):
+        if want[-1]["content"].endswith("-FEEDBACK"):
+            assert got[-1]["content"].startswith("This is the true" if want[-1]["content"][0] == "C"
+                                                 else "These are the true"), i
+            assert len(got) == 1, i
+            continue
+        assert got == want, f"call {i} ({record['transcript'][i]['step']}) differs"
+
+    # The record: six paper fields and what the reference discarded.
+    assert (record["treatment"], record["explain_t"]) == ("CBT", "it helps")
+    assert (record["medicine"], record["explain_m"]) == ("sertraline", "an SSRI")
+    assert record["principles"]["chosen_group"] == list(arena.groups)[1]
+    assert record["feedback_rounds"] == 1 and record["decoder"][0]["feedback"] == FEEDBACK + "\n" + FEEDBACK
+    assert [t["score"] for t in record["treatment_search"]["tries"]] == [3, 5, 9]
+    assert [t["score"] for t in record["medicine_search"]["tries"]] == [2, 4, 1]
+    assert record["treatment_search"]["best_score"] == 9 and record["medicine_search"]["best_score"] == 4
+    assert record["symptom"].startswith("Patient History: ") and patient["situation"] in record["symptom"]
+    assert record["settings"]["feedback_mode"] == feedback_mode
+
+
+def test_feedback_reaches_doctor_only_in_steer_mode():
+    patient = load_patients(DEFAULT_PATIENTS_FILE)[1]
+    systems = {}
+    for mode in ("steer", "reference"):
+        backend = CountingBackend([1] * 20)
+        run_one(make_arena(backend, max_decode_rounds=2, max_tries=1, feedback_mode=mode), patient)
+        systems[mode] = [m["content"] for conv in backend.seen for m in conv[-2:-1]
+                         if m["role"] == "system" and "psychiatric expert helping" in m["content"]]
+    assert any(FEEDBACK in s for s in systems["steer"])
+    assert not any(FEEDBACK in s for s in systems["reference"])
+
+
+def test_fallbacks_for_unparseable_judge_replies():
+    """No group number -> best-similarity group; every score 0 -> the first candidate."""
+    patient = load_patients(DEFAULT_PATIENTS_FILE)[2]
+    backend = ScriptedBackend(rules=[("number of the best group", "the first one"),
+                                     ("Rate this health state", "quite good")], default="text")
+    arena = make_arena(backend, max_decode_rounds=0, max_tries=2)
+    record = run_one(arena, patient)
+    assert record["principles"]["fallback"] and record["principles"]["chosen_group"] == list(arena.groups)[0]
+    search = record["treatment_search"]
+    assert search["fallback"] and search["best"] == search["tries"][0]["candidate"] and search["best_score"] == 0
+
+
+def test_roles_mode_separates_speakers():
+    patient = load_patients(DEFAULT_PATIENTS_FILE)[3]
+    backend = CountingBackend([9] * 4)
+    record = run_one(make_arena(backend, history_mode="roles", max_decode_rounds=0, max_tries=1), patient)
+    steps = [t["step"] for t in record["transcript"]]
+    opening = backend.seen[steps.index("opening.patient")]
+    assert opening[0]["role"] == "system" and opening[0]["content"].startswith("You are " + patient["name"])
+    assert opening[1] == {"role": "user", "content": "Hi."}
+    patient_turn = backend.seen[steps.index("dialogue.2.patient")]
+    doctor_turn = backend.seen[steps.index("dialogue.2.doctor")]
+    # each side sees its own lines as assistant and the other's as user; personas never accumulate
+    assert [m["role"] for m in patient_turn] == ["system"] + ["user", "assistant"] * 2 + ["user"]
+    assert patient_turn[1]["content"] == "Hi."
+    assert sum(patient["name"] in m["content"] for m in patient_turn) == 1
+    assert doctor_turn[0]["content"] == P.render("doctor_system")
+    assert [m["role"] for m in doctor_turn[1:]] == ["user", "assistant", "user"]
+    assert doctor_turn[-1]["content"].endswith(P.render("doctor_continue"))
