@@ -23,7 +23,7 @@ from mentalarena.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, loa
 from mentalarena.dialogue import HISTORY_MODES, Conversation, fresh
 from mentalarena.engine import Gate, ModelClient
 from mentalarena.errors import InputError
-from mentalarena.jsonl import append_jsonl, read_jsonl, write_json_atomic
+from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
 from mentalarena.parsing import (parse_extraction, parse_extraction_reference, parse_group_number,
                                  parse_score)
 from mentalarena.prompts import Prompts
@@ -299,7 +299,7 @@ async def run_all(arena: Arena, todo: list[tuple[dict, int]], output: Path, erro
 def pending_sessions(patients: list[dict], num_samples: int, output: Path, settings_hash: str):
     """Sessions not yet in the output; refuses to mix records made with other settings."""
     done = set()
-    for number, row in enumerate(read_jsonl(output, repair=True), 1):
+    for number, row in enumerate(read_jsonl(output, allow_torn_tail=True), 1):
         if "patient_id" not in row:
             raise InputError(f"{output}: line {number}: field \"patient_id\" is missing "
                              "(not an output of this script); choose another --output_file")
@@ -370,16 +370,16 @@ def run(
     groups = load_principles(principles_file or DEFAULT_PRINCIPLES_FILE)
     prompts = Prompts(prompt_dir)
     prompts.check(PROMPT_NAMES)
-    from mentalarena.similarity import Encoder, threshold_for
-    encoder = Encoder(encoder_model)
-    threshold = similarity_threshold if similarity_threshold is not None else threshold_for(encoder.name)
+    from mentalarena.similarity import BUNDLED_NAME, Encoder, threshold_for
+    encoder_name = encoder_model or BUNDLED_NAME
+    threshold = similarity_threshold if similarity_threshold is not None else threshold_for(encoder_name)
     if threshold is None:
         raise InputError(f"--encoder_model {encoder_model}: no calibrated threshold for this encoder; "
                          "pass --similarity_threshold (benchmarks/calibrate_threshold.py derives one)")
     prompts_hash = hashlib.sha256("".join(prompts.template(n) for n in PROMPT_NAMES).encode()).hexdigest()[:16]
     settings = Settings(
         base_model=base_model or "embedded", judge_model=judge_model or base_model or "embedded",
-        encoder=encoder.name, similarity_threshold=threshold, temperature=temperature,
+        encoder=encoder_name, similarity_threshold=threshold, temperature=temperature,
         max_new_tokens=max_new_tokens, dialogue_rounds=dialogue_rounds,
         num_principle_groups=num_principle_groups, max_decode_rounds=max_decode_rounds,
         max_tries=max_tries, target_score=target_score, feedback_mode=feedback_mode,
@@ -394,7 +394,9 @@ def run(
           f"-> {output}", flush=True)
     print("[arena] settings " + json.dumps(asdict(settings)), flush=True)
     if not todo:
-        return {"ok": 0, "failed": 0, "skipped": already}
+        return {"sessions_ok": 0, "sessions_failed": 0, "skipped": already}
+    repair_torn_tail(output)  # every check passed: only now is the output touched
+    encoder = Encoder(encoder_model)
 
     from mentalarena.backends import make_backend
     common = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,

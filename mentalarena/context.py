@@ -6,12 +6,14 @@ from typing import Callable
 
 
 def fit_messages(messages: list[dict], count: Callable[[list[dict]], int], budget: int,
-                 keep_first: int = 2) -> tuple[list[dict], int]:
-    """Drop the fewest messages after the first `keep_first` so that `count(messages) <= budget`.
+                 keep_first: int = 2, block: int = 8) -> tuple[list[dict], int]:
+    """Drop the oldest messages after the first `keep_first`, a multiple of `block` at a time, so
+    that `count(messages) <= budget`.
 
-    The last two messages (this call's system/user prompt) are never dropped. Returns the
-    messages and how many were dropped; when even the minimal conversation is too long it is
-    returned as is and the backend cuts tokens from the left.
+    Dropping whole blocks keeps the cut at the same place for the next several calls of a growing
+    conversation, so their shared prefix stays cacheable. The last two messages (this call's
+    system/user prompt) are never dropped. Returns the messages and how many were dropped; when
+    even the minimal conversation is too long, it is returned cut to the minimum.
     """
     if count(messages) <= budget:
         return messages, 0
@@ -27,7 +29,8 @@ def fit_messages(messages: list[dict], count: Callable[[list[dict]], int], budge
             lo = mid + 1
     if middle <= 0:
         return messages, 0
-    return head + messages[keep_first + lo:], lo
+    drop = min(middle, -(-lo // block) * block)
+    return head + messages[keep_first + drop:], drop
 
 
 def merge_system(messages: list[dict]) -> list[dict]:

@@ -277,8 +277,10 @@ def _load(path: str, gguf_file: str | None, device: str, dtype: str | None):
     if device == "cuda":
         kwargs["device_map"] = "auto"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path if not gguf_file else base, **(
-            {"gguf_file": gguf_file} if gguf_file else {}))
+        # a fine-tuned adapter folder usually carries its tokenizer; otherwise the base model's
+        has_tokenizer = not adapter.is_file() or Path(path, "tokenizer_config.json").is_file()
+        tokenizer = AutoTokenizer.from_pretrained(path if has_tokenizer else base,
+                                                  **({"gguf_file": gguf_file} if gguf_file else {}))
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     except OSError as exc:
         raise InputError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from exc

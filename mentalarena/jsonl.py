@@ -25,26 +25,21 @@ def append_jsonl(path: str | Path, row: dict) -> None:
         os.close(fd)
 
 
-def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
-    """Rows of a JSONL file ([] if absent). With `repair`, a final line without its newline (a write
-    cut short by a kill) is cut off the file; any other bad line is an error naming its number."""
+def read_jsonl(path: str | Path, allow_torn_tail: bool = False) -> list[dict]:
+    """Rows of a JSONL file ([] if absent); any bad line is an error naming its number.
+
+    A final line without its newline is a write cut short by a kill: with `allow_torn_tail` it is
+    ignored (not removed: see `repair_torn_tail`), otherwise it is an error."""
     path = Path(path)
     if not path.exists():
         return []
     raw = path.read_bytes()
     complete = raw.rfind(b"\n") + 1
-    if complete < len(raw):
-        if not repair:
-            line = raw.count(b"\n") + 1
-            raise InputError(f"{path}: line {line} is incomplete")
-        log.warning("%s: removing an incomplete last line (%d bytes) left by an interrupted run",
-                    path, len(raw) - complete)
-        with open(path, "r+b") as f:
-            f.truncate(complete)
-            os.fsync(f.fileno())
-        raw = raw[:complete]
+    if complete < len(raw) and not allow_torn_tail:
+        line = raw.count(b"\n") + 1
+        raise InputError(f"{path}: line {line} is incomplete")
     rows = []
-    for number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+    for number, line in enumerate(raw[:complete].decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -52,6 +47,23 @@ def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}: line {number}: not valid JSON ({exc.msg})") from exc
     return rows
+
+
+def repair_torn_tail(path: str | Path) -> int:
+    """Cut off a final line without its newline (left by a kill); returns the bytes removed."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    raw = path.read_bytes()
+    complete = raw.rfind(b"\n") + 1
+    if complete == len(raw):
+        return 0
+    log.warning("%s: removing an incomplete last line (%d bytes) left by an interrupted run",
+                path, len(raw) - complete)
+    with open(path, "r+b") as f:
+        f.truncate(complete)
+        os.fsync(f.fileno())
+    return len(raw) - complete
 
 
 def write_json_atomic(path: str | Path, data) -> None:

@@ -11,7 +11,7 @@ from mentalarena.backends import resolve_backend
 from mentalarena.context import fit_messages, merge_system
 from mentalarena.engine import Gate, ModelClient
 from mentalarena.errors import InputError
-from mentalarena.jsonl import append_jsonl, read_jsonl
+from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail
 from mentalarena.prompts import Prompts
 
 
@@ -33,10 +33,20 @@ def length(messages):
 ])
 def test_fit_messages_keeps_first_and_latest(sizes, budget, dropped):
     messages = msgs(*sizes)
-    fitted, n = fit_messages(messages, length, budget, keep_first=2)
+    fitted, n = fit_messages(messages, length, budget, keep_first=2, block=1)
     assert n == dropped
     assert fitted[:2] == messages[:2] and fitted[-2:] == messages[-2:]
     assert fitted == messages[:2] + messages[2 + n:]
+
+
+def test_fit_messages_drops_whole_blocks_so_the_cut_stays_put():
+    conversation = msgs(*([10] * 30))
+    cuts = []
+    for end in range(22, 31, 2):  # the conversation grows by two messages per call
+        fitted, n = fit_messages(conversation[:end], length, 200, keep_first=2, block=8)
+        assert length(fitted) <= 200 and n % 8 == 0
+        cuts.append(n)
+    assert cuts == [8, 8, 8, 8, 16]
 
 
 def test_merge_system_alternates_roles():
@@ -58,8 +68,11 @@ def test_append_and_repair_torn_line(tmp_path):
         f.write(b'{"a": 3, "trunc')  # a write cut short by kill -9
     with pytest.raises(InputError, match="incomplete"):
         read_jsonl(path)
-    assert read_jsonl(path, repair=True) == [{"a": 1}, {"a": "é\n2"}]
-    assert path.read_bytes().endswith(b"\n")
+    size = path.stat().st_size
+    assert read_jsonl(path, allow_torn_tail=True) == [{"a": 1}, {"a": "é\n2"}]
+    assert path.stat().st_size == size  # reading never changes the file
+    assert repair_torn_tail(path) == len(b'{"a": 3, "trunc') and path.read_bytes().endswith(b"\n")
+    assert repair_torn_tail(path) == 0
     append_jsonl(path, {"a": 4})
     assert [r["a"] for r in read_jsonl(path)] == [1, "é\n2", 4]
 
@@ -68,7 +81,7 @@ def test_bad_jsonl_line_is_named(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text('{"a": 1}\nnot json\n')
     with pytest.raises(InputError, match=r"out.jsonl: line 2"):
-        read_jsonl(path, repair=True)
+        read_jsonl(path, allow_torn_tail=True)
 
 
 def test_prompt_files_render_and_fail_loudly(tmp_path):
