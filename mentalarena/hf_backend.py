@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -101,12 +102,15 @@ class HFBackend(ChatBackend):
         self.cache = PrefixCache(_default_cache_budget(self.model) if prefix_cache_tokens is None
                                  else prefix_cache_tokens)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.prefix_reuse = _full_attention_only(config)
         self._lock = threading.Lock()  # one generate at a time per model
         self.prefilled_tokens = 0
+        self.prefill_seconds = self.decode_seconds = 0.0
 
     def stats(self) -> dict:
         return {"prefix_cache_hits": self.cache.hits, "prefix_reused_tokens": self.cache.reused_tokens,
-                "prefilled_tokens": self.prefilled_tokens}
+                "prefilled_tokens": self.prefilled_tokens, "prefill_seconds": round(self.prefill_seconds, 1),
+                "decode_seconds": round(self.decode_seconds, 1)}
 
     # ---- tokens -------------------------------------------------------------------------
     def render(self, messages: list[dict]) -> str:
@@ -131,37 +135,65 @@ class HFBackend(ChatBackend):
         return replies
 
     def _generate_batch(self, prompts: list[torch.Tensor]) -> list[Reply]:
+        if not self.prefix_reuse:
+            return self._generate_plain(prompts)
         hits = [self.cache.lookup(p) for p in prompts]
         # Feed at least the last prompt token so there are logits to sample from.
         reuse = [min(n, len(p) - 1) if kv is not None else 0 for (kv, n), p in zip(hits, prompts)]
-        cache, mask = self._stack_caches([kv for kv, _ in hits], reuse)
+        suffixes = [p[r:] for p, r in zip(prompts, reuse)]
+        cache, mask = self._init_cache([kv for kv, _ in hits], reuse, max(len(s) for s in suffixes))
         positions = torch.tensor(reuse, device=self.device)
-        self.prefilled_tokens += sum(len(p) - r for p, r in zip(prompts, reuse))
-        logits, positions, mask = self._prefill(cache, mask, positions,
-                                                [p[r:] for p, r in zip(prompts, reuse)])
-        return self._decode(prompts, cache, mask, positions, logits)
+        self.prefilled_tokens += sum(len(s) for s in suffixes)
+        start = time.perf_counter()
+        logits, positions, mask = self._prefill(cache, mask, positions, suffixes)
+        middle = time.perf_counter()
+        replies = self._decode(prompts, cache, mask, positions, logits)
+        self.prefill_seconds += middle - start
+        self.decode_seconds += time.perf_counter() - middle
+        return replies
 
-    def _stack_caches(self, kvs: list, reuse: list[int]):
-        """One batch cache with every row's reused prefix right-aligned; mask marks real slots."""
-        from transformers import DynamicCache
+    def _init_cache(self, kvs: list, reuse: list[int], new_tokens: int):
+        """A preallocated cache (appending to a dynamic one copies it at every step) holding each
+        row's reused prefix right-aligned; the mask marks the real slots."""
+        from transformers import StaticCache
 
         width, rows = max(reuse), len(reuse)
+        cache = StaticCache(config=self.model.config, max_cache_len=width + new_tokens + self.max_new_tokens)
         mask = torch.zeros(rows, width, dtype=torch.long, device=self.device)
         if width == 0:
-            return DynamicCache(config=self.model.config), mask
+            return cache, mask
         template = next(kv for kv, r in zip(kvs, reuse) if r > 0)
-        layers = []
-        for layer, (k0, v0) in enumerate(template):
-            k = k0.new_zeros(rows, k0.shape[0], width, k0.shape[2])
-            v = v0.new_zeros(rows, v0.shape[0], width, v0.shape[2])
-            for row, (kv, r) in enumerate(zip(kvs, reuse)):
-                if r:
-                    k[row, :, width - r:] = kv[layer][0][:, :r]
-                    v[row, :, width - r:] = kv[layer][1][:, :r]
-            layers.append((k, v))
-        for row, r in enumerate(reuse):
-            mask[row, width - r:] = 1
-        return DynamicCache(ddp_cache_data=layers, config=self.model.config), mask
+        for layer, (k0, v0) in zip(cache.layers, template):
+            layer.lazy_initialization(k0.new_empty(rows, k0.shape[0], 0, k0.shape[2]),
+                                      v0.new_empty(rows, v0.shape[0], 0, v0.shape[2]))
+            layer.cumulative_length.fill_(width)
+        for row, (kv, r) in enumerate(zip(kvs, reuse)):
+            if r:
+                mask[row, width - r:] = 1
+                for layer, (k, v) in zip(cache.layers, kv):
+                    layer.keys[row, :, width - r:width] = k[:, :r]
+                    layer.values[row, :, width - r:width] = v[:, :r]
+        return cache, mask
+
+    def _generate_plain(self, prompts: list[torch.Tensor]) -> list[Reply]:
+        """transformers' own generate, for models whose caches are not plain full-attention layers."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+        sampling = ({"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+                    if self.temperature > 0 else {"do_sample": False})
+        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                  max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
+                                  eos_token_id=sorted(self.eos_ids), **sampling)
+        replies = []
+        for p, row in zip(prompts, out[:, width:].tolist()):
+            tokens = [t for t in row if t != self.pad_id]
+            tokens = tokens[:next((i for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))]
+            replies.append(Reply(self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                                 prompt_tokens=len(p), completion_tokens=len(tokens)))
+        return replies
 
     def _prefill(self, cache, mask, positions, suffixes: list[torch.Tensor]):
         """Feed each row's new tokens, left-padded, in chunks that bound attention memory."""
@@ -173,7 +205,7 @@ class HFBackend(ChatBackend):
             new_mask[row, width - len(s):] = 1
         ids, new_mask = ids.to(self.device), new_mask.to(self.device)
         heads = self.model.config.get_text_config().num_attention_heads
-        total = mask.shape[1] + width
+        total = cache.layers[0].max_cache_len
         step = max(16, self.attention_budget // max(1, len(suffixes) * heads * total))
         logits = None
         for start in range(0, width, step):
@@ -185,8 +217,8 @@ class HFBackend(ChatBackend):
         """One forward pass; positions count only real tokens of each row (pads repeat the last)."""
         offsets = new_mask.cumsum(-1)
         pos = (positions[:, None] + offsets - 1).clamp(min=0)
+        past = mask.shape[1]
         mask = torch.cat([mask, new_mask], dim=1)
-        past = cache.get_seq_length()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, cache_position=torch.arange(past, past + ids.shape[1], device=self.device))
         return out.logits[:, -1, :].float(), positions + offsets[:, -1], mask
@@ -216,7 +248,8 @@ class HFBackend(ChatBackend):
                 if not keep:
                     break
                 index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[index], layer.values[index]
                 mask, positions, tokens = mask[index], positions[index], tokens[index]
                 rows = [rows[r] for r in keep]
                 ones = ones[: len(rows)]
@@ -244,6 +277,14 @@ class HFBackend(ChatBackend):
         layers = [(layer.keys[row][:, real].clone(), layer.values[row][:, real].clone())
                   for layer in cache.layers]
         self.cache.add(seq[:n], layers)
+
+
+def _full_attention_only(config) -> bool:
+    """Prefix reuse and right-aligned rows need plain full-attention layers: no sliding windows,
+    no recurrent state."""
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    return all(t == "full_attention" for t in getattr(config, "layer_types", None) or [])
 
 
 def _eos_ids(tokenizer, model) -> set[int]:

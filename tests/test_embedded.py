@@ -56,3 +56,15 @@ def test_one_session_on_the_embedded_model(tmp_path):
     assert set(record["decoder"][0]["similarities"]) == {"intermediate_belief", "intermediate_belief_depression",
                                                           "coping_strategies", "situation", "principles"}
     assert (tmp_path / "arena.summary.json").exists()
+
+
+def test_plain_generate_fallback_matches(backend):
+    """Models with sliding-window or recurrent layers skip prefix reuse and use transformers' generate."""
+    convs = [[{"role": "user", "content": "Name one fruit."}],
+             [{"role": "user", "content": "Say hello to a patient who feels anxious today, kindly."}]]
+    backend.prefix_reuse = False
+    try:
+        replies = backend.generate(convs)
+    finally:
+        backend.prefix_reuse = True
+    assert [r.text for r in replies] == [reference_greedy(backend, c) for c in convs]
