@@ -45,8 +45,9 @@ def embedded_model_dir() -> str:
 class PrefixCache:
     """Key/value tensors of recent token sequences, evicted least-recently-used by token count."""
 
-    def __init__(self, budget_tokens: int):
+    def __init__(self, budget_tokens: int, slack: int = 0):
         self.budget = budget_tokens
+        self.slack = slack  # an entry matching a newer one up to its last `slack` tokens is superseded
         self.entries: OrderedDict[int, tuple[torch.Tensor, list]] = OrderedDict()
         self.tokens = 0
         self._next = 0
@@ -55,10 +56,8 @@ class PrefixCache:
     def lookup(self, ids: torch.Tensor) -> tuple[list | None, int]:
         """The cached layers and the length of the longest prefix of `ids` they cover."""
         best, best_len = None, 0
-        for key, (seq, kv) in self.entries.items():
-            n = min(len(seq), len(ids))
-            diff = (seq[:n] != ids[:n]).nonzero()
-            common = int(diff[0]) if len(diff) else n
+        for key, (seq, _) in self.entries.items():
+            common = _common_prefix(seq, ids)
             if common > best_len:
                 best, best_len = key, common
         if best is None:
@@ -71,12 +70,28 @@ class PrefixCache:
     def add(self, ids: torch.Tensor, kv: list) -> None:
         if self.budget <= 0 or len(ids) > self.budget:
             return
+        # A conversation's previous call differs from this one only in how its last reply was
+        # rendered: keeping both would double the memory for no extra reuse.
+        for key in [k for k, (seq, _) in self.entries.items()
+                    if len(seq) <= len(ids) and _superseded(_common_prefix(seq, ids), len(seq), self.slack)]:
+            self.tokens -= len(self.entries.pop(key)[0])
         self.entries[self._next] = (ids, kv)
         self._next += 1
         self.tokens += len(ids)
         while self.tokens > self.budget:
             _, (old, _) = self.entries.popitem(last=False)
             self.tokens -= len(old)
+
+
+def _superseded(common: int, length: int, slack: int) -> bool:
+    """Shares a real prefix with the newer sequence and differs only in its last `slack` tokens."""
+    return common > slack and common >= length - slack
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(len(a), len(b))
+    diff = (a[:n] != b[:n]).nonzero()
+    return int(diff[0]) if len(diff) else n
 
 
 class HFBackend(ChatBackend):
@@ -100,7 +115,7 @@ class HFBackend(ChatBackend):
         self.eos_ids = _eos_ids(self.tokenizer, self.model)
         self.pad_id = self.tokenizer.pad_token_id
         self.cache = PrefixCache(_default_cache_budget(self.model) if prefix_cache_tokens is None
-                                 else prefix_cache_tokens)
+                                 else prefix_cache_tokens, slack=max_new_tokens + 64)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.prefix_reuse = _full_attention_only(config)
         self._lock = threading.Lock()  # one generate at a time per model

@@ -177,3 +177,27 @@ def test_truncation_is_counted():
     sent = backend.seen[-1]
     assert sent[:2] == long[:2] and len(sent) < len(long)
     json.dumps(client.stats.as_dict())
+
+
+def test_prefix_cache_longest_match_and_superseded_entries():
+    import torch
+
+    from mentalarena.hf_backend import PrefixCache
+    cache = PrefixCache(budget_tokens=100, slack=2)
+    t = lambda *xs: torch.tensor(xs)  # noqa: E731
+    cache.add(t(1, 2, 3, 4, 5), ["kv-a"])
+    cache.add(t(9, 9, 9), ["kv-b"])
+    assert cache.lookup(t(1, 2, 3, 7)) == (["kv-a"], 3)
+    assert cache.lookup(t(9, 9, 1)) == (["kv-b"], 2)
+    assert cache.lookup(t(5, 5)) == (None, 0)
+    # the same conversation one call later: the old entry differs only in its last 2 tokens
+    cache.add(t(1, 2, 3, 6, 6, 8, 8), ["kv-c"])
+    assert len(cache.entries) == 2 and cache.tokens == 10
+    assert cache.lookup(t(1, 2, 3, 6, 6, 1)) == (["kv-c"], 5)
+    # least recently used entries go first when over budget
+    small = PrefixCache(budget_tokens=6)
+    small.add(t(1, 1, 1), ["x"])
+    small.add(t(2, 2, 2), ["y"])
+    small.lookup(t(1, 1))
+    small.add(t(3, 3, 3), ["z"])
+    assert small.lookup(t(2, 2)) == (None, 0) and small.lookup(t(1, 1))[0] == ["x"]
