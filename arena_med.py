@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mentalarena.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
-from mentalarena.dialogue import HISTORY_MODES, Conversation, fresh
+from mentalarena.dialogue import HISTORY_MODES, Conversation, fresh as fresh_messages
 from mentalarena.engine import Gate, ModelClient
 from mentalarena.errors import InputError
 from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
@@ -80,7 +80,7 @@ class Session:
     async def fresh(self, step: str, speaker: str, model: str, template: str, prompt: str,
                     system: str | None = None) -> str:
         """A call with a new, empty conversation."""
-        return await self._call(step, speaker, model, "fresh", template, fresh(prompt, system), prompt)
+        return await self._call(step, speaker, model, "fresh", template, fresh_messages(prompt, system), prompt)
 
     async def _call(self, step, speaker, model, thread, template, messages, prompt) -> str:
         client = self.ctx.base if model == "base" else self.ctx.judge
