@@ -355,7 +355,7 @@ def run(
     concurrency: int = 8,              # sessions in flight; their requests are batched together
     max_batch_size: int = 16,          # local backends: conversations per forward batch
     max_context_tokens: int | None = None,  # None: the model's own limit (no truncation for API models)
-    prefix_cache: bool = True,         # local backends: reuse cached key/values of shared prompt prefixes
+    prefix_cache_gb: float = 8.0,      # local backends: memory for cached key/values of prompt prefixes (0: off)
     device: str | None = None,
     dtype: str | None = None,
     seed: int = 0,
@@ -402,7 +402,7 @@ def run(
     common = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                   max_parallel=max(16, 4 * concurrency), device=device, dtype=dtype,
                   max_batch_size=max_batch_size, max_context_tokens=max_context_tokens,
-                  prefix_cache=prefix_cache)
+                  prefix_cache_gb=prefix_cache_gb)
     gate = Gate()
     base = ModelClient(make_backend(base_model, backend, api_base, **common), gate, max_new_tokens,
                        merge_system)

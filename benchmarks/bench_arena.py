@@ -42,7 +42,7 @@ def main(sessions: int = 8, baseline_sessions: int = 2, concurrency: int = 8, ma
         fast = measure("concurrent_batched", out, limit=sessions, concurrency=concurrency, **settings)
         print("[bench] " + json.dumps(fast), flush=True)
         slow = measure("one_at_a_time", out, limit=baseline_sessions, concurrency=1, max_batch_size=1,
-                       prefix_cache=False, **settings)
+                       prefix_cache_gb=0, **settings)
         print("[bench] " + json.dumps(slow), flush=True)
     ratio = fast["sessions_per_hour"] / slow["sessions_per_hour"]
     print(f"\none at a time (reference) : {slow['sessions_per_hour']:8.2f} sessions/hour "

@@ -65,7 +65,7 @@ def resolve_backend(model: str | None, backend: str = "auto", api_base: str | No
 def make_backend(model: str | None, backend: str = "auto", api_base: str | None = None, *,
                  temperature: float, max_new_tokens: int, seed: int, max_parallel: int = 16,
                  device: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
-                 max_context_tokens: int | None = None, prefix_cache: bool = True) -> ChatBackend:
+                 max_context_tokens: int | None = None, prefix_cache_gb: float = 8.0) -> ChatBackend:
     """Build the backend for one model; heavy imports happen only for the backend chosen."""
     kind = resolve_backend(model, backend, api_base)
     if kind == "openai":
@@ -80,7 +80,7 @@ def make_backend(model: str | None, backend: str = "auto", api_base: str | None 
     from .hf_backend import EMBEDDED_GGUF, HFBackend, embedded_model_dir
     local = dict(temperature=temperature, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                  max_batch_size=max_batch_size, max_context_tokens=max_context_tokens, seed=seed,
-                 prefix_cache_tokens=None if prefix_cache else 0)
+                 prefix_cache_gb=prefix_cache_gb)
     if kind == "embedded":
         return HFBackend(embedded_model_dir(), gguf_file=EMBEDDED_GGUF,
                          name="embedded:SmolLM2-135M-Instruct", **local)

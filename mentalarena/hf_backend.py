@@ -10,7 +10,6 @@ cache is right-aligned, the gaps are masked out, and position ids come from the 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -102,7 +101,7 @@ class HFBackend(ChatBackend):
     def __init__(self, model_name_or_path: str, gguf_file: str | None = None,
                  temperature: float = 0.8, max_new_tokens: int = 256, top_p: float = 1.0,
                  device: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
-                 max_context_tokens: int | None = None, prefix_cache_tokens: int | None = None,
+                 max_context_tokens: int | None = None, prefix_cache_gb: float = 8.0,
                  attention_budget: int = 1 << 27, seed: int = 0, name: str | None = None):
         self.name = name or f"hf:{model_name_or_path}"
         self.temperature, self.top_p = temperature, top_p
@@ -114,8 +113,7 @@ class HFBackend(ChatBackend):
         self.context_limit = max_context_tokens or getattr(config, "max_position_embeddings", None)
         self.eos_ids = _eos_ids(self.tokenizer, self.model)
         self.pad_id = self.tokenizer.pad_token_id
-        self.cache = PrefixCache(_default_cache_budget(self.model) if prefix_cache_tokens is None
-                                 else prefix_cache_tokens, slack=max_new_tokens + 64)
+        self.cache = PrefixCache(_cache_budget_tokens(self.model, prefix_cache_gb), slack=max_new_tokens + 64)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.prefix_reuse = _full_attention_only(config)
         self._lock = threading.Lock()  # one generate at a time per model
@@ -309,13 +307,13 @@ def _eos_ids(tokenizer, model) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def _default_cache_budget(model) -> int:
-    """Tokens of prefix cache: about 4 GiB of key/value tensors, overridable by the caller."""
+def _cache_budget_tokens(model, gigabytes: float) -> int:
+    """How many tokens of key/value tensors fit in `gigabytes` for this model."""
     config = model.config.get_text_config()
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
-    return int(os.environ.get("MENTALARENA_PREFIX_CACHE_BYTES", 4 << 30)) // per_token
+    return int(gigabytes * (1 << 30)) // per_token
 
 
 def _load(path: str, gguf_file: str | None, device: str, dtype: str | None):
