@@ -85,8 +85,7 @@ class ModelClient:
             if self.backend.batched:
                 reply = await self._queue(sent)
             else:
-                reply = await self._run([sent])
-                reply = reply[0]
+                (reply,) = await self._run([sent])
         finally:
             self.gate.waiting -= 1
         reply.truncated = reply.truncated or dropped > 0
