@@ -27,6 +27,7 @@ from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_
 from mentalarena.parsing import (parse_extraction, parse_extraction_reference, parse_group_number,
                                  parse_score)
 from mentalarena.prompts import Prompts
+from mentalarena.similarity import BUNDLED_NAME, Encoder, threshold_for, top_k_groups
 
 log = logging.getLogger("mentalarena.arena")
 FEEDBACK_MODES = ("steer", "reference")  # steer: decoder feedback reaches the doctor (paper's intent)
@@ -260,7 +261,6 @@ class Arena:
         self.encoder, self.groups = encoder, groups
 
     def rank_groups(self, text: str, k: int) -> list[tuple[str, float]]:
-        from mentalarena.similarity import top_k_groups
         return top_k_groups(self.encoder, self.groups, text, k)
 
 
@@ -370,7 +370,6 @@ def run(
     groups = load_principles(principles_file or DEFAULT_PRINCIPLES_FILE)
     prompts = Prompts(prompt_dir)
     prompts.check(PROMPT_NAMES)
-    from mentalarena.similarity import BUNDLED_NAME, Encoder, threshold_for
     encoder_name = encoder_model or BUNDLED_NAME
     threshold = similarity_threshold if similarity_threshold is not None else threshold_for(encoder_name)
     if threshold is None:

@@ -1,7 +1,11 @@
 """Chat backends: one interface, a batch of conversations in, one reply per conversation out."""
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
+
+from .errors import InputError
 
 
 @dataclass
@@ -47,7 +51,6 @@ def resolve_backend(model: str | None, backend: str = "auto", api_base: str | No
     an existing local path -> hf; an `org/name` hub id -> hf; anything else (gpt-4o, gpt-3.5-turbo,
     ft:...) -> openai."""
     if backend not in BACKENDS:
-        from .errors import InputError
         raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend != "auto":
         return backend
@@ -55,8 +58,6 @@ def resolve_backend(model: str | None, backend: str = "auto", api_base: str | No
         return "embedded"
     if api_base:
         return "openai"
-    import os
-    import re
     if os.path.exists(model) or re.fullmatch(r"[\w.-]+/[\w.-]+", model):
         return "hf"
     return "openai"
@@ -71,7 +72,6 @@ def make_backend(model: str | None, backend: str = "auto", api_base: str | None 
     if kind == "openai":
         from .openai_backend import OpenAIBackend
         if not model:
-            from .errors import InputError
             raise InputError("--backend openai needs --base_model (the served model name)")
         backend_obj = OpenAIBackend(model, api_base=api_base, temperature=temperature,
                                     max_new_tokens=max_new_tokens, max_parallel=max_parallel, seed=seed)

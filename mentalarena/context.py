@@ -20,6 +20,8 @@ def fit_messages(messages: list[dict], count: Callable[[list[dict]], int], budge
     head = messages[:keep_first]
     tail_min = min(2, len(messages) - len(head))
     middle = len(messages) - len(head) - tail_min
+    if middle <= 0:  # nothing droppable
+        return messages, 0
     lo, hi = 1, middle  # smallest number of dropped middle messages that fits
     while lo < hi:
         mid = (lo + hi) // 2
@@ -27,8 +29,6 @@ def fit_messages(messages: list[dict], count: Callable[[list[dict]], int], budge
             hi = mid
         else:
             lo = mid + 1
-    if middle <= 0:
-        return messages, 0
     drop = min(middle, -(-lo // block) * block)
     return head + messages[keep_first + drop:], drop
 

@@ -257,7 +257,8 @@ class HFBackend(ChatBackend):
                 replies[req] = Reply(self.tokenizer.decode(generated[req], skip_special_tokens=True).strip(),
                                      prompt_tokens=len(prompts[req]), completion_tokens=len(generated[req]))
             if done:
-                keep = [r for r in range(len(rows)) if r not in set(done)]
+                finished = set(done)
+                keep = [r for r in range(len(rows)) if r not in finished]
                 if not keep:
                     break
                 index = torch.tensor(keep, device=self.device)

@@ -94,16 +94,6 @@ def test_prompt_files_render_and_fail_loudly(tmp_path):
         prompts.render("missing")
 
 
-def test_edited_prompt_changes_what_is_sent(tmp_path):
-    import shutil
-
-    from mentalarena.prompts import PROMPT_DIR
-    shutil.copytree(PROMPT_DIR, tmp_path / "p")
-    (tmp_path / "p" / "doctor_continue.txt").write_text("EDITED: go on talking.\n")
-    assert Prompts(tmp_path / "p").render("doctor_continue") == "EDITED: go on talking."
-    assert Prompts().render("doctor_continue") != "EDITED: go on talking."
-
-
 @pytest.mark.parametrize("model,backend,api_base,expected", [
     (None, "auto", None, "embedded"),
     ("embedded", "auto", None, "embedded"),

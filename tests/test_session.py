@@ -50,12 +50,12 @@ class FixedEncoder:
         return [0.1] * len(pairs)
 
 
-def make_arena(backend, **overrides):
+def make_arena(backend, prompts=P, **overrides):
     settings = am.Settings(base_model="scripted", judge_model="scripted", encoder="fixed",
                            similarity_threshold=0.5, **overrides)
     client = ModelClient(backend, Gate(), 256)
     groups = load_principles(DEFAULT_PRINCIPLES_FILE)
-    arena = am.Arena(settings, P, client, client, FixedEncoder(), groups)
+    arena = am.Arena(settings, prompts, client, client, FixedEncoder(), groups)
     ranked = [(g, 1.0 - i / 100) for i, g in enumerate(groups)]  # group order = file order
     arena.rank_groups = lambda text, k: ranked[:k]
     return arena
@@ -210,3 +210,19 @@ def test_roles_mode_separates_speakers():
     assert doctor_turn[0]["content"] == P.render("doctor_system")
     assert [m["role"] for m in doctor_turn[1:]] == ["user", "assistant", "user"]
     assert doctor_turn[-1]["content"].endswith(P.render("doctor_continue"))
+
+
+def test_an_edited_prompt_file_changes_what_the_run_sends(tmp_path):
+    import shutil
+
+    from mentalarena.prompts import PROMPT_DIR
+    shutil.copytree(PROMPT_DIR, tmp_path / "p")
+    (tmp_path / "p" / "doctor_continue.txt").write_text("EDITED: ask one more question.\n")
+    patient = load_patients(DEFAULT_PATIENTS_FILE)[0]
+    sent = {}
+    for label, prompts in (("stock", P), ("edited", Prompts(tmp_path / "p"))):
+        backend = CountingBackend([9] * 4)
+        run_one(make_arena(backend, prompts=prompts, max_decode_rounds=0, max_tries=1), patient)
+        sent[label] = [m["content"] for conv in backend.seen for m in conv if m["role"] == "user"]
+    assert any(c == "EDITED: ask one more question." for c in sent["edited"])
+    assert not any("EDITED" in c for c in sent["stock"])
