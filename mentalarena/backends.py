@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Iterator
 
-from .errors import InputError
+from .errors import InputError, ModelCallError
 
 
 @dataclass
@@ -33,6 +34,20 @@ class ChatBackend:
 
     def generate(self, conversations: list[list[dict]]) -> list[Reply]:
         raise NotImplementedError
+
+    def stream(self, conversations: list[list[dict]], seeds: list[int] | None = None,
+               chat: bool = True) -> Iterator[tuple[int, Reply | Exception]]:
+        """(index, reply) pairs in completion order, for many independent requests. A request that
+        failed after every retry yields its exception instead of a reply. `seeds` (one per request)
+        and `chat=False` (raw text prompts) are honoured by backends that can."""
+        step = getattr(self, "max_batch_size", 1)
+        for start in range(0, len(conversations), step):
+            chunk = conversations[start:start + step]
+            try:
+                replies = self.generate(chunk)
+            except ModelCallError as err:
+                replies = [err] * len(chunk)
+            yield from enumerate(replies, start)
 
     def stats(self) -> dict:
         """Backend-specific counters for the run summary."""

@@ -14,10 +14,12 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from .backends import ChatBackend, Reply
+from .batcher import ContinuousBatcher
 from .errors import InputError
 
 log = logging.getLogger("mentalarena.hf")
@@ -147,6 +149,35 @@ class HFBackend(ChatBackend):
                     replies[i] = reply
         return replies
 
+    def stream(self, conversations: list[list[dict]], seeds: list[int] | None = None,
+               chat: bool = True) -> Iterator[tuple[int, Reply]]:
+        """(index, reply) pairs as answers finish, by continuous batching (`batcher.py`); for many
+        independent prompts. `chat=False` feeds the strings of `conversations` as raw text, with
+        no chat template. `seeds` gives each request its own sampling stream, so an answer does
+        not depend on which others share its batch."""
+        prompts = [self.encode(c) if chat else self.tokenizer(c, add_special_tokens=True)["input_ids"]
+                   for c in conversations]
+        if not self.prefix_reuse:  # sliding-window / recurrent layers: plain batches through generate
+            for start in range(0, len(prompts), self.max_batch_size):
+                chunk = [torch.tensor(p, dtype=torch.long) for p in prompts[start:start + self.max_batch_size]]
+                with self._lock, torch.inference_mode():
+                    replies = self._generate_plain(chunk)
+                yield from enumerate(replies, start)
+            return
+        generators = None
+        if seeds is not None and self.temperature > 0:
+            generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        batcher = ContinuousBatcher(
+            self.model, self.eos_ids, self.pad_id,
+            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+            sample=lambda logits, requests: self._sample(logits, generators and [generators[r] for r in requests]),
+            slots=self.max_batch_size, max_new_tokens=self.max_new_tokens, context_limit=self.context_limit)
+        with self._lock, torch.inference_mode():
+            try:
+                yield from batcher.run(prompts)
+            finally:
+                self.prefilled_tokens += batcher.prefilled_tokens
+
     def _generate_batch(self, prompts: list[torch.Tensor]) -> list[Reply]:
         if not self.prefix_reuse:
             return self._generate_plain(prompts)
@@ -270,7 +301,8 @@ class HFBackend(ChatBackend):
             logits, positions, mask = self._forward(cache, mask, positions, tokens[:, None], ones)
         return replies
 
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, generators: list | None = None) -> torch.Tensor:
+        """Greedy at temperature 0; else one draw per row, from the row's own generator if given."""
         if self.temperature <= 0:
             return logits.argmax(-1)
         probs = torch.softmax(logits / self.temperature, dim=-1)
@@ -278,7 +310,9 @@ class HFBackend(ChatBackend):
             sorted_p, idx = probs.sort(dim=-1, descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p > self.top_p
             probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        if generators is None:
+            return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
 
     def _remember(self, prompt, generated, cache, mask, row) -> None:
         """Store the row's cache for prompt + reply (all but the last token were fed)."""

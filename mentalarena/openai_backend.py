@@ -13,7 +13,7 @@ import random
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Mapping
 
 import openai
@@ -21,7 +21,7 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletion
 
 from .backends import ChatBackend, Reply
-from .errors import ModelCallError
+from .errors import InputError, ModelCallError
 
 log = logging.getLogger("mentalarena.openai")
 
@@ -72,6 +72,20 @@ class OpenAIBackend(ChatBackend):
         if len(conversations) == 1:  # the common case (callers already run many threads): skip the pool hop
             return [self._complete(conversations[0])]
         return list(self._pool.map(self._complete, conversations))
+
+    def stream(self, conversations, seeds=None, chat=True):
+        if not chat:
+            raise InputError(f"{self.name}: raw-text prompting needs a local model; this backend takes chat messages")
+        futures = {self._pool.submit(self._complete, c): i for i, c in enumerate(conversations)}
+        try:
+            for future in as_completed(futures):
+                err = future.exception()
+                if err is not None and not isinstance(err, ModelCallError):
+                    raise err
+                yield futures[future], err or future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
     def stats(self) -> dict:
         with self._stats_lock:
