@@ -68,3 +68,35 @@ def test_plain_generate_fallback_matches(backend):
     finally:
         backend.prefix_reuse = True
     assert [r.text for r in replies] == [reference_greedy(backend, c) for c in convs]
+
+
+def test_continuous_batching_matches_plain_greedy_generate(backend):
+    """Five prompts of different lengths through two slots: rows finish at different steps, are
+    swapped down and replaced by waiting prompts; the repeated prompt is prefilled once. Greedy
+    answers must equal transformers' own generate, one prompt at a time."""
+    convs = [[{"role": "user", "content": text}] for text in (
+        "Name one colour.", "List three symptoms of depression, briefly, please.", "Name one colour.",
+        "Say hello.", "What is the capital of France? Answer in one word.")]
+    prefilled, slots = backend.prefilled_tokens, backend.max_batch_size
+    backend.max_batch_size = 2
+    try:
+        pairs = list(backend.stream(convs))
+    finally:
+        backend.max_batch_size = slots
+    assert sorted(i for i, _ in pairs) == list(range(len(convs)))
+    got = dict(pairs)
+    assert [got[i].text for i in range(len(convs))] == [reference_greedy(backend, c) for c in convs]
+    unique = {tuple(backend.encode(c)) for c in convs}
+    assert backend.prefilled_tokens - prefilled == sum(len(u) for u in unique)  # the repeat was not re-read
+
+
+def test_stream_seeds_make_sampled_answers_independent_of_the_batch():
+    from mentalarena.hf_backend import EMBEDDED_GGUF, HFBackend, embedded_model_dir
+    sampler = HFBackend(embedded_model_dir(), gguf_file=EMBEDDED_GGUF, temperature=1.0, max_new_tokens=6,
+                        max_batch_size=4)
+    convs = [[{"role": "user", "content": f"Tell me a word about the number {n}."}] for n in range(4)]
+    together = dict(sampler.stream(convs, seeds=[11, 12, 13, 14]))
+    alone = dict(sampler.stream(convs[2:3], seeds=[13]))
+    assert together[2].text == alone[0].text
+    again = dict(sampler.stream(convs, seeds=[11, 12, 13, 14]))
+    assert [again[i].text for i in range(4)] == [together[i].text for i in range(4)]

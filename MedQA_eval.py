@@ -1,0 +1,422 @@
+"""Biomedical QA accuracy (MedQA, MedMCQA, PubMedQA, MMLU), as in the MentalArena paper.
+
+    python MedQA_eval.py --model gpt-4o --dataset MedQA --data_file data/MedQA/psychosis.jsonl
+    python MedQA_eval.py suite --model meta-llama/Meta-Llama-3-8B-Instruct --data_dir ../MentalArena/data
+    python MedQA_eval.py report --output_dir outputs/eval
+
+Zero-shot, one chat turn per question under the system text "You are a psychiatric expert.",
+256 new tokens, temperature 0 for API models and 0.1 for local ones, each evaluation repeated
+(`--repeats`, the paper: 5) and averaged. Every answer is scored twice in the same run: by the
+reference's rule (`accuracy_reference`, faithful, mis-scores "The answer is C.") and by a robust
+answer extraction (`accuracy`). Per-answer rows go to `<stem>.samples.jsonl` (a re-run resumes
+from them); `<stem>.results.json` holds the figures and the settings that made them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from mentalarena import qa
+from mentalarena.backends import make_backend, resolve_backend
+from mentalarena.errors import InputError, ModelCallError
+from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
+from mentalarena.prompts import Prompts
+
+log = logging.getLogger("medqa_eval")
+
+# The paper's tables: (dataset, subset); the main table's subsets are the paper's own files.
+MAIN_TABLE = [("MedQA", None), ("MedMCQA", None), ("PubMedQA", None)]
+GENERALIZATION_TABLE = [("MedMCQA", s) for s in (
+    "Anatomy", "ENT", "Medicine", "Microbiology", "Ophthalmology", "Pathology", "Pediatrics",
+    "Pharmacology", "Psychiatry", "Skin")] + [("MMLU", s) for s in (
+        "medical_genetics", "college_biology", "college_medicine", "professional_medicine",
+        "clinical_knowledge", "high_school_biology")]
+TABLES = {"main": MAIN_TABLE, "generalization": GENERALIZATION_TABLE}
+# METHOD.md §7 (second-hand transcription of the paper's Table 2), accuracy %.
+PUBLISHED = {
+    "GPT-3.5-turbo": {"MedQA": 64.16, "MedMCQA": 33.76, "PubMedQA": 44.68},
+    "GPT-3.5-turbo + MentalArena (iter 2)": {"MedQA": 74.57, "MedMCQA": 91.08, "PubMedQA": 97.56},
+    "Llama-3-8B": {"MedQA": 70.52, "MedMCQA": 42.04, "PubMedQA": 86.59},
+    "Llama-3-8B + MentalArena (iter 4)": {"MedQA": 78.03, "MedMCQA": 50.32, "PubMedQA": 92.68},
+    "GPT-4o": {"MedQA": 87.86, "MedMCQA": 74.20, "PubMedQA": 60.06},
+}
+# Where a folder laid out like the paper's `data/` (or ../shared/data) keeps each set.
+LOCAL_FILES = {
+    ("MedQA", None): ["medqa/psychosis.jsonl"],
+    ("MedMCQA", None): ["medmcqa/psychosis.jsonl"],
+    ("PubMedQA", None): ["pubmedqa/test_samples.jsonl"],
+    ("MedMCQA", "*"): ["medmcqa/subjects/{s}.jsonl", "medmcqa/illnesses/{s}.jsonl"],
+    ("MMLU", "*"): ["mmlu/{s}_test.jsonl", "mmlu/{s}.jsonl"],
+}
+
+
+# ---------------------------------------------------------------------------------- commands
+def run(
+    # model
+    model: str | None = None,          # None: the embedded SmolLM2-135M-Instruct; a path / org/name: hf; else OpenAI
+    backend: str = "auto",            # auto | embedded | hf | openai
+    api_base: str | None = None,      # an OpenAI-compatible server (vLLM, ...); key from OPENAI_API_KEY
+    # data
+    dataset: str = "PubMedQA",        # MedQA | MedMCQA | PubMedQA | MMLU (the reference's default)
+    name: str | None = None,          # MedMCQA subject (e.g. Anatomy) or MMLU subset (e.g. college_medicine)
+    data_file: str | None = None,     # a local file in the paper's (or the hub's) format; None: the hub
+    cop_base: int | None = None,      # MedMCQA `cop` numbering: 1 (paper files, default for files) or 0 (hub)
+    limit: int | None = None,         # first N questions only
+    with_context: bool = False,       # PubMedQA: put the abstract before the question (the paper did not)
+    # decoding
+    repeats: int = 5,                 # independent runs averaged (the paper: 5); mean and std are reported
+    temperature: float | None = None,  # None: 0 for API models, 0.1 for local ones (the reference's values)
+    max_new_tokens: int = 256,
+    batch_size: int = 64,             # local: sequences decoded together; API: requests in flight
+    seed: int = 0,
+    dtype: str | None = "auto",       # local weights: auto (bfloat16 as the reference where the device has it) | float32 | ...
+    device: str | None = None,
+    # output
+    output_dir: str = "outputs/eval",
+    prompt_dir: str | None = None,    # a folder of edited prompts/*.txt
+    progress: bool = True,
+) -> dict:
+    """Evaluate one model on one dataset (and subset); returns the results dict."""
+    job = _job(dataset, name, data_file, limit, cop_base)
+    prompts = Prompts(prompt_dir)
+    prompts.check(["qa_system", qa.benchmark(dataset).template])
+    settings = _settings(model, backend, api_base, temperature, max_new_tokens, repeats, seed, with_context)
+    chat = _backend(settings, batch_size, dtype, device)
+    try:
+        return evaluate(chat, job, prompts, settings, Path(output_dir), progress)
+    finally:
+        chat.close()
+
+
+def suite(
+    model: str | None = None, backend: str = "auto", api_base: str | None = None,
+    tables: str = "main,generalization",  # which of the paper's tables: main, generalization
+    data_dir: str | None = None,       # a folder laid out like the paper's data/ (medqa/, medmcqa/, ...); else the hub
+    limit: int | None = None, with_context: bool = False, repeats: int = 5,
+    temperature: float | None = None, max_new_tokens: int = 256, batch_size: int = 64, seed: int = 0,
+    dtype: str | None = "auto", device: str | None = None, output_dir: str = "outputs/eval",
+    prompt_dir: str | None = None, progress: bool = True,
+) -> dict:
+    """Every dataset and subset of the paper's tables with one model loaded once, then the report."""
+    chosen = [t.strip() for t in str(tables).split(",") if t.strip()]
+    for t in chosen:
+        _check_choice("tables", t, tuple(TABLES))
+    jobs = [_job(d, s, _local_file(data_dir, d, s), limit, None) for t in chosen for d, s in TABLES[t]]
+    prompts = Prompts(prompt_dir)
+    prompts.check(["qa_system", "qa_choice", "qa_decision"])
+    settings = _settings(model, backend, api_base, temperature, max_new_tokens, repeats, seed, with_context)
+    chat = _backend(settings, batch_size, dtype, device)
+    results = {}
+    try:
+        for job in jobs:
+            out = evaluate(chat, job, prompts, settings, Path(output_dir), progress)
+            results[_stem(job)] = out
+    finally:
+        chat.close()
+    print(report(output_dir))
+    return results
+
+
+def report(output_dir: str = "outputs/eval", output_file: str | None = None) -> str:
+    """One markdown table (rows: models, columns: benchmarks, mean ± std over repeats) for each
+    scorer, from every results JSON under `output_dir`, next to the paper's published numbers."""
+    found = sorted(Path(output_dir).rglob("*.results.json"))
+    if not found:
+        raise InputError(f"{output_dir}: no *.results.json files (run an evaluation first)")
+    rows = [json.loads(p.read_text(encoding="utf-8")) for p in found]
+    columns = sorted({r["benchmark"] for r in rows}, key=_column_order)
+    text = [f"# Biomedical QA accuracy (%), from {len(rows)} result files in {output_dir}", ""]
+    for scorer, title in (("accuracy", "robust answer extraction"),
+                          ("accuracy_reference", "the reference's rule R (faithful)")):
+        text += [f"## {title} (`{scorer}`)", "", *_table(rows, columns, scorer), ""]
+    text += ["## Published (paper Table 2, METHOD.md §7; mean of 5 runs)", "",
+             *_published_table(), "",
+             "The paper's PubMedQA rows are 97.9 % 'yes' (the majority row above shows each set's "
+             "constant-answer share); a score near it says little.", ""]
+    markdown = "\n".join(text)
+    target = Path(output_file) if output_file else Path(output_dir) / "report.md"
+    target.write_text(markdown, encoding="utf-8")
+    return markdown
+
+
+# ---------------------------------------------------------------------------------- the loop
+def evaluate(chat, job: dict, prompts: Prompts, settings: dict, output_dir: Path, progress: bool) -> dict:
+    """Ask every (question, repeat) not yet answered, append each answer as it comes, then score."""
+    items = job["items"]
+    out_dir = output_dir / _model_tag(settings["model"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = out_dir / f"{_stem(job)}.samples.jsonl"
+    run_hash = _hash({**settings, "data": job["source"], "limit": job["limit"],
+                      "templates": [prompts.template("qa_system"), prompts.template(qa.benchmark(job["dataset"]).template)]})
+    done = _answered(samples, run_hash, {i.id for i in items})
+    todo = [(item, r) for item in items for r in range(settings["repeats"]) if (item.id, r) not in done]
+    print(f"[eval] {job['dataset']}{'/' + job['subset'] if job['subset'] else ''}: {len(items)} questions "
+          f"x {settings['repeats']} repeats from {job['source']}; {len(done)} answers on file, {len(todo)} to ask",
+          file=sys.stderr, flush=True)
+    system = prompts.render("qa_system")
+    conversations = [[{"role": "system", "content": system},
+                      {"role": "user", "content": qa.render_prompt(item, prompts, settings["with_context"])}]
+                     for item, _ in todo]
+    seeds = [_request_seed(settings["seed"], item.id, r) for item, r in todo]
+    failures = 0
+    bar = _progress_bar(len(todo), job) if progress and todo else None
+    start = time.perf_counter()
+    for index, reply in chat.stream(conversations, seeds=seeds):
+        item, r = todo[index]
+        if isinstance(reply, ModelCallError):
+            failures += 1
+            log.error("%s repeat %d: %s", item.id, r, reply)
+        else:
+            append_jsonl(samples, _sample_row(item, r, conversations[index][1]["content"], reply.text, run_hash))
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    wall = time.perf_counter() - start
+    results = _results(job, settings, read_jsonl(samples, allow_torn_tail=True), run_hash, failures, wall, chat)
+    write_json_atomic(out_dir / f"{_stem(job)}.results.json", results)
+    _print_results(results)
+    return results
+
+
+def _results(job, settings, rows, run_hash, failures, wall, chat) -> dict:
+    rows = [r for r in rows if r.get("settings_hash") == run_hash]
+    wanted = {i.id for i in job["items"]}
+    per_repeat = []
+    for r in range(settings["repeats"]):
+        got = [row for row in rows if row["repeat"] == r and row["id"] in wanted]
+        if got:
+            per_repeat.append({"repeat": r, "n": len(got),
+                               "accuracy": _percent(sum(x["correct"] for x in got), len(got)),
+                               "accuracy_reference": _percent(sum(x["correct_reference"] for x in got), len(got)),
+                               "unparsed": sum(x["extracted"] is None for x in got)})
+    label, share = qa.majority_baseline(job["items"])
+    expected = len(job["items"]) * settings["repeats"]
+    answered = sum(p["n"] for p in per_repeat)
+    return {
+        "benchmark": _stem(job), "dataset": job["dataset"], "subset": job["subset"], "source": job["source"],
+        "model": settings["model"], "backend": settings["backend"], "n": len(job["items"]),
+        "repeats": settings["repeats"], "complete": answered == expected, "missing_answers": expected - answered,
+        "accuracy": _mean(per_repeat, "accuracy"), "accuracy_std": _std(per_repeat, "accuracy"),
+        "accuracy_reference": _mean(per_repeat, "accuracy_reference"),
+        "accuracy_reference_std": _std(per_repeat, "accuracy_reference"),
+        "unparsed_answers": sum(p["unparsed"] for p in per_repeat),
+        "majority_baseline": {"answer": label, "accuracy": round(100 * share, 2)},
+        "gold_distribution": dict(sorted(Counter(i.gold for i in job["items"]).items())),
+        "per_repeat": per_repeat, "failed_requests": failures, "wall_seconds": round(wall, 1),
+        "backend_stats": chat.stats(), "settings": settings, "settings_hash": run_hash,
+        "samples_file": f"{_stem(job)}.samples.jsonl",
+    }
+
+
+def _sample_row(item: qa.QAItem, repeat: int, prompt: str, output: str, run_hash: str) -> dict:
+    extracted = qa.extract_answer(output, item)
+    return {"id": item.id, "repeat": repeat, "prompt": prompt, "output": output, "gold": item.gold,
+            "extracted": extracted, "correct": extracted == item.gold,
+            "correct_reference": qa.score_reference(output, item), "settings_hash": run_hash}
+
+
+def _answered(samples: Path, run_hash: str, ids: set[str]) -> set[tuple[str, int]]:
+    """(id, repeat) pairs already on file; rows of other settings stop the run rather than mix."""
+    repair_torn_tail(samples)
+    done = set()
+    for number, row in enumerate(read_jsonl(samples), 1):
+        if "id" not in row or "repeat" not in row:
+            raise InputError(f"{samples}: line {number}: fields \"id\"/\"repeat\" missing "
+                             "(not a samples file of this script); choose another --output_dir")
+        if row.get("settings_hash") != run_hash:
+            raise InputError(f"{samples}: line {number}: made with other settings (hash {row.get('settings_hash')} "
+                             f"!= {run_hash}); use another --output_dir or delete the file")
+        if row["id"] in ids:
+            done.add((row["id"], row["repeat"]))
+    return done
+
+
+# ---------------------------------------------------------------------------------- setup helpers
+def _job(dataset: str, name: str | None, data_file: str | None, limit: int | None, cop_base: int | None) -> dict:
+    bench = qa.benchmark(dataset)
+    subset = _subset(bench, name, data_file)
+    items = qa.load_items(bench.name, name=name, data_file=data_file, cop_base=cop_base)
+    if limit is not None:
+        if int(limit) < 1:
+            raise InputError(f"--limit must be at least 1, not {limit}")
+        items = items[:int(limit)]
+    if not items:
+        raise InputError(f"{data_file or bench.hub_id}: no questions to evaluate")
+    source = str(Path(data_file).resolve()) if data_file else f"hub:{bench.hub_id}"
+    return {"dataset": bench.name, "subset": subset, "items": items, "source": source, "limit": limit}
+
+
+def _subset(bench: qa.Benchmark, name: str | None, data_file: str | None) -> str | None:
+    if bench.name == "MMLU":
+        if name:
+            return qa.mmlu_subject(name)
+        return qa.mmlu_subject(Path(data_file).stem) if data_file else None
+    if bench.name == "MedMCQA" and name and name not in qa.NO_SUBJECT_FILTER:
+        return name
+    return None
+
+
+def _local_file(data_dir: str | None, dataset: str, subset: str | None) -> str | None:
+    if not data_dir:
+        return None
+    patterns = LOCAL_FILES.get((dataset, subset)) or LOCAL_FILES.get((dataset, "*"), [])
+    for pattern in patterns:
+        for path in (Path(data_dir) / pattern.format(s=subset), Path(data_dir) / pattern.format(s=subset).lower()):
+            if path.is_file():
+                return str(path)
+    if subset is None:
+        raise InputError(f"{data_dir}: no {' or '.join(patterns)} (the paper's {dataset} subset is not on the hub)")
+    return None  # a subject / subset file that is not there comes from the hub
+
+
+def _settings(model, backend, api_base, temperature, max_new_tokens, repeats, seed, with_context) -> dict:
+    kind = resolve_backend(model, backend, api_base)
+    if temperature is None:  # the reference: 0 for API calls, 0.1 in its local pipeline
+        temperature = 0.0 if kind == "openai" else 0.1
+    if int(repeats) < 1:
+        raise InputError(f"--repeats must be at least 1, not {repeats}")
+    return {"model": model or "embedded:SmolLM2-135M-Instruct", "backend": kind, "api_base": api_base,
+            "temperature": float(temperature), "max_new_tokens": int(max_new_tokens), "repeats": int(repeats),
+            "seed": int(seed), "with_context": bool(with_context)}
+
+
+def _backend(settings: dict, batch_size: int, dtype: str | None, device: str | None):
+    if int(batch_size) < 1:
+        raise InputError(f"--batch_size must be at least 1, not {batch_size}")
+    model = None if settings["backend"] == "embedded" else settings["model"]
+    return make_backend(model, settings["backend"], settings["api_base"], temperature=settings["temperature"],
+                        max_new_tokens=settings["max_new_tokens"], seed=settings["seed"],
+                        max_parallel=int(batch_size), max_batch_size=int(batch_size),
+                        dtype=_dtype(dtype, device), device=device, prefix_cache_gb=0)
+
+
+def _dtype(dtype: str | None, device: str | None) -> str | None:
+    """`auto`: bfloat16 as the reference where it is fast (CUDA, or CPUs with native bf16); else float32."""
+    if dtype not in (None, "auto"):
+        return dtype
+    import torch
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
+def _request_seed(seed: int, item_id: str, repeat: int) -> int:
+    """A seed per (question, repeat): an answer does not depend on which others share its batch."""
+    digest = hashlib.sha256(f"{seed}|{item_id}|{repeat}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+# ---------------------------------------------------------------------------------- small helpers
+def _stem(job: dict) -> str:
+    return job["dataset"] + (f"-{job['subset']}" if job["subset"] else "")
+
+
+def _model_tag(model: str) -> str:
+    tail = model.rstrip("/").replace(":", "-")
+    tail = tail.split("/")[-1] if Path(model).exists() else tail.replace("/", "--")
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in tail)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _percent(k: int, n: int) -> float:
+    return round(100 * k / n, 2)
+
+
+def _mean(per_repeat: list[dict], key: str) -> float | None:
+    return round(statistics.fmean(p[key] for p in per_repeat), 2) if per_repeat else None
+
+
+def _std(per_repeat: list[dict], key: str) -> float | None:
+    """Sample standard deviation over repeats (0 for a single run)."""
+    values = [p[key] for p in per_repeat]
+    return round(statistics.stdev(values), 2) if len(values) > 1 else (0.0 if values else None)
+
+
+def _column_order(benchmark: str) -> tuple:
+    main = [d for d, _ in MAIN_TABLE]
+    return (0, main.index(benchmark)) if benchmark in main else (1, benchmark)
+
+
+def _table(rows: list[dict], columns: list[str], scorer: str) -> list[str]:
+    by_model: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {})[r["benchmark"]] = r
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for model, cells in sorted(by_model.items()):
+        lines.append(f"| {model} | " + " | ".join(_cell(cells.get(c), scorer) for c in columns) + " |")
+    majority = {r["benchmark"]: r["majority_baseline"]["accuracy"] for r in rows}
+    lines.append("| majority answer (constant) | " + " | ".join(f"{majority[c]:.2f}" for c in columns) + " |")
+    return lines
+
+
+def _cell(result: dict | None, scorer: str) -> str:
+    if not result or result.get(scorer) is None:
+        return "–"
+    text = f"{result[scorer]:.2f} ± {result[scorer + '_std']:.2f}"
+    notes = [] if result["complete"] else ["incomplete"]
+    if result["repeats"] == 1:
+        notes.append("1 run")
+    return text + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _published_table() -> list[str]:
+    columns = [d for d, _ in MAIN_TABLE]
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for model, cells in PUBLISHED.items():
+        lines.append(f"| {model} | " + " | ".join(f"{cells[c]:.2f}" for c in columns) + " |")
+    return lines
+
+
+def _print_results(r: dict) -> None:
+    print(f"[eval] {r['benchmark']} ({r['model']}): accuracy {r['accuracy']} ± {r['accuracy_std']}, "
+          f"accuracy_reference {r['accuracy_reference']} ± {r['accuracy_reference_std']}, n={r['n']} "
+          f"x {r['repeats']}, majority baseline {r['majority_baseline']['accuracy']} "
+          f"('{r['majority_baseline']['answer']}'), unparsed {r['unparsed_answers']}"
+          + ("" if r["complete"] else f", INCOMPLETE: {r['missing_answers']} answers missing (re-run to retry)"),
+          flush=True)
+
+
+def _progress_bar(total: int, job: dict):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="answer", desc=_stem(job), dynamic_ncols=True, file=sys.stderr)
+
+
+def _check_choice(flag: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise InputError(f"--{flag} must be one of {', '.join(choices)}, not {value!r}")
+
+
+COMMANDS = {"run": run, "suite": suite, "report": report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`MedQA_eval.py [run] --model ...` (the paper's form), `suite ...` or `report ...`.
+    Exit 0 when everything was answered, 1 when some requests failed, 2 on bad input."""
+    import fire
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = COMMANDS[argv.pop(0)] if argv and argv[0] in COMMANDS else run
+    try:
+        out = fire.Fire(command, command=argv, serialize=lambda _: None)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if command is report:
+        print(out)
+        return 0
+    results = [out] if command is run else list(out.values())
+    return 0 if all(r["complete"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""MedQA_eval.py end to end: scripted answers scored exactly by both scorers, repeats, resume,
+failures, bad input, the report, and one run of the embedded model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import ScriptedBackend, shared_data
+
+import MedQA_eval as ev
+from mentalarena.errors import InputError, ModelCallError
+from mentalarena.jsonl import read_jsonl
+from mentalarena.prompts import Prompts
+
+QUESTIONS = [
+    {"question": "Q-alpha: which drug?", "options": {"A": "Lithium", "B": "Gynecomastia", "C": "Sertraline", "D": "Haloperidol"},
+     "answer_idx": "B", "answer": "Gynecomastia"},
+    {"question": "Q-beta: which test?", "options": {"A": "ANC", "B": "TSH", "C": "ECG", "D": "EEG"},
+     "answer_idx": "C", "answer": "ECG"},
+    {"question": "Q-gamma: which diagnosis?", "options": {"A": "Schizophrenia", "B": "Delirium", "C": "Mania", "D": "Panic"},
+     "answer_idx": "A", "answer": "Schizophrenia"},
+    {"question": "Q-delta: which treatment?", "options": {"A": "Thiamine", "B": "Folate", "C": "Zinc", "D": "Iron"},
+     "answer_idx": "A", "answer": "Thiamine"},
+]
+# gold B, C, A, A. Robust: right, right, right, wrong. Rule R: "The answer is C." starts with "T": wrong;
+# "Gynecomastia" has no "." and is the answer text: right; "A" is right; "D." is wrong.
+ANSWERS = [("Q-alpha", "Gynecomastia"), ("Q-beta", "The answer is C."), ("Q-gamma", "A"), ("Q-delta", "D.")]
+
+
+class StreamingScripted(ScriptedBackend):
+    """Scripted answers through the default `stream`; may fail chosen questions."""
+
+    max_batch_size = 3
+
+    def __init__(self, rules, fail=(), **kw):
+        super().__init__(rules, **kw)
+        self.fail = set(fail)
+        self.asked: list[str] = []
+
+    def generate(self, conversations):
+        self.asked += [c[-1]["content"].split(":")[0] for c in conversations]
+        if any(c[-1]["content"].split(":")[0] in self.fail for c in conversations):
+            raise ModelCallError("scripted failure")
+        return super().generate(conversations)
+
+
+@pytest.fixture()
+def medqa_file(tmp_path):
+    path = tmp_path / "tiny_medqa.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return path
+
+
+def evaluate(backend, data_file, out_dir, repeats=1, dataset="MedQA", **settings):
+    job = ev._job(dataset, None, str(data_file), None, None)
+    s = ev._settings("scripted-model", "openai", None, None, 256, repeats, 0, False)
+    s.update(settings)
+    return ev.evaluate(backend, job, Prompts(), s, out_dir, progress=False)
+
+
+def test_both_scorers_exactly_on_scripted_answers(medqa_file, tmp_path):
+    backend = StreamingScripted(ANSWERS)
+    result = evaluate(backend, medqa_file, tmp_path)
+    assert result["accuracy"] == 75.0 and result["accuracy_reference"] == 50.0
+    assert result["n"] == 4 and result["complete"] and result["accuracy_std"] == 0.0
+    assert result["majority_baseline"] == {"answer": "A", "accuracy": 50.0}
+    rows = read_jsonl(tmp_path / "scripted-model" / "MedQA.samples.jsonl")
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["MedQA-1"]["extracted"] == "C" and by_id["MedQA-1"]["correct_reference"] is False
+    assert by_id["MedQA-0"]["output"] == "Gynecomastia" and by_id["MedQA-0"]["correct_reference"] is True
+    # what was sent: the paper's system text, the question, one "X. text" line per option
+    sent = backend.seen[0]
+    assert sent[0] == {"role": "system", "content": "You are a psychiatric expert."}
+    assert "\nA. Lithium\nB. Gynecomastia\nC. Sertraline\nD. Haloperidol\n" in sent[1]["content"]
+    saved = json.loads((tmp_path / "scripted-model" / "MedQA.results.json").read_text())
+    assert saved["accuracy"] == 75.0 and saved["settings"]["temperature"] == 0.0  # API default
+
+
+def test_repeats_give_mean_and_sample_std(medqa_file, tmp_path):
+    calls = {"n": 0}
+
+    def alternating(messages):  # first repeat of Q-delta wrong, second right
+        calls["n"] += 1
+        return "D" if calls["n"] == 1 else "A"
+
+    backend = StreamingScripted([*ANSWERS[:3], ("Q-delta", alternating)])
+    result = evaluate(backend, medqa_file, tmp_path, repeats=2)
+    assert [p["accuracy"] for p in result["per_repeat"]] == [75.0, 100.0]
+    assert result["accuracy"] == 87.5 and result["accuracy_std"] == pytest.approx(17.68, abs=0.01)
+    assert result["repeats"] == 2 and len(backend.asked) == 8
+
+
+def test_failed_requests_are_retried_by_a_rerun_and_nothing_is_asked_twice(medqa_file, tmp_path):
+    broken = StreamingScripted(ANSWERS, fail={"Q-delta"})  # chunks of 3: the last chunk fails
+    first = evaluate(broken, medqa_file, tmp_path)
+    assert not first["complete"] and first["missing_answers"] == 1 and first["failed_requests"] == 1
+    assert first["accuracy"] == 100.0  # scored on what was answered, and flagged incomplete
+    fixed = StreamingScripted(ANSWERS)
+    second = evaluate(fixed, medqa_file, tmp_path)
+    assert fixed.asked == ["Q-delta"]
+    assert second["complete"] and second["accuracy"] == 75.0 and second["accuracy_reference"] == 50.0
+    rows = read_jsonl(tmp_path / "scripted-model" / "MedQA.samples.jsonl")
+    assert len(rows) == 4 and len({(r["id"], r["repeat"]) for r in rows}) == 4
+
+
+def test_other_settings_refuse_to_mix(medqa_file, tmp_path):
+    evaluate(StreamingScripted(ANSWERS), medqa_file, tmp_path)
+    with pytest.raises(InputError, match="made with other settings"):
+        evaluate(StreamingScripted(ANSWERS), medqa_file, tmp_path, max_new_tokens=8)
+
+
+def test_pubmedqa_decisions_through_the_loop(tmp_path):
+    rows = [{"QUESTION": f"Q{i}: does it work?", "CONTEXTS": ["Some abstract."], "final_decision": gold, "id": str(i)}
+            for i, gold in enumerate(["yes", "no", "maybe", "yes"])]
+    path = tmp_path / "pub.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    answers = [("Q0", "Yes."), ("Q1", "No, it does not."), ("Q2", "The answer is maybe"), ("Q3", "Yes and no.")]
+    backend = StreamingScripted(answers)
+    result = evaluate(backend, path, tmp_path, dataset="PubMedQA", with_context=True)
+    # robust: yes, no, maybe, yes -> 4/4; reference: Q3 has both "yes" and "no" -> 3/4
+    assert result["accuracy"] == 100.0 and result["accuracy_reference"] == 75.0
+    assert "Context:\nSome abstract." in backend.seen[0][1]["content"]
+
+
+def test_report_is_one_table_per_scorer_with_published_numbers(medqa_file, tmp_path):
+    evaluate(StreamingScripted(ANSWERS), medqa_file, tmp_path)
+    other = StreamingScripted([(q, "A") for q, _ in ANSWERS])
+    job = ev._job("MedQA", None, str(medqa_file), None, None)
+    s = ev._settings("another/model", "openai", None, None, 256, 1, 0, False)
+    ev.evaluate(other, job, Prompts(), s, tmp_path, progress=False)
+    text = ev.report(str(tmp_path))
+    assert "| scripted-model | 75.00 ± 0.00 (1 run) |" in text
+    assert "| scripted-model | 50.00 ± 0.00 (1 run) |" in text  # reference scorer table
+    assert "| another/model | 50.00 ± 0.00 (1 run) |" in text
+    assert "| majority answer (constant) | 50.00 |" in text
+    assert "| Llama-3-8B | 70.52 | 42.04 | 86.59 |" in text
+    assert (tmp_path / "report.md").read_text() == text
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--dataset", "MedQB"], "MedQB"),
+    (["--dataset", "MedQA", "--data_file", "/nonexistent/x.jsonl"], "/nonexistent/x.jsonl"),
+    (["--dataset", "MMLU", "--name", "astrology", "--data_file", "x.jsonl"], "astrology"),
+    (["--repeats", "0", "--data_file", "DATA"], "--repeats"),
+    (["report", "--output_dir", "/nonexistent/dir"], "no *.results.json"),
+    (["suite", "--tables", "appendix"], "--tables"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, needle, medqa_file, capsys):
+    argv = [str(medqa_file) if a == "DATA" else a for a in argv]
+    if argv[:2] == ["--repeats", "0"]:
+        argv += ["--dataset", "MedQA"]
+    assert ev.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+
+
+def test_row_without_gold_names_file_row_and_field(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(QUESTIONS[0]) + "\n" + json.dumps({**QUESTIONS[1], "answer_idx": ""}) + "\n")
+    assert ev.main(["--dataset", "MedQA", "--data_file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "2" in err and "answer_idx" in err
+
+
+def test_suite_finds_the_paper_files_in_a_data_dir():
+    data = shared_data()
+    assert ev._local_file(str(data), "MedQA", None).endswith("medqa/psychosis.jsonl")
+    assert ev._local_file(str(data), "MedMCQA", "Anatomy").endswith("medmcqa/subjects/Anatomy.jsonl")
+    assert ev._local_file(str(data), "MMLU", "college_medicine").endswith("mmlu/college_medicine_test.jsonl")
+    assert ev._local_file(str(data), "MMLU", "college_biology") is None  # -> the hub
+    with pytest.raises(InputError, match="not on the hub"):
+        ev._local_file(str(data / "mmlu"), "MedQA", None)
+
+
+def test_model_tags_are_safe_folder_names():
+    assert ev._model_tag("gpt-4o") == "gpt-4o"
+    assert ev._model_tag("meta-llama/Meta-Llama-3-8B-Instruct") == "meta-llama--Meta-Llama-3-8B-Instruct"
+    assert ev._model_tag("ft:gpt-3.5-turbo:org::abc") == "ft-gpt-3.5-turbo-org--abc"
+
+
+def test_the_embedded_model_on_three_questions(tmp_path):
+    """Real model, real loop: three questions of the project's sample, greedy."""
+    result = ev.run(dataset="MedQA", data_file="data/qa_sample/medqa.jsonl", limit=3, repeats=1, temperature=0,
+                    max_new_tokens=16, batch_size=2, output_dir=str(tmp_path), progress=False)
+    assert result["complete"] and result["n"] == 3 and result["backend"] == "embedded"
+    rows = read_jsonl(tmp_path / "embedded-SmolLM2-135M-Instruct" / "MedQA.samples.jsonl")
+    assert len(rows) == 3 and all(r["output"] for r in rows)
+    assert result["accuracy"] == round(100 * sum(r["correct"] for r in rows) / 3, 2)
+    assert result["accuracy_reference"] == round(100 * sum(r["correct_reference"] for r in rows) / 3, 2)
