@@ -312,7 +312,12 @@ class HFBackend(ChatBackend):
             probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
         if generators is None:
             return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
-        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+        # Inverse-CDF with one uniform per row from the row's own generator: one batched search
+        # instead of a multinomial call per row (which cost a fifth of each decode step at 64 rows).
+        u = 1 - torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])  # in (0, 1]
+        cdf = probs.cumsum(-1)
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1)
+        return picks.clamp(max=probs.shape[-1] - 1)
 
     def _remember(self, prompt, generated, cache, mask, row) -> None:
         """Store the row's cache for prompt + reply (all but the last token were fed)."""

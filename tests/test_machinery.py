@@ -191,3 +191,20 @@ def test_prefix_cache_longest_match_and_superseded_entries():
     small.lookup(t(1, 1))
     small.add(t(3, 3, 3), ["z"])
     assert small.lookup(t(2, 2)) == (None, 0) and small.lookup(t(1, 1))[0] == ["x"]
+
+
+def test_seeded_sampling_follows_the_distribution_and_never_picks_a_zero_probability_token():
+    from types import SimpleNamespace
+
+    import torch
+
+    from mentalarena.hf_backend import HFBackend
+    fake = SimpleNamespace(temperature=1.0, top_p=1.0, generator=None)
+    logits = torch.log(torch.tensor([[0.2, 0.0, 0.8, 0.0]])).repeat(4000, 1)
+    generators = [torch.Generator().manual_seed(i) for i in range(4000)]
+    picks = HFBackend._sample(fake, logits, generators)
+    counts = torch.bincount(picks, minlength=4).tolist()
+    assert counts[1] == counts[3] == 0
+    assert abs(counts[0] / 4000 - 0.2) < 0.03 and abs(counts[2] / 4000 - 0.8) < 0.03
+    again = HFBackend._sample(fake, logits, [torch.Generator().manual_seed(i) for i in range(4000)])
+    assert torch.equal(picks, again)  # same seeds, same draws
