@@ -104,7 +104,9 @@ def suite(
     prompt_dir: str | None = None, progress: bool = True,
 ) -> dict:
     """Every dataset and subset of the paper's tables with one model loaded once, then the report."""
-    chosen = [t.strip() for t in str(tables).split(",") if t.strip()]
+    # fire turns "main,generalization" into a tuple; a plain string or list works too
+    parts = tables.split(",") if isinstance(tables, str) else list(tables)
+    chosen = [str(t).strip() for t in parts if str(t).strip()]
     for t in chosen:
         _check_choice("tables", t, tuple(TABLES))
     jobs = [_job(d, s, _local_file(data_dir, d, s), limit, None) for t in chosen for d, s in TABLES[t]]

@@ -154,6 +154,13 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, medqa_file, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
 
 
+def test_suite_accepts_the_readme_tables_form(capsys):
+    # fire hands "main,appendix" over as a tuple; the bad name must be named, not the tuple's repr
+    assert ev.main(["suite", "--tables", "main,appendix"]) == 2
+    err = capsys.readouterr().err
+    assert "'appendix'" in err and "('main'" not in err
+
+
 def test_row_without_gold_names_file_row_and_field(tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(QUESTIONS[0]) + "\n" + json.dumps({**QUESTIONS[1], "answer_idx": ""}) + "\n")
