@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mentalarena import qa
 from mentalarena.backends import make_backend, resolve_backend
-from mentalarena.errors import InputError, ModelCallError
+from mentalarena.errors import InputError, ModelCallError, check_choice
 from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
 from mentalarena.prompts import Prompts
 
@@ -108,7 +108,7 @@ def suite(
     parts = tables.split(",") if isinstance(tables, str) else list(tables)
     chosen = [str(t).strip() for t in parts if str(t).strip()]
     for t in chosen:
-        _check_choice("tables", t, tuple(TABLES))
+        check_choice("tables", t, tuple(TABLES))
     jobs = [_job(d, s, _local_file(data_dir, d, s), limit, None) for t in chosen for d, s in TABLES[t]]
     prompts = Prompts(prompt_dir)
     prompts.check(["qa_system", "qa_choice", "qa_decision"])
@@ -181,14 +181,13 @@ def evaluate(chat, job: dict, prompts: Prompts, settings: dict, output_dir: Path
     if bar:
         bar.close()
     wall = time.perf_counter() - start
-    results = _results(job, settings, read_jsonl(samples, allow_torn_tail=True), run_hash, failures, wall, chat)
+    results = _results(job, settings, read_jsonl(samples), run_hash, failures, wall, chat)
     write_json_atomic(out_dir / f"{_stem(job)}.results.json", results)
     _print_results(results)
     return results
 
 
 def _results(job, settings, rows, run_hash, failures, wall, chat) -> dict:
-    rows = [r for r in rows if r.get("settings_hash") == run_hash]
     wanted = {i.id for i in job["items"]}
     per_repeat = []
     for r in range(settings["repeats"]):
@@ -391,11 +390,6 @@ def _print_results(r: dict) -> None:
 def _progress_bar(total: int, job: dict):
     from tqdm import tqdm
     return tqdm(total=total, unit="answer", desc=_stem(job), dynamic_ncols=True, file=sys.stderr)
-
-
-def _check_choice(flag: str, value: str, choices: tuple) -> None:
-    if value not in choices:
-        raise InputError(f"--{flag} must be one of {', '.join(choices)}, not {value!r}")
 
 
 COMMANDS = {"run": run, "suite": suite, "report": report}

@@ -22,7 +22,7 @@ from pathlib import Path
 from mentalarena.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
 from mentalarena.dialogue import HISTORY_MODES, Conversation, fresh as fresh_messages
 from mentalarena.engine import Gate, ModelClient
-from mentalarena.errors import InputError
+from mentalarena.errors import InputError, check_choice
 from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
 from mentalarena.parsing import (parse_extraction, parse_extraction_reference, parse_group_number,
                                  parse_score)
@@ -362,9 +362,9 @@ def run(
     progress: bool = True,
 ) -> dict:
     """Run the self-play sessions and append one record per session to `output_file`."""
-    _check_choice("feedback_mode", feedback_mode, FEEDBACK_MODES)
-    _check_choice("history_mode", history_mode, HISTORY_MODES)
-    _check_choice("extraction_parser", extraction_parser, ("robust", "reference"))
+    check_choice("feedback_mode", feedback_mode, FEEDBACK_MODES)
+    check_choice("history_mode", history_mode, HISTORY_MODES)
+    check_choice("extraction_parser", extraction_parser, ("robust", "reference"))
     # Validate every input before any model loads.
     patients = load_patients(patients_file or DEFAULT_PATIENTS_FILE)[:limit]
     groups = load_principles(principles_file or DEFAULT_PRINCIPLES_FILE)
@@ -449,11 +449,6 @@ def _summary(counts, already, arena, wall, output, errors) -> dict:
 def _progress_bar(total: int):
     from tqdm import tqdm
     return tqdm(total=total, unit="session", dynamic_ncols=True, file=sys.stderr)
-
-
-def _check_choice(flag: str, value: str, choices: tuple) -> None:
-    if value not in choices:
-        raise InputError(f"--{flag} must be one of {', '.join(choices)}, not {value!r}")
 
 
 def _seed_everything(seed: int) -> None:

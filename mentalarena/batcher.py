@@ -34,7 +34,6 @@ class SlotCache(Cache):
         shape = (slots, kv_heads, width, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.width = width
         self.rows = 0  # decode: rows 0..rows-1 take part
         self.columns: torch.Tensor | None = None  # decode: the column each row writes to
         self.seen = 0  # decode: columns 0..seen-1 are attended to
@@ -73,16 +72,16 @@ class _Row:
 class ContinuousBatcher:
     """Runs one list of token-id prompts through a causal LM, yielding replies as they finish."""
 
-    def __init__(self, model, eos_ids: set[int], pad_id: int, decode: Callable[[list[int]], str],
+    def __init__(self, model, eos_ids: set[int], decode: Callable[[list[int]], str],
                  sample: Callable[[torch.Tensor, list[int]], torch.Tensor], slots: int,
                  max_new_tokens: int, context_limit: int | None):
-        self.model, self.eos_ids, self.pad_id = model, eos_ids, pad_id
+        self.model, self.eos_ids = model, eos_ids
         self.decode_text, self.sample = decode, sample
         self.slots, self.max_new_tokens, self.context_limit = slots, max_new_tokens, context_limit
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.prefilled_tokens = self.decode_steps = 0
+        self.prefilled_tokens = 0
 
     def run(self, prompts: list[list[int]]) -> Iterator[tuple[int, Reply]]:
         if not prompts:
@@ -103,7 +102,7 @@ class ContinuousBatcher:
                 if request is None:
                     break
                 prompt = prompts[request]
-                budget = min(self.max_new_tokens, width - len(prompt), limit - len(prompt))
+                budget = min(self.max_new_tokens, width - len(prompt))  # width is within the limit
                 if budget <= 0:  # the prompt alone fills the context: nothing can be generated
                     yield request, Reply("", prompt_tokens=len(prompt), truncated=True)
                     continue
@@ -175,5 +174,4 @@ class ContinuousBatcher:
                          position_ids=lengths[:, None], use_cache=True)
         for r in rows:
             r.length += 1
-        self.decode_steps += 1
         return out.logits[:, -1, :].float()

@@ -134,6 +134,9 @@ class HFBackend(ChatBackend):
     def encode(self, messages: list[dict]) -> list[int]:
         return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
 
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.encode(messages))
 
@@ -168,8 +171,7 @@ class HFBackend(ChatBackend):
         if seeds is not None and self.temperature > 0:
             generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         batcher = ContinuousBatcher(
-            self.model, self.eos_ids, self.pad_id,
-            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+            self.model, self.eos_ids, decode=self._text,
             sample=lambda logits, requests: self._sample(logits, generators and [generators[r] for r in requests]),
             slots=self.max_batch_size, max_new_tokens=self.max_new_tokens, context_limit=self.context_limit)
         with self._lock, torch.inference_mode():
@@ -235,7 +237,7 @@ class HFBackend(ChatBackend):
         for p, row in zip(prompts, out[:, width:].tolist()):
             tokens = [t for t in row if t != self.pad_id]
             tokens = tokens[:next((i for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))]
-            replies.append(Reply(self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+            replies.append(Reply(self._text(tokens),
                                  prompt_tokens=len(p), completion_tokens=len(tokens)))
         return replies
 
@@ -285,7 +287,7 @@ class HFBackend(ChatBackend):
             for row in done:
                 req = rows[row]
                 self._remember(prompts[req], generated[req], cache, mask, row)
-                replies[req] = Reply(self.tokenizer.decode(generated[req], skip_special_tokens=True).strip(),
+                replies[req] = Reply(self._text(generated[req]),
                                      prompt_tokens=len(prompts[req]), completion_tokens=len(generated[req]))
             if done:
                 finished = set(done)
