@@ -13,7 +13,6 @@ from them); `<stem>.results.json` holds the figures and the settings that made t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import statistics
@@ -22,9 +21,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mentalarena import qa
+from mentalarena import cli, qa
 from mentalarena.backends import make_backend, resolve_backend
 from mentalarena.errors import InputError, ModelCallError, check_choice
+from mentalarena.cli import auto_dtype, model_tag, request_seed, settings_hash
 from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
 from mentalarena.prompts import Prompts
 
@@ -104,9 +104,7 @@ def suite(
     prompt_dir: str | None = None, progress: bool = True,
 ) -> dict:
     """Every dataset and subset of the paper's tables with one model loaded once, then the report."""
-    # fire turns "main,generalization" into a tuple; a plain string or list works too
-    parts = tables.split(",") if isinstance(tables, str) else list(tables)
-    chosen = [str(t).strip() for t in parts if str(t).strip()]
+    chosen = cli.names(tables)
     for t in chosen:
         check_choice("tables", t, tuple(TABLES))
     jobs = [_job(d, s, _local_file(data_dir, d, s), limit, None) for t in chosen for d, s in TABLES[t]]
@@ -151,10 +149,10 @@ def report(output_dir: str = "outputs/eval", output_file: str | None = None) -> 
 def evaluate(chat, job: dict, prompts: Prompts, settings: dict, output_dir: Path, progress: bool) -> dict:
     """Ask every (question, repeat) not yet answered, append each answer as it comes, then score."""
     items = job["items"]
-    out_dir = output_dir / _model_tag(settings["model"])
+    out_dir = output_dir / model_tag(settings["model"])
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = out_dir / f"{_stem(job)}.samples.jsonl"
-    run_hash = _hash({**settings, "data": job["source"], "limit": job["limit"],
+    run_hash = settings_hash({**settings, "data": job["source"], "limit": job["limit"],
                       "templates": [prompts.template("qa_system"), prompts.template(qa.benchmark(job["dataset"]).template)]})
     done = _answered(samples, run_hash, {i.id for i in items})
     todo = [(item, r) for item in items for r in range(settings["repeats"]) if (item.id, r) not in done]
@@ -165,7 +163,7 @@ def evaluate(chat, job: dict, prompts: Prompts, settings: dict, output_dir: Path
     conversations = [[{"role": "system", "content": system},
                       {"role": "user", "content": qa.render_prompt(item, prompts, settings["with_context"])}]
                      for item, _ in todo]
-    seeds = [_request_seed(settings["seed"], item.id, r) for item, r in todo]
+    seeds = [request_seed(settings["seed"], item.id, r) for item, r in todo]
     failures = 0
     bar = _progress_bar(len(todo), job) if progress and todo else None
     start = time.perf_counter()
@@ -295,38 +293,12 @@ def _backend(settings: dict, batch_size: int, dtype: str | None, device: str | N
     return make_backend(model, settings["backend"], settings["api_base"], temperature=settings["temperature"],
                         max_new_tokens=settings["max_new_tokens"], seed=settings["seed"],
                         max_parallel=int(batch_size), max_batch_size=int(batch_size),
-                        dtype=_dtype(dtype, device), device=device, prefix_cache_gb=0)
-
-
-def _dtype(dtype: str | None, device: str | None) -> str | None:
-    """`auto`: bfloat16 as the reference where it is fast (CUDA, or CPUs with native bf16); else float32."""
-    if dtype not in (None, "auto"):
-        return dtype
-    import torch
-    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
-        return "bfloat16"
-    return "bfloat16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
-
-
-def _request_seed(seed: int, item_id: str, repeat: int) -> int:
-    """A seed per (question, repeat): an answer does not depend on which others share its batch."""
-    digest = hashlib.sha256(f"{seed}|{item_id}|{repeat}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+                        dtype=auto_dtype(dtype, device), device=device, prefix_cache_gb=0)
 
 
 # ---------------------------------------------------------------------------------- small helpers
 def _stem(job: dict) -> str:
     return job["dataset"] + (f"-{job['subset']}" if job["subset"] else "")
-
-
-def _model_tag(model: str) -> str:
-    tail = model.rstrip("/").replace(":", "-")
-    tail = tail.split("/")[-1] if Path(model).exists() else tail.replace("/", "--")
-    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in tail)
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _percent(k: int, n: int) -> float:
@@ -395,23 +367,18 @@ def _progress_bar(total: int, job: dict):
 COMMANDS = {"run": run, "suite": suite, "report": report}
 
 
+def _complete(command, out) -> bool:
+    if command is report:
+        print(out)
+        return True
+    results = [out] if command is run else list(out.values())
+    return all(r["complete"] for r in results)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`MedQA_eval.py [run] --model ...` (the paper's form), `suite ...` or `report ...`.
     Exit 0 when everything was answered, 1 when some requests failed, 2 on bad input."""
-    import fire
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = COMMANDS[argv.pop(0)] if argv and argv[0] in COMMANDS else run
-    try:
-        out = fire.Fire(command, command=argv, serialize=lambda _: None)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if command is report:
-        print(out)
-        return 0
-    results = [out] if command is run else list(out.values())
-    return 0 if all(r["complete"] for r in results) else 1
+    return cli.main(COMMANDS, run, _complete, argv)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def one_at_a_time(backend, convs: list[list[dict]], repeats: int, seed: int) -> 
 
 def batched(backend, convs: list[list[dict]], repeats: int, seed: int) -> dict:
     todo = [(c, r) for c in convs for r in range(repeats)]
-    seeds = [MedQA_eval._request_seed(seed, str(i), r) for i, (_, r) in enumerate(todo)]
+    seeds = [MedQA_eval.request_seed(seed, str(i), r) for i, (_, r) in enumerate(todo)]
     prefilled = backend.prefilled_tokens
     start = time.perf_counter()
     replies = dict(backend.stream([c for c, _ in todo], seeds=seeds))
@@ -78,7 +78,7 @@ def main(questions: int = 64, repeats: int = 1, batch_size: int = 64, data_file:
          dtype: str = "auto", max_new_tokens: int = 256, temperature: float = 0.1, seed: int = 0):
     data_file = data_file or (str(PAPER_FILE) if PAPER_FILE.exists() else str(ROOT / "data/qa_sample/medqa.jsonl"))
     convs = conversations(data_file, questions)
-    dtype = MedQA_eval._dtype(dtype, None)
+    dtype = MedQA_eval.auto_dtype(dtype, None)
     backend = make_backend(None, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                            max_batch_size=batch_size, dtype=dtype, prefix_cache_gb=0)
     settings = {"data_file": data_file, "questions": len(convs), "repeats": repeats, "batch_size": batch_size,

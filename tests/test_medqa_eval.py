@@ -180,9 +180,9 @@ def test_suite_finds_the_paper_files_in_a_data_dir():
 
 
 def test_model_tags_are_safe_folder_names():
-    assert ev._model_tag("gpt-4o") == "gpt-4o"
-    assert ev._model_tag("meta-llama/Meta-Llama-3-8B-Instruct") == "meta-llama--Meta-Llama-3-8B-Instruct"
-    assert ev._model_tag("ft:gpt-3.5-turbo:org::abc") == "ft-gpt-3.5-turbo-org--abc"
+    assert ev.model_tag("gpt-4o") == "gpt-4o"
+    assert ev.model_tag("meta-llama/Meta-Llama-3-8B-Instruct") == "meta-llama--Meta-Llama-3-8B-Instruct"
+    assert ev.model_tag("ft:gpt-3.5-turbo:org::abc") == "ft-gpt-3.5-turbo-org--abc"
 
 
 def test_the_embedded_model_on_three_questions(tmp_path):

@@ -1,0 +1,602 @@
+"""IMHI mental-health analysis (the MentaLLaMA benchmark): generation, labels, F1, explanation quality.
+
+    python IMHI_eval.py --model path/to/MentaLLaMA-chat-7B --test_dataset IMHI --test_dir MentalLLaMA/test_data
+    python IMHI_eval.py --model path/to/MentalBART --test_dataset IMHI-completion --test_dir MentalLLaMA/test_data
+    python IMHI_eval.py --generated_dir MentalLLaMA/model_output/MentaLLaMA-chat-13B      # score only, no model
+    python IMHI_eval.py report --output_dir outputs/imhi
+
+As the reference `IMHI.py`: the raw `query` goes to the model with no chat template and no system
+prompt, greedy, and the answer may run until prompt + answer reach 2048 tokens. Every answer is
+labelled by both rule sets of `mentalarena.imhi` side by side (`reference`: faithful; `fixed`:
+corrected), optionally by the MentalBERT classifiers (`classifier`), and the explanations can be
+scored against the goldens (BART-score, ROUGE, BLEU, BERTScore). Per-row answers go to
+`<dataset>.samples.jsonl` (a re-run resumes from them), `generated/<dataset>.csv` is the
+`goldens,generated_text` file of the MentaLLaMA tools, `<dataset>.results.json` holds the figures
+and the settings that made them, and `report.md` one table for the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from mentalarena import cli, imhi
+from mentalarena.backends import make_backend, resolve_backend
+from mentalarena.errors import InputError, check_choice
+from mentalarena.cli import auto_dtype, model_tag, names, request_seed, settings_hash
+from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
+from mentalarena.seq2seq_backend import REFERENCE_MAX_LENGTH, Seq2SeqBackend, is_encoder_decoder
+
+log = logging.getLogger("imhi_eval")
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_TEST_DIR = ROOT / "data" / "imhi_sample"
+EMBEDDED = "embedded:SmolLM2-135M-Instruct"
+# --test_dataset -> where a MentaLLaMA checkout (or ../shared/data/imhi) keeps that set, first found wins.
+TEST_SETS = {
+    "IMHI": ("test_instruction", "test_data/test_instruction"),
+    "IMHI-completion": ("test_complete", "test_data/test_complete"),
+    "expert": ("expert", "test_instruction_expert", "test_data/test_instruction_expert",
+               "human_evaluation/test_instruction_expert"),
+}
+EXPLANATION_METRICS = ("bart", "rouge", "bleu", "bertscore")
+# The PyPI package each optional metric imports (module, package).
+METRIC_PACKAGES = {"rouge": ("rouge_score", "rouge-score"), "bleu": ("sacrebleu", "sacrebleu"),
+                   "bertscore": ("bert_score", "bert-score")}
+# EVALUATION.md B (second-hand): MentaLLaMA-chat-13B, weighted F1 with the classifier labels.
+PUBLISHED = {"DR": 85.68, "dreaddit": 75.79, "loneliness": 85.10, "Irf": 76.49, "MultiWD": 75.11,
+             "SAD": 63.62, "CAMS": 45.52, "swmh": 71.70, "t-sid": 75.31}
+
+
+@dataclass
+class Job:
+    """One dataset file of one test set: its rows, each with a key that changes when the row does."""
+    test_set: str | None
+    dataset: str
+    path: Path
+    rows: list[dict]
+
+
+# ---------------------------------------------------------------------------------- commands
+def run(
+    # model
+    model: str | None = None,          # None: the embedded SmolLM2-135M-Instruct; a path / org/name: hf or seq2seq; else OpenAI
+    backend: str = "auto",            # auto | embedded | hf | seq2seq | openai (seq2seq: found from the config's is_encoder_decoder)
+    api_base: str | None = None,      # an OpenAI-compatible server (vLLM, ...); key from OPENAI_API_KEY
+    # data
+    test_dataset: str = "IMHI",       # IMHI | IMHI-completion | expert, a comma list of them, or all
+    test_dir: str | None = None,      # IMHI CSVs, or a folder with test_instruction/, test_complete/, expert/; None: data/imhi_sample
+    datasets: str | None = None,      # comma list (CAMS,dreaddit); None: every CSV found, sorted by name
+    limit: int | None = None,         # first N rows of each dataset
+    generated_dir: str | None = None,  # score this folder of goldens,generated_text CSVs; no model is loaded
+    # decoding
+    prompting: str | None = None,     # raw (the reference: the query as is) | chat (the chat template); None: raw, chat for API models
+    max_new_tokens: int | None = None,  # None: as the reference's max_length=2048, until prompt + answer reach 2048 tokens
+    temperature: float = 0.0,         # 0: greedy
+    batch_size: int = 32,             # local: sequences decoded together; API: requests in flight; also the scorers' batch
+    seed: int = 0,
+    dtype: str | None = "auto",       # local weights: auto (bfloat16 where the device has it, else float32) | float32 | ...
+    device: str | None = None,
+    # scoring
+    rules: str = "reference,fixed",   # rule sets side by side: reference (faithful) and fixed (corrected)
+    label_model_dir: str | None = None,  # <dir>/<dataset>/: one MentalBERT sequence classifier per dataset
+    explanation_metrics: str | None = None,  # comma list of bart, rouge, bleu, bertscore; None: none
+    bart_model: str | None = None,    # a local BART checkpoint for BART-score (the reference: bart-large-cnn + ParaBank2 weights)
+    bertscore_model: str | None = None,  # a local BERT-style checkpoint for BERTScore
+    # output
+    output_dir: str = "outputs/imhi",
+    progress: bool = True,
+) -> list[dict]:
+    """Generate answers for every chosen IMHI file and score them (or score `generated_dir`)."""
+    if limit is not None and int(limit) < 1:
+        raise InputError(f"--limit must be at least 1, not {limit}")
+    if int(batch_size) < 1:
+        raise InputError(f"--batch_size must be at least 1, not {batch_size}")
+    wanted = [_canonical(name) for name in names(datasets)]
+    if generated_dir:
+        jobs = [_generated_job(name, path, limit) for name, path in _select(Path(generated_dir), wanted)]
+        scorers = Scorers(names(rules), label_model_dir, names(explanation_metrics), bart_model,
+                          bertscore_model, [j.dataset for j in jobs], device, int(batch_size))
+        out_dir = Path(output_dir) / model_tag(Path(generated_dir).resolve().name)
+        results = [_score_generated(job, scorers, out_dir) for job in jobs]
+        print(report(str(out_dir)))
+        return results
+    jobs = _test_jobs(test_dataset, test_dir, wanted, limit)
+    scorers = Scorers(names(rules), label_model_dir, names(explanation_metrics), bart_model, bertscore_model,
+                      sorted({j.dataset for j in jobs}), device, int(batch_size))
+    settings = _settings(model, backend, api_base, prompting, temperature, max_new_tokens, seed, dtype, device)
+    print("[imhi] settings " + json.dumps(settings), file=sys.stderr, flush=True)
+    model_dir = Path(output_dir) / model_tag(settings["model"])
+    for job in jobs:  # answers of other settings on file stop the run before the model loads
+        _answered(model_dir / job.test_set / f"{job.dataset}.samples.jsonl", settings_hash(settings))
+    chat = _backend(settings, int(batch_size), device)
+    results = []
+    try:
+        for job in jobs:
+            generation = generate(chat, job, settings, model_dir / job.test_set, progress)
+            results.append(_score_and_save(job, generation, scorers, model_dir / job.test_set, settings, chat))
+    finally:
+        chat.close()
+    print(report(str(model_dir)))
+    return results
+
+
+def report(output_dir: str = "outputs/imhi", output_file: str | None = None) -> str:
+    """One markdown table (rows: test set and dataset, columns: rule sets side by side) from every
+    results JSON under `output_dir`, written to `output_file` (default `<output_dir>/report.md`)."""
+    found = sorted(Path(output_dir).rglob("*.results.json"))
+    if not found:
+        raise InputError(f"{output_dir}: no *.results.json files (run an evaluation first)")
+    rows = [json.loads(p.read_text(encoding="utf-8")) for p in found]
+    rows.sort(key=lambda r: (str(r.get("model")), str(r.get("test_set")), r["dataset"]))
+    models = {str(r.get("model")) for r in rows}
+    text = [f"# IMHI, {len(rows)} result files in {output_dir}", "",
+            "Scores in %. `reference`: the reference's rules (faithful; rows whose golden they cannot read "
+            "are dropped); `fixed`: the corrected rules; `classifier`: the MentalBERT classifiers. "
+            "w-F1: weighted F1 (IMHI's main number); m-F1: macro F1 (micro F1 equals accuracy here and is "
+            "kept in the results files); OOD: answers no rule reads, given the default label.", "",
+            *_score_table(rows, show_model=len(models) > 1), ""]
+    if any(r.get("explanations") for r in rows):
+        text += ["## Explanation quality (golden vs generated)", "", *_explanation_table(rows), ""]
+    text += ["Published (MentaLLaMA paper, second-hand): MentaLLaMA-chat-13B, weighted F1 with the classifier "
+             "labels: " + ", ".join(f"{k} {v:.2f}" for k, v in PUBLISHED.items()) + ".", ""]
+    markdown = "\n".join(text)
+    target = Path(output_file) if output_file else Path(output_dir) / "report.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(markdown, encoding="utf-8")
+    return markdown
+
+
+# ---------------------------------------------------------------------------------- the loop
+def generate(chat, job: Job, settings: dict, out_dir: Path, progress: bool) -> dict:
+    """Ask every row not yet answered, append each answer as it comes, then rewrite the CSV from the
+    answers on file (in row order; rows still unanswered are left out and counted)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = out_dir / f"{job.dataset}.samples.jsonl"
+    run_hash = settings_hash(settings)
+    done = _answered(samples, run_hash)
+    todo = [row for row in job.rows if row["key"] not in done]
+    print(f"[imhi] {job.test_set}/{job.dataset}: {len(job.rows)} rows from {job.path}; "
+          f"{len(job.rows) - len(todo)} answers on file, {len(todo)} to ask", file=sys.stderr, flush=True)
+    raw = settings["prompting"] == "raw"
+    prompts = [row["query"] if raw else [{"role": "user", "content": row["query"]}] for row in todo]
+    seeds = [request_seed(settings["seed"], job.dataset, row["key"]) for row in todo]
+    bar = _progress_bar(len(todo), job) if progress and todo else None
+    failures, start = 0, time.perf_counter()
+    for index, reply in chat.stream(prompts, seeds=seeds, chat=not raw):
+        row = todo[index]
+        if isinstance(reply, Exception):
+            failures += 1
+            log.error("%s row %d: %s", job.dataset, row["row"], reply)
+        else:
+            append_jsonl(samples, {"row": row["row"], "key": row["key"], "query": row["query"], "golden": row["golden"],
+                                   "generated_text": reply.text, "prompt_tokens": reply.prompt_tokens,
+                                   "completion_tokens": reply.completion_tokens, "truncated": reply.truncated,
+                                   "settings_hash": run_hash})
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    answers = _answered(samples, run_hash)
+    answered = [answers[row["key"]] for row in job.rows if row["key"] in answers]
+    imhi.write_generated_csv(out_dir / "generated" / f"{job.dataset}.csv",
+                             [a["golden"] for a in answered], [a["generated_text"] for a in answered])
+    return {"answers": answered, "failed_requests": failures, "wall_seconds": round(time.perf_counter() - start, 1),
+            "settings_hash": run_hash, "samples_file": samples.name}
+
+
+def _answered(samples: Path, run_hash: str) -> dict[str, dict]:
+    """Row key -> the answer on file; rows of other settings stop the run rather than mix."""
+    repair_torn_tail(samples)
+    done = {}
+    for number, row in enumerate(read_jsonl(samples), 1):
+        if "key" not in row or "generated_text" not in row:
+            raise InputError(f'{samples}: line {number}: fields "key"/"generated_text" missing '
+                             "(not a samples file of this script); choose another --output_dir")
+        if row.get("settings_hash") != run_hash:
+            raise InputError(f"{samples}: line {number}: made with other settings (hash {row.get('settings_hash')} "
+                             f"!= {run_hash}); use another --output_dir or delete the file")
+        done[row["key"]] = row
+    return done
+
+
+def _score_and_save(job: Job, generation: dict, scorers: Scorers, out_dir: Path, settings: dict, chat) -> dict:
+    answers = generation["answers"]
+    results = {
+        "test_set": job.test_set, "dataset": job.dataset, "source": str(job.path.resolve()),
+        "model": settings["model"], "backend": settings["backend"], "rows": len(job.rows), "answered": len(answers),
+        "complete": len(answers) == len(job.rows), "missing_answers": len(job.rows) - len(answers),
+        **(scorers.score(job.dataset, [a["golden"] for a in answers], [a["generated_text"] for a in answers])
+           if answers else {"scores": {}}),
+        "empty_outputs": sum(not a["generated_text"].strip() for a in answers),
+        "truncated_prompts": sum(bool(a.get("truncated")) for a in answers),
+        "failed_requests": generation["failed_requests"], "wall_seconds": generation["wall_seconds"],
+        "backend_stats": chat.stats(), "settings": settings, "settings_hash": generation["settings_hash"],
+        "files": {"samples": generation["samples_file"], "generated": f"generated/{job.dataset}.csv"},
+    }
+    write_json_atomic(out_dir / f"{job.dataset}.results.json", results)
+    _print_results(results)
+    return results
+
+
+def _score_generated(job: Job, scorers: Scorers, out_dir: Path) -> dict:
+    goldens, generated = [r["golden"] for r in job.rows], [r["generated_text"] for r in job.rows]
+    results = {"test_set": job.test_set, "dataset": job.dataset, "source": str(job.path.resolve()), "model": None,
+               "backend": None, "rows": len(job.rows), "answered": len(job.rows), "complete": True,
+               "missing_answers": 0, **scorers.score(job.dataset, goldens, generated),
+               "empty_outputs": sum(not g.strip() for g in generated)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / f"{job.dataset}.results.json", results)
+    _print_results(results)
+    return results
+
+
+# ---------------------------------------------------------------------------------- scoring
+class Scorers:
+    """Everything that turns (goldens, generated texts) into figures: the rule sets, the optional
+    classifiers and explanation metrics. Checked up front (before any model loads); the scoring
+    models are loaded once, at first use, and shared by every dataset."""
+
+    def __init__(self, rules: list[str], label_model_dir: str | None, metrics: list[str], bart_model: str | None,
+                 bertscore_model: str | None, datasets: list[str], device: str | None, batch_size: int):
+        if not rules:
+            raise InputError(f"--rules must name at least one of {', '.join(imhi.RULES)}")
+        for name in rules:
+            check_choice("rules", name, imhi.RULES)
+        for name in metrics:
+            check_choice("explanation_metrics", name, EXPLANATION_METRICS)
+        self.rules, self.metrics, self.batch_size = list(dict.fromkeys(rules)), list(dict.fromkeys(metrics)), batch_size
+        self.device = device
+        self.classifiers = {d: _model_folder(Path(label_model_dir), d) for d in datasets} if label_model_dir else None
+        self.bart_model = _checkpoint("bart_model", bart_model, "bart" in self.metrics)
+        self.bertscore_model = _checkpoint("bertscore_model", bertscore_model, "bertscore" in self.metrics)
+        for metric in self.metrics:
+            if metric in METRIC_PACKAGES and importlib.util.find_spec(METRIC_PACKAGES[metric][0]) is None:
+                raise InputError(f"--explanation_metrics {metric} needs the PyPI package {METRIC_PACKAGES[metric][1]}: "
+                                 f"pip install {METRIC_PACKAGES[metric][1]}")
+        self._loaded: dict[str, object] = {}
+
+    def score(self, dataset: str, goldens: list[str], generated: list[str]) -> dict:
+        """{"scores": {rule set: metrics}, "majority_baseline", "warnings"[, "explanations"]}."""
+        out: dict = {"scores": {}}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for rules in self.rules:
+                out["scores"][rules] = _guarded(dataset, rules, lambda r=rules: imhi.score(dataset, goldens, generated, r))
+            if self.classifiers:
+                out["scores"]["classifier"] = self._classifier_scores(dataset, goldens, generated)
+            out["majority_baseline"] = _guarded(dataset, "majority", lambda: imhi.majority_baseline(dataset, goldens))
+        out["warnings"] = [str(w.message) for w in caught]
+        for message in out["warnings"]:
+            log.warning("%s", message)
+        if self.metrics:
+            out["explanations"] = self._explanations(goldens, generated)
+        return out
+
+    # ---- classifier labels (the reference's label_inference.py)
+    def _classifier_scores(self, dataset: str, goldens: list[str], generated: list[str]) -> dict | None:
+        """The classifier reads only the generated text; golds are parsed by the fixed rules."""
+        predicted = self.classify(dataset, generated)
+        gold = [imhi.gold_label(dataset, g, "fixed") for g in goldens]
+        pairs = [(g, p) for g, p in zip(gold, predicted) if g is not None]
+        if len(pairs) < len(gold):
+            warnings.warn(f"{dataset}: {len(gold) - len(pairs)} golden(s) match no fixed gold rule; "
+                          "dropped from the classifier scores", stacklevel=2)
+        if not pairs:
+            return None
+        return {**imhi.metrics([g for g, _ in pairs], [p for _, p in pairs]), "ood": 0,
+                "dropped": len(gold) - len(pairs), "n": len(pairs)}
+
+    def classify(self, dataset: str, texts: list[str]) -> list[int]:
+        """Rule label ids from `<label_model_dir>/<dataset>`: argmax over the first 512 tokens."""
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        folder, mapping = self.classifiers[dataset], imhi.CLASSIFIER_LABELS[dataset]
+        device = self._device()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval()
+        ids = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                batch = tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
+                                  max_length=512, return_tensors="pt").to(device)
+                ids += model(**batch).logits.argmax(-1).tolist()
+        return [mapping[i] for i in ids]
+
+    # ---- explanation quality (the reference's score.py)
+    def _explanations(self, goldens: list[str], generated: list[str]) -> dict:
+        out = {"n": len(goldens)}
+        if "bart" in self.metrics:
+            out["bart_score"] = round(statistics.fmean(self.bart_scores(goldens, generated)), 4)
+        if "rouge" in self.metrics:
+            out.update(rouge(goldens, generated))
+        if "bleu" in self.metrics:
+            out["bleu"] = bleu(goldens, generated)
+        if "bertscore" in self.metrics:
+            out["bertscore_f1"] = round(100 * statistics.fmean(self.bertscore_f1(goldens, generated)), 2)
+        return out
+
+    def bart_scores(self, goldens: list[str], generated: list[str]) -> list[float]:
+        """Log-likelihood per token of the golden given the generated text (the reference's direction)."""
+        from mentalarena.seq2seq_backend import load_seq2seq, target_log_likelihood
+
+        if "bart" not in self._loaded:
+            self._loaded["bart"] = load_seq2seq(self.bart_model, self._device(), "float32")
+        tokenizer, model = self._loaded["bart"]
+        return target_log_likelihood(model, tokenizer, generated, goldens, batch_size=4)
+
+    def bertscore_f1(self, goldens: list[str], generated: list[str]) -> list[float]:
+        """BERTScore F1 per pair; an empty answer scores 0, as bert_score itself rules (its own code
+        for empty strings fails with transformers 5, so they never reach it)."""
+        if "bertscore" not in self._loaded:
+            from bert_score import BERTScorer
+            from bert_score.utils import model2layers
+            from transformers import AutoConfig
+
+            layers = model2layers.get(Path(self.bertscore_model).name) or AutoConfig.from_pretrained(
+                self.bertscore_model).num_hidden_layers
+            self._loaded["bertscore"] = BERTScorer(model_type=self.bertscore_model, num_layers=layers,
+                                                   batch_size=self.batch_size, device=self._device())
+        keep = [i for i, text in enumerate(generated) if text.strip()]
+        f1 = [0.0] * len(generated)
+        if keep:
+            _, _, scores = self._loaded["bertscore"].score([generated[i] for i in keep], [goldens[i] for i in keep])
+            for i, value in zip(keep, scores.tolist()):
+                f1[i] = value
+        return f1
+
+    def _device(self) -> str:
+        import torch
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rouge(goldens: list[str], generated: list[str]) -> dict:
+    """ROUGE-1/2/L F-measure (rouge-score, no stemming as `evaluate`'s default), mean over pairs, x100."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    pairs = [scorer.score(g, p) for g, p in zip(goldens, generated)]
+    return {key: round(100 * statistics.fmean(s[key].fmeasure for s in pairs), 2) for key in ("rouge1", "rouge2", "rougeL")}
+
+
+def bleu(goldens: list[str], generated: list[str]) -> float:
+    """Corpus BLEU (sacrebleu, 13a tokens, up to 4-grams, no smoothing: `evaluate`'s "bleu"), 0-100."""
+    from sacrebleu.metrics import BLEU
+
+    return round(BLEU(smooth_method="none").corpus_score(generated, [goldens]).score, 2)
+
+
+def _guarded(dataset: str, what: str, compute):
+    """A score, or None with a warning when no row is left to score (every golden unreadable)."""
+    try:
+        return compute()
+    except ValueError as err:
+        warnings.warn(f"{dataset}: no {what} score ({err})", stacklevel=2)
+        return None
+
+
+# ---------------------------------------------------------------------------------- setup helpers
+def _test_jobs(test_dataset, test_dir: str | None, wanted: list[str], limit: int | None) -> list[Job]:
+    sets = names(test_dataset)
+    sets = list(TEST_SETS) if sets == ["all"] else sets
+    if not sets:
+        raise InputError(f"--test_dataset must name one of {', '.join(TEST_SETS)} (or all)")
+    for name in sets:
+        check_choice("test_dataset", name, tuple(TEST_SETS))
+    jobs = []
+    for name in dict.fromkeys(sets):
+        folder = _test_folder(Path(test_dir) if test_dir else DEFAULT_TEST_DIR, name, several=len(sets) > 1)
+        for dataset, path in _select(folder, wanted):
+            rows = imhi.read_imhi_csv(path)[:int(limit) if limit else None]
+            jobs.append(Job(name, dataset, path, [{"row": i, "key": _row_key(i, r["query"], r["golden"]), **r}
+                                                  for i, r in enumerate(rows)]))
+    return jobs
+
+
+def _test_folder(root: Path, test_set: str, several: bool) -> Path:
+    """The folder of one test set: `root` itself when it holds CSV files, else its subfolder."""
+    if not root.is_dir():
+        raise InputError(f"{root}: --test_dir is not a folder")
+    if _csv_files(root):
+        if several:
+            raise InputError(f"{root}: holds CSV files itself, so it is one test set; name one --test_dataset, "
+                             f"or give a folder with {', '.join(s[0] + '/' for s in TEST_SETS.values())}")
+        return root
+    for sub in TEST_SETS[test_set]:
+        if (root / sub).is_dir():
+            return root / sub
+    raise InputError(f"{root}: no CSV files, and no {' or '.join(s + '/' for s in TEST_SETS[test_set])} "
+                     f"folder for --test_dataset {test_set}")
+
+
+def _select(folder: Path, wanted: list[str]) -> list[tuple[str, Path]]:
+    """(dataset, file) pairs: the `wanted` ones in that order, else every CSV sorted by name; other
+    files (README.md, results) are skipped."""
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder")
+    files = _csv_files(folder)
+    if not files:
+        raise InputError(f"{folder}: no CSV files (expected IMHI files such as CAMS.csv, dreaddit.csv)")
+    if not wanted:
+        return [(imhi.dataset_name(path), path) for path in files]
+    by_name = {path.name.split(".")[0].lower(): path for path in files}
+    missing = [name for name in wanted if name.lower() not in by_name]
+    if missing:
+        raise InputError(f"{folder}: no {', '.join(m + '.csv' for m in missing)} "
+                         f"(found: {', '.join(p.name for p in files)})")
+    return [(name, by_name[name.lower()]) for name in wanted]
+
+
+def _csv_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
+
+
+def _canonical(name: str) -> str:
+    known = {n.lower(): n for n in imhi.DATASETS}
+    if name.lower() not in known:
+        raise InputError(f"--datasets: unknown IMHI dataset {name!r} (known: {', '.join(imhi.DATASETS)})")
+    return known[name.lower()]
+
+
+def _generated_job(dataset: str, path: Path, limit: int | None) -> Job:
+    goldens, generated = imhi.read_generated_csv(path)
+    pairs = list(zip(goldens, generated))[:int(limit) if limit else None]
+    return Job(None, dataset, path, [{"row": i, "golden": g, "generated_text": t} for i, (g, t) in enumerate(pairs)])
+
+
+def _model_folder(root: Path, dataset: str) -> Path:
+    """`<root>/<dataset>/`, a classifier with as many labels as the dataset has (checked here, from
+    its config, so that a wrong folder stops the run before any model loads)."""
+    if not root.is_dir():
+        raise InputError(f"{root}: --label_model_dir is not a folder")
+    folder = next((root / n for n in (dataset, dataset.lower()) if (root / n / "config.json").is_file()), None)
+    if folder is None:
+        raise InputError(f"{root}: no classifier for {dataset} (expected {root / dataset}/config.json, "
+                         "the layout of the MentalBERT classifiers)")
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(f"{folder / 'config.json'}: unreadable ({err})") from None
+    labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
+    if labels != len(imhi.CLASSIFIER_LABELS[dataset]):
+        raise InputError(f"{folder}: a classifier with {labels} labels; {dataset} needs {len(imhi.CLASSIFIER_LABELS[dataset])}")
+    return folder
+
+
+def _checkpoint(flag: str, path: str | None, needed: bool) -> str | None:
+    if not needed:
+        return path
+    if not path:
+        raise InputError(f"--explanation_metrics {flag.split('_')[0]} needs --{flag} (a local checkpoint folder)")
+    if not Path(path, "config.json").is_file():
+        raise InputError(f"--{flag} {path}: no config.json there (a local checkpoint folder is needed)")
+    return path
+
+
+def _settings(model, backend, api_base, prompting, temperature, max_new_tokens, seed, dtype, device) -> dict:
+    kind = _resolve_backend(model, backend, api_base)
+    prompting = prompting or ("chat" if kind == "openai" else "raw")
+    check_choice("prompting", prompting, ("raw", "chat"))
+    if kind == "openai" and prompting == "raw":
+        raise InputError("--prompting raw needs a local model (an API takes chat messages); use --prompting chat")
+    if kind == "seq2seq" and prompting == "chat":
+        raise InputError("--prompting chat needs a chat model; an encoder-decoder reads the raw query")
+    if max_new_tokens is not None and int(max_new_tokens) < 1:
+        raise InputError(f"--max_new_tokens must be at least 1, not {max_new_tokens}")
+    return {"model": model or EMBEDDED, "backend": kind, "api_base": api_base, "prompting": prompting,
+            "temperature": float(temperature), "max_new_tokens": None if max_new_tokens is None else int(max_new_tokens),
+            "seed": int(seed), "dtype": None if kind == "openai" else auto_dtype(dtype, device)}
+
+
+def _resolve_backend(model: str | None, backend: str, api_base: str | None) -> str:
+    """The shared rule, plus seq2seq: named, or a local/hub model whose config is an encoder-decoder."""
+    if backend == "seq2seq":
+        if not model:
+            raise InputError("--backend seq2seq needs --model (a MentalBART / MentalT5 style checkpoint)")
+        return "seq2seq"
+    kind = resolve_backend(model, backend, api_base)
+    return "seq2seq" if kind == "hf" and is_encoder_decoder(model) else kind
+
+
+def _backend(settings: dict, batch_size: int, device: str | None):
+    common = dict(temperature=settings["temperature"], seed=settings["seed"], device=device, dtype=settings["dtype"])
+    if settings["backend"] == "seq2seq":
+        return Seq2SeqBackend(settings["model"], max_new_tokens=settings["max_new_tokens"],
+                              max_batch_size=batch_size, **common)
+    # None: the reference's max_length=2048, i.e. prompt + answer bounded by 2048 tokens (API: 2048 new tokens)
+    reference = settings["max_new_tokens"] is None
+    model = None if settings["backend"] == "embedded" else settings["model"]
+    return make_backend(model, settings["backend"], settings["api_base"], max_parallel=batch_size,
+                        max_batch_size=batch_size, prefix_cache_gb=0,
+                        max_new_tokens=REFERENCE_MAX_LENGTH if reference else settings["max_new_tokens"],
+                        max_context_tokens=REFERENCE_MAX_LENGTH if reference and settings["backend"] != "openai" else None,
+                        **common)
+
+
+# ---------------------------------------------------------------------------------- small helpers
+def _row_key(index: int, query: str, golden: str) -> str:
+    """Row number plus a digest of its text: an edited test file re-asks exactly the rows that changed."""
+    digest = hashlib.sha256((query + "\0" + golden).encode()).hexdigest()[:12]
+    return f"{index}:{digest}"
+
+
+def _progress_bar(total: int, job: Job):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="row", desc=f"{job.test_set}/{job.dataset}", dynamic_ncols=True, file=sys.stderr)
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+SCORE_COLUMNS = {"reference": ("acc", "w-F1", "m-F1", "OOD", "dropped"), "fixed": ("acc", "w-F1", "m-F1", "OOD"),
+                 "classifier": ("acc", "w-F1", "m-F1")}
+_KEYS = {"acc": "accuracy", "w-F1": "weighted_f1", "m-F1": "macro_f1", "OOD": "ood", "dropped": "dropped"}
+
+
+def _score_table(rows: list[dict], show_model: bool) -> list[str]:
+    present = [r for r in SCORE_COLUMNS if any(r in row.get("scores", {}) for row in rows)]
+    head = (["model"] if show_model else []) + ["set", "dataset", "rows"]
+    head += [f"{rules} {c}" for rules in present for c in SCORE_COLUMNS[rules]] + ["majority acc", "majority w-F1"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for row in rows:
+        cells = ([str(row.get("model"))] if show_model else []) + [row.get("test_set") or "–", row["dataset"]]
+        cells.append(f"{row['answered']}" + ("" if row["complete"] else f" of {row['rows']} (incomplete)"))
+        for rules in present:
+            scores = row.get("scores", {}).get(rules) or {}
+            cells += [_fmt(scores.get(_KEYS[c])) for c in SCORE_COLUMNS[rules]]
+        majority = row.get("majority_baseline") or {}
+        cells += [_fmt(majority.get("accuracy")), _fmt(majority.get("weighted_f1"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _explanation_table(rows: list[dict]) -> list[str]:
+    keys = [("bart_score", "BART-score"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"),
+            ("bleu", "BLEU"), ("bertscore_f1", "BERTScore F1")]
+    keys = [(k, title) for k, title in keys if any(k in (r.get("explanations") or {}) for r in rows)]
+    lines = ["| set | dataset | " + " | ".join(t for _, t in keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for row in rows:
+        if row.get("explanations"):
+            values = [_fmt(row["explanations"].get(k), 4 if k == "bart_score" else 2) for k, _ in keys]
+            lines.append(f"| {row.get('test_set') or '–'} | {row['dataset']} | " + " | ".join(values) + " |")
+    return lines
+
+
+def _print_results(r: dict) -> None:
+    parts = [f"{rules} acc {s['accuracy']} w-F1 {s['weighted_f1']} OOD {s['ood']}"
+             + (f" dropped {s['dropped']}" if s.get("dropped") else "")
+             for rules, s in r.get("scores", {}).items() if s]
+    majority = r.get("majority_baseline") or {}
+    print(f"[imhi] {r.get('test_set') or 'scored'}/{r['dataset']}: {r['answered']} rows; " + "; ".join(parts)
+          + (f"; majority w-F1 {majority['weighted_f1']}" if majority else "")
+          + ("" if r["complete"] else f"; INCOMPLETE: {r['missing_answers']} rows missing (re-run to retry)"),
+          flush=True)
+
+
+COMMANDS = {"run": run, "report": report}
+
+
+def _complete(command, out) -> bool:
+    if command is report:
+        print(out)
+        return True
+    return all(r["complete"] for r in out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`IMHI_eval.py [run] --model ...` or `report --output_dir ...`. Exit 0 when every row was
+    answered, 1 when some requests failed, 2 on bad input."""
+    return cli.main(COMMANDS, run, _complete, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

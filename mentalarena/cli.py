@@ -1,0 +1,65 @@
+"""What the scripts share: the CLI entry of the evaluation scripts, comma lists, settings hashes,
+per-request seeds, folder names for models and the dtype rule."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .errors import InputError
+
+
+def main(commands: dict[str, Callable], default: Callable, complete: Callable[[Callable, object], bool],
+         argv: list[str] | None = None) -> int:
+    """`script.py [command] --flag ...` through fire; a command that is not named is `default`.
+    Exit 0 when `complete(command, result)`, 1 when not (some requests failed), 2 on bad input."""
+    import fire
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = commands[argv.pop(0)] if argv and argv[0] in commands else default
+    try:
+        out = fire.Fire(command, command=argv, serialize=lambda _: None)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if complete(command, out) else 1
+
+
+def names(value) -> list[str]:
+    """A comma list from the command line: fire turns "a,b" into a tuple but "t-sid,DR" into a string."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def settings_hash(obj) -> str:
+    """12 hex digits naming a settings dict; answers on file carry it so runs never mix."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def request_seed(*parts) -> int:
+    """A seed per request: a sampled answer does not depend on which others share its batch."""
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def model_tag(model: str) -> str:
+    """A folder name for a model: the last part of a local path, `org--name` for a hub id."""
+    tail = model.rstrip("/").replace(":", "-")
+    tail = tail.split("/")[-1] if Path(model).exists() else tail.replace("/", "--")
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in tail)
+
+
+def auto_dtype(dtype: str | None, device: str | None) -> str | None:
+    """`auto`: bfloat16 where it is fast (CUDA, or CPUs with native bf16); else float32, as the
+    reference loaded its weights (`--dtype float32` reproduces that anywhere)."""
+    if dtype not in (None, "auto"):
+        return dtype
+    import torch
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"

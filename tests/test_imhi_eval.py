@@ -1,0 +1,412 @@
+"""IMHI_eval.py end to end: hand-made answer folders scored exactly by both rule sets, the oracle on
+every shared file, generation with resume through a scripted backend, bad input, a tiny classifier,
+a tiny BART (seq2seq generation and BART-score), the text metrics, and one run of the embedded model."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import ROOT, ScriptedBackend, shared_data
+
+import IMHI_eval as ev
+from mentalarena import imhi
+from mentalarena.errors import ModelCallError
+from mentalarena.jsonl import read_jsonl
+from mentalarena.seq2seq_backend import Seq2SeqBackend, target_log_likelihood
+
+SAMPLE_DIR = ROOT / "data" / "imhi_sample"
+YES = "Yes, the poster suffers from stress. Reasoning: deadlines."
+NO = "No, the poster does not suffer from stress. Reasoning: a calm post."
+# gold 1, 0, 1, 0. Reference: 1, 0 ("no" in "not"), 0 ("no" in "know"), 1 ("yes" in "eyes");
+# fixed: 1, 0, OOD -> 0, 0 ("No" stated first, "eyes" is no "yes").
+DREADDIT = [(YES, "Yes, the poster suffers from stress."), (NO, "The poster does not suffer from stress."),
+            (YES, "I don't know."), (NO, "No, she only rests her eyes.")]
+# gold 6 (instruction wording the reference cannot read: dropped there), 4, 0.
+# Reference: OOD ("emotion turmoil" is no "emotional"), 4 ("work" in "homework"), 0; fixed: 6, 0, 0.
+SAD = [("This post shows the stress cause related to emotion turmoil. Reasoning: a",
+        "This post shows the stress cause related to emotion turmoil."),
+       ("This post shows the stress cause related to work. Reasoning: b", "The stress comes from homework."),
+       ("This post shows the stress cause related to school. Reasoning: c",
+        "This post shows the stress cause related to school.")]
+
+
+def _generated_dir(path, files: dict[str, list[tuple[str, str]]]):
+    for name, pairs in files.items():
+        imhi.write_generated_csv(path / f"{name}.csv", [g for g, _ in pairs], [t for _, t in pairs])
+    return path
+
+
+def _results(out_dir, dataset: str) -> dict:
+    return json.loads(next(out_dir.rglob(f"{dataset}.results.json")).read_text())
+
+
+def _main(*argv) -> int:
+    return ev.main([str(a) for a in argv] + ["--progress", "False"])
+
+
+# ---------------------------------------------------------------------------------- scoring only
+def test_hand_made_answers_score_exactly_under_both_rule_sets(tmp_path):
+    folder = _generated_dir(tmp_path / "answers", {"dreaddit": DREADDIT, "SAD": SAD})
+    (folder / "notes.txt").write_text("not a CSV: skipped")
+    assert _main("--generated_dir", folder, "--output_dir", tmp_path / "out") == 0
+    dreaddit, sad = _results(tmp_path / "out", "dreaddit"), _results(tmp_path / "out", "SAD")
+    # reference: 2 of 4 right; F1 yes 2*1/(2+2), no 2*1/(2+2)
+    assert dreaddit["scores"]["reference"] == {"accuracy": 50.0, "weighted_f1": 50.0, "micro_f1": 50.0,
+                                               "macro_f1": 50.0, "ood": 0, "dropped": 0, "n": 4}
+    # fixed: 3 of 4; F1 no 2*2/(3+2) = 0.8, yes 2*1/(1+2) = 2/3 -> weighted and macro 0.7333
+    assert dreaddit["scores"]["fixed"] == {"accuracy": 75.0, "weighted_f1": 73.33, "micro_f1": 75.0,
+                                           "macro_f1": 73.33, "ood": 1, "dropped": 0, "n": 4}
+    assert sad["scores"]["reference"] == {"accuracy": 100.0, "weighted_f1": 100.0, "micro_f1": 100.0,
+                                          "macro_f1": 100.0, "ood": 1, "dropped": 1, "n": 2}
+    # fixed: gold 6, 4, 0 vs 6, 0, 0 -> F1 6: 1, 4: 0, 0: 2/3 -> weighted = macro = 5/9
+    assert sad["scores"]["fixed"] == {"accuracy": 66.67, "weighted_f1": 55.56, "micro_f1": 66.67,
+                                      "macro_f1": 55.56, "ood": 0, "dropped": 0, "n": 3}
+    assert any("SAD: 1 golden" in w for w in sad["warnings"])
+    # majority of 6, 4, 0: a three-way tie, the smaller id (school) wins; F1 school 2*1/(1+3)
+    assert sad["majority_baseline"]["label_name"] == "school" and sad["majority_baseline"]["weighted_f1"] == 16.67
+    report = (tmp_path / "out" / "answers" / "report.md").read_text()
+    assert "| – | dreaddit | 4 | 50.00 | 50.00 | 50.00 | 0 | 0 | 75.00 | 73.33 | 73.33 | 1 | 50.00 | 33.33 |" in report
+    assert "| – | SAD | 3 | 100.00 | 100.00 | 100.00 | 1 | 1 | 66.67 | 55.56 | 55.56 | 0 | 33.33 | 16.67 |" in report
+
+
+def test_one_rule_set_datasets_and_limit(tmp_path):
+    folder = _generated_dir(tmp_path / "answers", {"dreaddit": DREADDIT, "SAD": SAD})
+    assert _main("--generated_dir", folder, "--output_dir", tmp_path / "out", "--rules", "fixed",
+                 "--datasets", "dreaddit", "--limit", 2) == 0
+    assert [p.name for p in (tmp_path / "out" / "answers").glob("*.results.json")] == ["dreaddit.results.json"]
+    result = _results(tmp_path / "out", "dreaddit")
+    assert list(result["scores"]) == ["fixed"] and result["scores"]["fixed"]["accuracy"] == 100.0
+    assert result["rows"] == 2
+
+
+@pytest.mark.parametrize("folder", ["test_instruction", "test_complete", "expert"])
+def test_oracle_through_the_cli_on_every_shared_file(folder, tmp_path):
+    answers = tmp_path / folder
+    files = sorted(shared_data("imhi", folder).glob("*.csv"))
+    for path in files:
+        goldens = [row["golden"] for row in imhi.read_imhi_csv(path)]
+        imhi.write_generated_csv(answers / path.name, goldens, goldens)
+    assert _main("--generated_dir", answers, "--output_dir", tmp_path / "out") == 0
+    for path in files:
+        result = _results(tmp_path / "out", path.stem)
+        fixed, reference = result["scores"]["fixed"], result["scores"]["reference"]
+        assert (fixed["accuracy"], fixed["weighted_f1"], fixed["ood"], fixed["dropped"]) == (100.0, 100.0, 0, 0)
+        # the reference reads back every golden it can read; it drops (here: would crash on) only
+        # the instruction wordings of CAMS and SAD
+        assert reference["accuracy"] == 100.0 and reference["weighted_f1"] == 100.0, path
+        expected_drops = {"CAMS": 107, "SAD": 142} if folder == "test_instruction" else {}
+        if folder != "expert":
+            assert reference["dropped"] == expected_drops.get(path.stem, 0), path
+        assert reference["n"] + reference["dropped"] == result["rows"]
+
+
+# ---------------------------------------------------------------------------------- generation
+class RawScripted(ScriptedBackend):
+    """Scripted answers through `stream`, raw prompts included; may fail chosen rows."""
+
+    def __init__(self, rules, fail=()):
+        super().__init__(rules)
+        self.fail = set(fail)
+        self.chat_flags: list[bool] = []
+        self.asked: list = []
+
+    def stream(self, conversations, seeds=None, chat=True):
+        self.chat_flags.append(chat)
+        for index, conversation in enumerate(conversations):
+            self.asked.append(conversation)
+            messages = conversation if chat else [{"role": "user", "content": conversation}]
+            if any(needle in messages[-1]["content"] for needle in self.fail):
+                yield index, ModelCallError("scripted failure")
+            else:
+                yield index, self.generate([messages])[0]
+
+
+def _sample_rows(name: str) -> list[dict]:
+    return imhi.read_imhi_csv(SAMPLE_DIR / f"{name}.csv")
+
+
+def _oracle_rules() -> list[tuple[str, str]]:
+    return [(row["query"], row["golden"]) for name in ("CAMS", "dreaddit") for row in _sample_rows(name)]
+
+
+@pytest.fixture()
+def scripted(monkeypatch):
+    """Every backend the CLI builds is the next scripted one of the list."""
+    backends: list[RawScripted] = []
+    monkeypatch.setattr(ev, "_backend", lambda settings, batch_size, device: backends.pop(0))
+    monkeypatch.setattr(ev, "is_encoder_decoder", lambda model: False)  # no hub look-up for "scripted/model"
+    return backends
+
+
+def test_generation_resumes_and_rewrites_the_csv(scripted, tmp_path):
+    rows = _sample_rows("dreaddit")
+    failing = RawScripted(_oracle_rules(), fail={rows[1]["query"], rows[4]["query"]})
+    full, idle = RawScripted(_oracle_rules()), RawScripted(_oracle_rules())
+    scripted += [failing, full, idle]
+    argv = ["--model", "scripted/model", "--datasets", "dreaddit", "--output_dir", tmp_path]
+    assert _main(*argv) == 1  # incomplete
+    out = tmp_path / "scripted--model" / "IMHI"
+    first = _results(tmp_path, "dreaddit")
+    assert (first["complete"], first["answered"], first["missing_answers"], first["failed_requests"]) == (False, 4, 2, 2)
+    assert failing.chat_flags == [False] and failing.asked == [row["query"] for row in rows]  # raw queries
+    assert imhi.read_generated_csv(out / "generated" / "dreaddit.csv")[0] == [
+        rows[i]["golden"] for i in (0, 2, 3, 5)]
+    assert _main(*argv) == 0
+    assert full.asked == [rows[1]["query"], rows[4]["query"]]  # only the missing rows
+    goldens, generated = imhi.read_generated_csv(out / "generated" / "dreaddit.csv")
+    assert goldens == generated == [row["golden"] for row in rows]  # in row order, each once
+    samples = read_jsonl(out / "dreaddit.samples.jsonl")
+    assert len(samples) == 6 and len({s["key"] for s in samples}) == 6
+    csv_bytes = (out / "generated" / "dreaddit.csv").read_bytes()
+    assert _main(*argv) == 0 and idle.asked == []
+    assert (out / "generated" / "dreaddit.csv").read_bytes() == csv_bytes  # rewritten, not appended
+    result = _results(tmp_path, "dreaddit")
+    assert result["complete"] and result["scores"]["fixed"]["accuracy"] == 100.0
+    assert result["settings"]["prompting"] == "raw" and result["settings"]["max_new_tokens"] is None
+
+
+def test_chat_prompting_other_settings_and_an_edited_row(scripted, tmp_path):
+    backend = RawScripted(_oracle_rules())
+    scripted.append(backend)
+    argv = ["--model", "scripted/model", "--datasets", "CAMS", "--output_dir", tmp_path, "--prompting", "chat"]
+    assert _main(*argv) == 0
+    assert backend.chat_flags == [True] and backend.asked[0] == [{"role": "user", "content": _sample_rows("CAMS")[0]["query"]}]
+    result = _results(tmp_path, "CAMS")
+    assert result["scores"]["reference"]["dropped"] == 1 and result["scores"]["fixed"]["accuracy"] == 100.0
+    assert _main(*argv, "--max_new_tokens", 8) == 2  # other settings never mix, and stop before any model loads
+    # a test file whose row changed: only that row is asked again
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    text = (SAMPLE_DIR / "CAMS.csv").read_text().replace("laid off in March", "laid off in May")
+    (edited / "CAMS.csv").write_text(text)
+    again = RawScripted([(r["query"].replace("March", "May"), r["golden"]) for r in _sample_rows("CAMS")])
+    scripted.append(again)
+    assert _main(*argv, "--test_dir", edited) == 0
+    assert len(again.asked) == 1 and "laid off in May" in again.asked[0][0]["content"]
+
+
+def test_all_test_sets_from_one_command(scripted, tmp_path):
+    backend = RawScripted([])
+    backend.default = "Yes."
+    scripted.append(backend)
+    assert _main("--model", "scripted/model", "--test_dataset", "all", "--test_dir", shared_data("imhi"),
+                 "--limit", 1, "--output_dir", tmp_path) == 0
+    folders = {p.parent.name: sorted(x.stem.split(".")[0] for x in p.parent.glob("*.results.json"))
+               for p in (tmp_path / "scripted--model").rglob("*.results.json")}
+    assert folders == {"IMHI": ["CAMS", "DR", "SAD", "dreaddit", "loneliness", "t-sid"],
+                       "IMHI-completion": ["CAMS", "DR", "SAD", "t-sid"],
+                       "expert": sorted(imhi.DATASETS)}
+    assert len(backend.asked) == 19
+    report = (tmp_path / "scripted--model" / "report.md").read_text()
+    assert "| IMHI-completion | t-sid | 1 |" in report and "| expert | swmh | 1 |" in report
+
+
+@pytest.mark.parametrize("make, argv, needle", [
+    (lambda d: (d / "DR.csv").write_text("query,answer\nq,yes\n"), ["--test_dir", "{d}"], 'column "gpt-3.5-turbo" is missing'),
+    (lambda d: (d / "DR.csv").write_text("goldens,text\nyes.,yes\n"), ["--generated_dir", "{d}"], 'column "generated_text"'),
+    (lambda d: None, ["--test_dir", "{d}"], "no CSV files, and no test_instruction/"),
+    (lambda d: None, ["--generated_dir", "{d}"], "no CSV files"),
+    (lambda d: None, ["--datasets", "CAMS,foo"], "unknown IMHI dataset 'foo' (known: CAMS, DR,"),
+    (lambda d: None, ["--datasets", "SAD"], "no SAD.csv (found: CAMS.csv, dreaddit.csv)"),
+    (lambda d: (d / "notes.csv").write_text("query,gpt-3.5-turbo\nq,yes\n"), ["--test_dir", "{d}"], "unknown IMHI dataset 'notes'"),
+    (lambda d: None, ["--test_dataset", "IMHI-complete"], "--test_dataset must be one of"),
+    (lambda d: None, ["--test_dataset", "IMHI,expert"], "holds CSV files itself"),
+    (lambda d: None, ["--rules", "loose"], "--rules must be one of reference, fixed"),
+    (lambda d: None, ["--prompting", "fancy"], "--prompting must be one of raw, chat"),
+    (lambda d: None, ["--model", "gpt-4o", "--prompting", "raw"], "--prompting raw needs a local model"),
+    (lambda d: None, ["--explanation_metrics", "bart"], "needs --bart_model"),
+    (lambda d: None, ["--explanation_metrics", "meteor"], "--explanation_metrics must be one of"),
+    (lambda d: None, ["--label_model_dir", "{d}"], "no classifier for CAMS"),
+    (lambda d: None, ["--limit", "0"], "--limit must be at least 1"),
+    (lambda d: None, ["report", "--output_dir", "{d}"], "no *.results.json"),
+])
+def test_bad_input_is_one_line_and_exit_2(make, argv, needle, tmp_path, capsys):
+    make(tmp_path)
+    assert ev.main([a.format(d=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+
+
+# ---------------------------------------------------------------------------------- classifiers
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"yes no the poster suffers from stress this post shows "
+         "reasoning depression ptsd suicide mental disorders".split(), *"abcdefghijklmnopqrstuvwxyz.,"]
+
+
+def _tiny_bert(folder, num_labels: int, always: int | None = None):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=512, num_labels=num_labels)
+    model = BertForSequenceClassification(config)
+    if always is not None:  # a classifier that always answers one id
+        with torch.no_grad():
+            model.classifier.weight.zero_()
+            model.classifier.bias.copy_(torch.nn.functional.one_hot(torch.tensor(always), num_labels) * 5.0)
+    model.save_pretrained(folder)
+    BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}, model_max_length=512).save_pretrained(folder)
+    return folder
+
+
+TSID = [("This post shows no mental disorders. Reasoning: a", "no mental disorders " * 300),  # > 512 tokens
+        ("This post shows no mental disorders. Reasoning: b", "the poster"),
+        ("This post shows depression. Reasoning: c", "depression"),
+        ("This post shows PTSD. Reasoning: d", "")]
+
+
+def test_classifier_labels_follow_the_reference_id_order(tmp_path):
+    classifiers = tmp_path / "classifiers"
+    _tiny_bert(classifiers / "t-sid", 4, always=3)  # t-sid id 3 is "control": rule label 0
+    _tiny_bert(classifiers / "dreaddit", 2, always=1)  # yes
+    folder = _generated_dir(tmp_path / "answers", {"t-sid": TSID, "dreaddit": DREADDIT})
+    assert _main("--generated_dir", folder, "--output_dir", tmp_path / "out", "--label_model_dir", classifiers) == 0
+    # t-sid: gold 0, 0, 2, 3, all predicted 0 -> F1 0: 2*2/(2+4), others 0; weighted 2/3*2/4, macro 2/3/3
+    assert _results(tmp_path / "out", "t-sid")["scores"]["classifier"] == {
+        "accuracy": 50.0, "weighted_f1": 33.33, "micro_f1": 50.0, "macro_f1": 22.22, "ood": 0, "dropped": 0, "n": 4}
+    # dreaddit: gold 1, 0, 1, 0, all predicted yes -> F1 yes 2*2/(2+4)
+    assert _results(tmp_path / "out", "dreaddit")["scores"]["classifier"]["weighted_f1"] == 33.33
+    report = (tmp_path / "out" / "answers" / "report.md").read_text()
+    assert "classifier w-F1" in report and "| 50.00 | 33.33 | 22.22 |" in report
+
+
+def test_classifier_with_the_wrong_number_of_labels(tmp_path, capsys):
+    _tiny_bert(tmp_path / "classifiers" / "dreaddit", 3)
+    folder = _generated_dir(tmp_path / "answers", {"dreaddit": DREADDIT})
+    assert _main("--generated_dir", folder, "--label_model_dir", tmp_path / "classifiers",
+                 "--output_dir", tmp_path / "out") == 2
+    assert "a classifier with 3 labels; dreaddit needs 2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- a tiny BART
+CORPUS = [" yes yes the poster suffers from stress", " no the post shows no causes of depression",
+          " Reasoning: the poster feels tired and alone", " Consider this post: Question: Does it?"] * 20
+
+
+@pytest.fixture(scope="module")
+def tiny_bart(tmp_path_factory):
+    """A randomly initialised BART with a byte-level BPE tokenizer trained here, saved to a folder."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=320, min_frequency=2, show_progress=False,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe._tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>", mask_token="<mask>", model_max_length=96)
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                        max_position_embeddings=96, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                        decoder_start_token_id=2, forced_eos_token_id=2)
+    folder = tmp_path_factory.mktemp("tiny_bart")
+    BartForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _yes_sayer(tiny_bart, folder):
+    """The tiny BART made to answer " yes" at every step (a large bias on that token)."""
+    from transformers import AutoTokenizer, BartForConditionalGeneration
+
+    shutil.copytree(tiny_bart, folder)
+    (yes,) = AutoTokenizer.from_pretrained(folder).encode(" yes", add_special_tokens=False)
+    model = BartForConditionalGeneration.from_pretrained(folder)
+    model.final_logits_bias[0, yes] = 100.0
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_seq2seq_batches_like_single_rows_and_keeps_the_whole_answer(tiny_bart, tmp_path):
+    texts = ["Consider this post: the poster feels tired. Question: Does it?" * 5, "yes", "the post shows no causes"]
+    batched = Seq2SeqBackend(str(tiny_bart), max_new_tokens=6, max_batch_size=3, dtype="float32")
+    single = Seq2SeqBackend(str(tiny_bart), max_new_tokens=6, max_batch_size=1, dtype="float32")
+    assert dict(batched.stream(texts, chat=False)) == dict(single.stream(texts, chat=False))
+    replies = dict(batched.stream(texts, chat=False))
+    assert replies[0].truncated and replies[0].prompt_tokens == 96 and not replies[1].truncated
+    saying_yes = Seq2SeqBackend(_yes_sayer(tiny_bart, tmp_path / "yes"), max_new_tokens=4, dtype="float32")
+    # the prompt is far longer than the answer: slicing the output by prompt length would leave nothing
+    assert [r.text for _, r in saying_yes.stream(texts, chat=False)] == ["yes yes yes"] * 3
+    longest = Seq2SeqBackend(str(tiny_bart), dtype="float32")  # the reference's 2048, capped by the positions
+    assert longest.max_new_tokens == 95
+    assert [r.completion_tokens <= 95 for _, r in longest.stream(texts[1:2], chat=False)] == [True]
+
+
+def test_a_seq2seq_model_is_found_from_its_config_and_scored(tiny_bart, tmp_path):
+    model = _yes_sayer(tiny_bart, tmp_path / "MentalBART-tiny")
+    assert _main("--model", model, "--test_dataset", "IMHI-completion", "--datasets", "dreaddit",
+                 "--max_new_tokens", 4, "--output_dir", tmp_path / "out", "--dtype", "float32") == 0
+    result = _results(tmp_path / "out", "dreaddit")
+    assert result["backend"] == "seq2seq" and result["test_set"] == "IMHI-completion"
+    # every answer "yes yes yes"; gold yes, no, yes, no, yes, no -> F1 yes 2*3/(3+6), no 0
+    for rules in ("reference", "fixed"):
+        assert (result["scores"][rules]["accuracy"], result["scores"][rules]["weighted_f1"]) == (50.0, 33.33)
+    assert _main("--model", model, "--prompting", "chat", "--output_dir", tmp_path / "out") == 2
+
+
+def test_bart_score_is_the_mean_log_likelihood_of_the_golden_given_the_answer(tiny_bart, tmp_path):
+    from transformers import AutoTokenizer, BartForConditionalGeneration
+
+    folder = _generated_dir(tmp_path / "answers", {"dreaddit": DREADDIT})
+    assert _main("--generated_dir", folder, "--output_dir", tmp_path / "out", "--explanation_metrics", "bart",
+                 "--bart_model", tiny_bart) == 0
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_bart), BartForConditionalGeneration.from_pretrained(tiny_bart)
+    expected = []
+    for golden, answer in DREADDIT:  # one pair at a time, no padding: minus the model's own mean loss
+        with torch.no_grad():
+            loss = model(**tokenizer(answer, return_tensors="pt"), labels=tokenizer(golden, return_tensors="pt")["input_ids"]).loss
+        expected.append(-loss.item())
+    result = _results(tmp_path / "out", "dreaddit")
+    assert result["explanations"]["bart_score"] == pytest.approx(sum(expected) / 4, abs=1e-4)
+    batched = target_log_likelihood(model, tokenizer, [a for _, a in DREADDIT], [g for g, _ in DREADDIT], batch_size=3)
+    assert batched == pytest.approx(expected, abs=1e-5)
+    assert "BART-score" in (tmp_path / "out" / "answers" / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------- text metrics
+def test_rouge_and_bleu(tmp_path):
+    pytest.importorskip("rouge_score", reason="optional: pip install rouge-score")
+    pytest.importorskip("sacrebleu", reason="optional: pip install sacrebleu")
+    pairs = [("the poster is happy today", "the poster is sad"), ("no stress here", "no stress here")]
+    folder = _generated_dir(tmp_path / "answers", {"DR": pairs})
+    assert _main("--generated_dir", folder, "--output_dir", tmp_path / "out", "--explanation_metrics", "rouge,bleu") == 0
+    # pair 1: 3 shared unigrams of 4 / 5 -> F 2/3; bigrams 2 of 3 / 4 -> F 4/7; LCS 3 -> 2/3; pair 2: 1
+    assert _results(tmp_path / "out", "DR")["explanations"] == pytest.approx(
+        {"n": 2, "rouge1": 83.33, "rouge2": 78.57, "rougeL": 83.33, "bleu": ev.bleu(*zip(*pairs))})
+    assert ev.bleu(["no stress here at all"], ["no stress here at all"]) == 100.0
+    assert ev.bleu(["no stress here at all"], ["completely different words said"]) == 0.0
+
+
+def test_bertscore_with_a_local_model(tmp_path):
+    pytest.importorskip("bert_score", reason="optional: pip install bert-score")
+    model = _tiny_bert(tmp_path / "tiny-bert", 2)
+    folder = _generated_dir(tmp_path / "answers", {"DR": [("yes the poster", "yes the poster"), ("no stress", "")]})
+    assert _main("--generated_dir", folder, "--output_dir", tmp_path / "out", "--explanation_metrics", "bertscore",
+                 "--bertscore_model", model) == 0
+    assert _results(tmp_path / "out", "DR")["explanations"]["bertscore_f1"] == 50.0  # identical 100, empty 0
+
+
+def test_a_missing_metric_package_is_named(monkeypatch, tmp_path, capsys):
+    real = ev.importlib.util.find_spec
+    monkeypatch.setattr(ev.importlib.util, "find_spec", lambda name, *a: None if name == "rouge_score" else real(name, *a))
+    folder = _generated_dir(tmp_path / "answers", {"DR": DREADDIT})
+    assert _main("--generated_dir", folder, "--explanation_metrics", "rouge", "--output_dir", tmp_path) == 2
+    assert "needs the PyPI package rouge-score: pip install rouge-score" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- the embedded model
+def test_the_embedded_model_on_two_rows(tmp_path):
+    """Real model, real loop: two rows of the project's sample, raw prompts, greedy."""
+    (result,) = ev.run(datasets="dreaddit", limit=2, max_new_tokens=8, batch_size=2, output_dir=str(tmp_path),
+                       progress=False)
+    assert result["complete"] and result["rows"] == 2 and result["backend"] == "embedded"
+    assert result["settings"]["prompting"] == "raw" and result["settings"]["temperature"] == 0.0
+    out = tmp_path / "embedded-SmolLM2-135M-Instruct" / "IMHI"
+    samples = read_jsonl(out / "dreaddit.samples.jsonl")
+    assert [s["row"] for s in sorted(samples, key=lambda s: s["row"])] == [0, 1]
+    assert all(s["completion_tokens"] <= 8 and s["prompt_tokens"] > 0 for s in samples)
+    goldens, generated = imhi.read_generated_csv(out / "generated" / "dreaddit.csv")
+    assert goldens == [row["golden"] for row in _sample_rows("dreaddit")[:2]]
+    assert result["scores"]["fixed"] == imhi.score("dreaddit", goldens, generated, "fixed")
