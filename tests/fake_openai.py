@@ -12,9 +12,18 @@ Fault kinds, consumed one per request (scripted ones first, then random ones at 
   "empty_choices"   200, a chat.completion with `choices: []`
   "null_content"    200, a chat.completion whose message content is null and finish_reason "stop"
   "drop"            close the connection without sending any response
+  "ok"              no fault: answer normally (to fail a later request of a script)
+
+Fine-tuning, as `data_process.py` uses it: `POST /v1/files` (multipart upload), `POST /v1/fine_tuning/jobs`,
+`GET /v1/fine_tuning/jobs/<id>`. Each job walks through `job_statuses` (copied when it is created), one step
+per retrieve; "succeeded" sets `fine_tuned_model`, "failed" sets an error. `ft_faults` (status kinds only)
+fail these requests; with `require_key`, a wrong key gets a 401 that quotes it back, as OpenAI's does.
 """
 from __future__ import annotations
 
+import email.parser
+import email.policy
+import itertools
 import json
 import random
 import threading
@@ -64,13 +73,23 @@ class FakeOpenAI:
     """The server; a context manager that runs it in a daemon thread. `base_url` ends in /v1."""
 
     def __init__(self, responder: Callable[[dict], str] = echo_responder, faults: Faults | None = None,
-                 stall_seconds: float = 1.5, model: str = "fake-model") -> None:
+                 stall_seconds: float = 1.5, model: str = "fake-model",
+                 job_statuses: Sequence[str] = ("validating_files", "queued", "running", "succeeded"),
+                 ft_faults: Faults | None = None, require_key: str | None = None) -> None:
         self.responder = responder
         self.faults = faults or Faults()
         self.stall_seconds = stall_seconds
         self.model = model
         self.requests: list[dict] = []  # every chat request body received, faulted ones included
         self.auth_headers: list[str | None] = []
+        self.job_statuses = list(job_statuses)
+        self.ft_faults = ft_faults or Faults()
+        self.require_key = require_key
+        self.uploads: list[dict] = []  # {"id", "filename", "purpose", "content": bytes}
+        self.job_creates: list[dict] = []  # every job-creation body that made a job
+        self.retrieves: list[str] = []  # job ids, one per retrieve
+        self.jobs: dict[str, dict] = {}
+        self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.fake = self  # type: ignore[attr-defined]  # how handlers reach this object
@@ -103,6 +122,70 @@ class FakeOpenAI:
         }
 
 
+    # ---------------------------------------------------------------- fine-tuning
+    def upload(self, fields: dict[str, tuple[str | None, bytes]]) -> tuple[int, dict]:
+        filename, content = fields.get("file", (None, b""))
+        purpose = fields.get("purpose", (None, b""))[1].decode()
+        with self._lock:
+            file_id = f"file-{next(self._ids)}"
+            self.uploads.append({"id": file_id, "filename": filename, "purpose": purpose, "content": content})
+        return 200, {"id": file_id, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+                     "filename": filename, "purpose": purpose, "status": "processed"}
+
+    def create_job(self, body: dict) -> tuple[int, dict]:
+        with self._lock:
+            if body.get("training_file") not in {u["id"] for u in self.uploads}:
+                return 400, {"error": {"message": "invalid training_file", "type": "invalid_request_error",
+                                       "param": "training_file", "code": "invalid_file"}}
+            self.job_creates.append(body)
+            job_id = f"ftjob-{next(self._ids)}"
+            hyper = body.get("hyperparameters") or body.get("method", {}).get("supervised", {}).get("hyperparameters", {})
+            self.jobs[job_id] = {"job": {
+                "id": job_id, "object": "fine_tuning.job", "created_at": int(time.time()), "model": body.get("model"),
+                "training_file": body["training_file"], "validation_file": None, "organization_id": "org-fake",
+                "hyperparameters": {"n_epochs": hyper.get("n_epochs", "auto")}, "method": body.get("method"),
+                "result_files": [], "seed": 0, "trained_tokens": None, "finished_at": None, "error": None,
+                "fine_tuned_model": None, "user_provided_suffix": body.get("suffix"),
+                "status": self.job_statuses[0]}, "statuses": list(self.job_statuses), "step": 0}
+            return 200, dict(self.jobs[job_id]["job"])
+
+    def retrieve_job(self, job_id: str) -> tuple[int, dict]:
+        with self._lock:
+            self.retrieves.append(job_id)
+            if job_id not in self.jobs:
+                return 404, {"error": {"message": f"no job {job_id}", "type": "invalid_request_error", "code": "not_found"}}
+            entry = self.jobs[job_id]
+            entry["step"] = min(entry["step"] + 1, len(entry["statuses"]) - 1)
+            job = entry["job"]
+            job["status"] = entry["statuses"][entry["step"]]
+            if job["status"] == "succeeded":
+                job.update(fine_tuned_model=f"ft:{job['model']}:fake::{job_id}", finished_at=int(time.time()),
+                           trained_tokens=1000)
+            elif job["status"] == "failed":
+                job["error"] = {"code": "invalid_training_file", "param": "training_file",
+                                "message": "The job failed (scripted by the fake server)."}
+            return 200, dict(job)
+
+    def key_refused(self, authorization: str | None) -> dict | None:
+        """OpenAI's 401 quotes the key it got; here it quotes all of it, the worst case for a leak."""
+        if self.require_key is None or authorization == f"Bearer {self.require_key}":
+            return None
+        given = (authorization or "").removeprefix("Bearer ")
+        return {"error": {"message": f"Incorrect API key provided: {given}.", "type": "invalid_request_error",
+                          "code": "invalid_api_key"}}
+
+
+def parse_multipart(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """name -> (filename, bytes) of a multipart/form-data body, with the standard library's MIME parser."""
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        fields[name] = (part.get_filename(), part.get_payload(decode=True) or b"")
+    return fields
+
+
 class _Server(ThreadingHTTPServer):
     # The default listen backlog (5) overflows when 16 clients connect at once; the kernel then drops
     # SYNs and the retransmit (1 s) looks like a timeout that no fault caused.
@@ -118,15 +201,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         fake: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
-        if self.path.rstrip("/") != "/v1/models":
+        path = self.path.rstrip("/")
+        if path.startswith("/v1/fine_tuning/jobs/"):
+            return self._fine_tuning(lambda: fake.retrieve_job(path.rsplit("/", 1)[1]))
+        if path != "/v1/models":
             return self._send(404, {"error": {"message": "not found", "code": "not_found"}})
         self._send(200, {"object": "list", "data": [
             {"id": fake.model, "object": "model", "created": 0, "owned_by": "fake"}]})
 
     def do_POST(self) -> None:
         fake: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
-        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if self.path.rstrip("/") != "/v1/chat/completions":
+        raw = self._body()
+        path = self.path.rstrip("/")
+        if path == "/v1/files":
+            return self._fine_tuning(lambda: fake.upload(parse_multipart(self.headers.get("Content-Type", ""), raw)))
+        if path == "/v1/fine_tuning/jobs":
+            return self._fine_tuning(lambda: fake.create_job(json.loads(raw)))
+        if path != "/v1/chat/completions":
             return self._send(404, {"error": {"message": "not found", "code": "not_found"}})
         request = json.loads(raw)
         fake.record(request, self.headers.get("Authorization"))
@@ -147,6 +238,26 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "null_content":
             return self._send(200, fake.completion(request, None))
         self._send(200, fake.completion(request, fake.responder(request)))
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        chunks = []
+        while size := int(self.rfile.readline().split(b";")[0], 16):
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline()
+        self.rfile.readline()
+        return b"".join(chunks)
+
+    def _fine_tuning(self, answer: Callable[[], tuple[int, dict]]) -> None:
+        fake: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
+        refused = fake.key_refused(self.headers.get("Authorization"))
+        if refused:
+            return self._send(401, refused)
+        kind = fake.ft_faults.next()
+        if kind and kind.split(":")[0].isdigit():
+            return self._send_status_fault(kind)
+        self._send(*answer())
 
     def _send_status_fault(self, kind: str) -> None:
         status, _, retry_after = kind.partition(":")

@@ -1,0 +1,276 @@
+"""Fine-tune an OpenAI model on its own self-play records (METHOD.md §5-6): convert, check, upload, train.
+
+    python data_process.py --input_file test.jsonl --finetune_file ft.jsonl --base_model gpt-3.5-turbo-0125 --n_epochs 4
+    python data_process.py --input_file iter1.jsonl,iter1b.jsonl --convert_only     # only write the file
+    python data_process.py --input_file test.jsonl --wait      # poll until the job ends, print the model id
+
+The job is recorded beside the data in `<finetune_file>.job.json`. Re-running with the same data and
+settings reuses that job instead of creating another (and with --wait, waits for it again); new data
+or settings create a new job. The key comes from OPENAI_API_KEY.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import openai
+from openai import OpenAI
+
+from mentalarena.cli import names
+from mentalarena.errors import InputError
+from mentalarena.jsonl import write_json_atomic
+from mentalarena.openai_backend import LOCAL_PLACEHOLDER_KEY
+from mentalarena.sft import convert, write_rows
+
+CHAT_ROLES = {"system", "user", "assistant"}
+ENDED = {"succeeded", "failed", "cancelled"}
+RETRYABLE_END = {"failed", "cancelled"}  # a job that ended this way is not reused: a re-run tries again
+
+
+class APIFailure(Exception):
+    """An API request failed after the SDK's retries; the message is one line without secrets."""
+
+
+def run(
+    input_file: str | list[str],  # self-play records (or converted rows); several as a comma list
+    finetune_file: str | None = None,  # default: <first input>.openai.jsonl
+    base_model: str = "gpt-3.5-turbo-0125",  # the model the paper's GPT runs fine-tuned
+    n_epochs: int | str = 4,  # the paper: 4 in iteration 1, 6 in iteration 2; "auto" lets OpenAI choose
+    # API
+    api_key: str | None = None,  # accepted for the paper's command line; OPENAI_API_KEY is preferred
+    api_base: str | None = None,  # any OpenAI-compatible server that implements files + fine-tuning
+    suffix: str | None = None,  # added to the fine-tuned model's name
+    wait: bool = False,  # poll until the job ends and print the fine-tuned model id
+    poll_seconds: float = 30.0,
+    # data
+    convert_only: bool = False,  # write and check the file, touch no API
+    reference_glue: bool = False,  # the reference's missing newline before the treatment question
+    min_examples: int = 10,  # OpenAI refuses jobs with fewer; checked before uploading (0: off)
+) -> dict:
+    """Convert the records, check the file against the chat format, upload it, create (or reuse) the job."""
+    inputs = _paths(input_file)
+    finetune = Path(finetune_file) if finetune_file else Path(inputs[0]).with_suffix(".openai.jsonl")
+    n_epochs = _epochs(n_epochs)
+    if not poll_seconds > 0:
+        raise InputError(f"--poll_seconds must be positive, not {poll_seconds}")
+    if finetune.resolve() in {Path(p).resolve() for p in inputs}:
+        raise InputError(f"--finetune_file {finetune} is also an input file: it would be overwritten")
+
+    state_path = finetune.with_name(finetune.name + ".job.json")
+    # Every check that can fail on input runs before the fine-tuning file is replaced.
+    key, old_state = (None, {}) if convert_only else (_api_key(api_key, api_base), _read_state(state_path))
+    rows, report = convert(inputs, "openai", reference_glue)
+    for problem in report.problems:
+        print(f"warning: skipped {problem}", file=sys.stderr)
+    print(f"[data_process] {report.summary()}", flush=True)
+    if not rows:
+        raise InputError(f"{', '.join(inputs)}: no training examples")
+    if len(rows) < min_examples:
+        message = f"{', '.join(inputs)}: {len(rows)} examples; OpenAI fine-tuning needs at least {min_examples}"
+        if not convert_only:
+            raise InputError(message + " (--min_examples 0 skips this check for other servers)")
+        print(f"warning: {message}", file=sys.stderr)
+    write_rows(finetune, rows)
+    problems = validate_chat_file(finetune)  # a guard on what is uploaded: the conversion should never fail it
+    if problems:
+        raise InputError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    print(f"[data_process] wrote {len(rows)} examples -> {finetune}", flush=True)
+    result = {"report": report.as_dict(), "finetune_file": str(finetune), "job_id": None, "status": None,
+              "fine_tuned_model": None}
+    if convert_only:
+        return result
+
+    client = OpenAI(api_key=key, base_url=api_base, max_retries=5)
+    settings = {"data_sha256": hashlib.sha256(finetune.read_bytes()).hexdigest(), "api_base": _public_url(api_base),
+                "base_model": base_model, "n_epochs": n_epochs, "suffix": suffix}
+    print(f"[data_process] job settings {json.dumps(settings)}", flush=True)
+    with _api(key) as step:
+        job, state = _job_for(client, settings, old_state, finetune, state_path, step)
+        if wait:
+            job = _wait(client, job, poll_seconds, state, state_path, step)
+    _print_job(job)
+    result.update(job_id=job.id, status=job.status, fine_tuned_model=job.fine_tuned_model)
+    return result
+
+
+def _job_for(client, settings: dict, old: dict, finetune: Path, state_path: Path, step: list[str]):
+    """The job for this data and these settings: the recorded one unless it ended badly, else a new one."""
+    same_data = all(old.get(k) == settings[k] for k in ("data_sha256", "api_base"))
+    if same_data and all(old.get(k) == settings[k] for k in settings) and old.get("job_id"):
+        step[0] = f"retrieving job {old['job_id']}"
+        job = client.fine_tuning.jobs.retrieve(old["job_id"])
+        if job.status not in RETRYABLE_END:
+            print(f"[data_process] same data and settings as job {job.id}: reusing it (status {job.status})", flush=True)
+            _save(old, state_path, job)
+            return job, old
+        print(f"[data_process] job {job.id} ended {job.status}: creating a new one", flush=True)
+    elif old.get("job_id"):
+        changed = [k for k in settings if old.get(k) != settings[k]]
+        print(f"[data_process] {', '.join(changed)} changed since job {old['job_id']}: creating a new job", flush=True)
+    state = {**settings, "finetune_file": str(finetune), "file_id": old.get("file_id") if same_data else None,
+             "job_id": None, "status": None, "fine_tuned_model": None,
+             "previous_jobs": old.get("previous_jobs", []) + ([old["job_id"]] if old.get("job_id") else [])}
+    if state["file_id"] is None:
+        step[0] = f"uploading {finetune}"
+        with open(finetune, "rb") as f:
+            state["file_id"] = client.files.create(file=f, purpose="fine-tune").id
+        write_json_atomic(state_path, state)  # a crash after this reuses the upload
+    step[0] = "creating the fine-tuning job"
+    extra = {"suffix": str(state["suffix"])} if state["suffix"] is not None else {}
+    job = client.fine_tuning.jobs.create(
+        training_file=state["file_id"], model=settings["base_model"],
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": settings["n_epochs"]}}}, **extra)
+    _save(state, state_path, job)
+    print(f"[data_process] created job {job.id} on file {state['file_id']} (status {job.status})", flush=True)
+    return job, state
+
+
+def _wait(client, job, poll_seconds: float, state: dict, state_path: Path, step: list[str]):
+    """Poll until the job ends; the state file follows each change so an interrupted wait can resume."""
+    step[0] = f"polling job {job.id}"
+    last = None
+    while job.status not in ENDED:
+        if job.status != last:
+            print(f"[data_process] job {job.id}: {job.status}", flush=True)
+            _save(state, state_path, job)
+            last = job.status
+        time.sleep(poll_seconds)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    _save(state, state_path, job)
+    return job
+
+
+def _save(state: dict, state_path: Path, job) -> None:
+    state.update(job_id=job.id, status=job.status, fine_tuned_model=job.fine_tuned_model)
+    write_json_atomic(state_path, state)
+
+
+def _print_job(job) -> None:
+    line = f"[data_process] job {job.id}: {job.status}"
+    if job.fine_tuned_model:
+        line += f", fine-tuned model {job.fine_tuned_model}"
+    if job.status in RETRYABLE_END and job.error is not None and job.error.message:
+        line += f" ({_one_line(job.error.message)})"
+    print(line, flush=True)
+
+
+def validate_chat_file(path: str | Path) -> list[str]:
+    """Problems against OpenAI's chat fine-tuning format, one "<file>: line N: ..." per bad line."""
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            where = f"{path}: line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{where}: not valid JSON ({exc.msg})")
+                continue
+            messages = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(messages, list) or not messages:
+                problems.append(f'{where}: field "messages" must be a non-empty list')
+            elif not all(isinstance(m, dict) and m.get("role") in CHAT_ROLES for m in messages):
+                problems.append(f"{where}: every message needs a role among {', '.join(sorted(CHAT_ROLES))}")
+            elif not all(isinstance(m.get("content"), str) for m in messages):
+                problems.append(f'{where}: every message needs a text "content"')
+            elif not any(m["role"] == "assistant" for m in messages):
+                problems.append(f"{where}: no assistant message to learn from")
+    return problems
+
+
+def _paths(input_file) -> list[str]:
+    paths = names(input_file)
+    if not paths:
+        raise InputError("--input_file is empty")
+    return paths
+
+
+def _epochs(n_epochs) -> int | str:
+    if n_epochs == "auto" or (isinstance(n_epochs, int) and not isinstance(n_epochs, bool) and n_epochs >= 1):
+        return n_epochs
+    raise InputError(f"--n_epochs must be a whole number of at least 1 or auto, not {n_epochs!r}")
+
+
+def _api_key(api_key: str | None, api_base: str | None) -> str:
+    env = os.environ.get("OPENAI_API_KEY")
+    if api_key:
+        print("warning: --api_key puts the key in your shell history and the process list; export "
+              "OPENAI_API_KEY instead" + (" (it is set, and used)" if env else ""), file=sys.stderr)
+    key = env or api_key
+    if key:
+        return str(key)
+    if api_base:
+        return LOCAL_PLACEHOLDER_KEY  # local servers ignore it, the SDK insists on one
+    raise InputError("OPENAI_API_KEY is not set: export it, or pass --api_base for an OpenAI-compatible server")
+
+
+def _public_url(url: str | None) -> str | None:
+    """The server address without any user:password part, fit for the state file."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _read_state(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{path}: not valid JSON (delete it to start a new job)") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: not a JSON object (delete it to start a new job)")
+    return state
+
+
+@contextmanager
+def _api(key: str) -> Iterator[list[str]]:
+    """Turns any SDK error into an APIFailure naming the step; the caller updates step[0] as it goes."""
+    step = ["calling the API"]
+    try:
+        yield step
+    except openai.APIStatusError as exc:
+        body = exc.body if isinstance(exc.body, dict) else {}
+        code = f" {exc.code}" if exc.code else ""
+        message = f": {body['message']}" if isinstance(body.get("message"), str) else ""
+        raise APIFailure(_redact(f"{step[0]}: HTTP {exc.status_code} {type(exc).__name__}{code}{message}", key)) from None
+    except openai.OpenAIError as exc:
+        raise APIFailure(_redact(f"{step[0]}: {type(exc).__name__}: {exc}", key)) from None
+
+
+def _redact(text: str, key: str) -> str:
+    """Servers quote keys back in part ("Incorrect API key provided: sk-ab***yz"): hide any of it."""
+    if key and key != LOCAL_PLACEHOLDER_KEY:
+        text = text.replace(key, "***")
+    return _one_line(re.sub(r"sk-[A-Za-z0-9_*\-]+", "sk-***", text))
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when the job exists (or succeeded, with --wait), 1 when the API failed or the job did, 2 on bad input."""
+    import fire
+    try:
+        result = fire.Fire(run, command=argv, serialize=lambda _: None)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except APIFailure as exc:
+        print(f"error: OpenAI API: {exc}", file=sys.stderr)
+        return 1
+    return 1 if isinstance(result, dict) and result.get("status") in RETRYABLE_END else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Self-play records -> supervised fine-tuning pairs (METHOD.md §5), in OpenAI chat or plain-text form.
+
+One record gives up to three pairs, all with the same system text: the diagnosis, the treatment and,
+when `medicine` passes the reference's skip rule, the medication. The question wording is the
+project's own (`prompts/sft_*.txt`, slot `{symptom}`); answers are the record's fields as the
+reference joins them. Both fine-tuning scripts use this module, so their data agree.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .errors import InputError
+from .prompts import Prompts
+
+RECORD_FIELDS = ("symptom", "illness", "treatment", "explain_t", "medicine", "explain_m")
+QUESTION_PROMPTS = {"diagnosis": "sft_diagnosis", "treatment": "sft_treatment", "medication": "sft_medication"}
+SYSTEM_PROMPT = "sft_system"
+# The reference drops the medication pair when `medicine` contains any of these: case-sensitive
+# substrings, so "Not mentioned" and "Nothing" are skipped but "not prescribed" is kept.
+MEDICINE_STOP_WORDS = ("None", "N/A", "Not", "Explanation")
+FORMATS = ("openai", "text")
+TEXT_SYSTEM, TEXT_QUESTION, TEXT_ANSWER = "### System: ", " Question: ", "\n ### Answer: "
+
+
+@dataclass(frozen=True)
+class SFTPair:
+    system: str
+    question: str
+    answer: str
+    kind: str  # diagnosis | treatment | medication, or "unknown" for a row read back from a file
+
+
+@dataclass
+class ConvertReport:
+    """What a conversion read, made and dropped; printed by the scripts and kept with their outputs."""
+    files: list[str]
+    records: int = 0  # self-play records read, the bad ones included
+    converted_rows: int = 0  # rows that were already in OpenAI or text form
+    pairs: int = 0  # before duplicate removal
+    skipped_medicine: int = 0  # records whose medicine failed the skip rule (no medication pair)
+    duplicates: int = 0
+    rows: int = 0  # after duplicate removal
+    kinds: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # bad records, "<file>: line N: ..."
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"{self.records} records, {self.converted_rows} converted rows -> {self.pairs} pairs "
+                f"({', '.join(f'{k} {v}' for k, v in self.kinds.items()) or 'none'}); medication skipped "
+                f"for {self.skipped_medicine}; {self.duplicates} duplicates dropped; {self.rows} rows; "
+                f"{len(self.problems)} bad records")
+
+
+def medicine_usable(medicine: str) -> bool:
+    """The reference's rule for keeping the medication pair."""
+    return len(medicine) > 0 and not any(word in medicine for word in MEDICINE_STOP_WORDS)
+
+
+def check_record(record: dict) -> None:
+    """Every field the conversion reads is present and is text; otherwise one line naming the field."""
+    for name in RECORD_FIELDS:
+        if name not in record:
+            raise InputError(f'field "{name}" is missing')
+        if not isinstance(record[name], str):
+            raise InputError(f'field "{name}" is {type(record[name]).__name__}, not text')
+
+
+def record_pairs(record: dict, prompts: Prompts | None = None, reference_glue: bool = False) -> list[SFTPair]:
+    """The two or three pairs of one record. `reference_glue` drops the newline between the symptom
+    and the treatment question, as the reference does (by accident: its other two have one)."""
+    check_record(record)
+    prompts = prompts or Prompts()
+    system = prompts.render(SYSTEM_PROMPT)
+    symptom = record["symptom"]
+
+    def question(kind: str) -> str:
+        text = prompts.render(QUESTION_PROMPTS[kind], symptom=symptom)
+        if reference_glue and kind == "treatment" and text.startswith(symptom + "\n"):
+            text = symptom + text[len(symptom) + 1:]
+        return text
+
+    pairs = [SFTPair(system, question("diagnosis"), record["illness"], "diagnosis"),
+             SFTPair(system, question("treatment"), f"{record['treatment']}. {record['explain_t']}", "treatment")]
+    if medicine_usable(record["medicine"]):
+        pairs.append(SFTPair(system, question("medication"), f"{record['medicine']}. {record['explain_m']}",
+                             "medication"))
+    return pairs
+
+
+def to_openai(pair: SFTPair) -> dict:
+    return {"messages": [{"role": "system", "content": pair.system},
+                         {"role": "user", "content": pair.question},
+                         {"role": "assistant", "content": pair.answer}]}
+
+
+def to_text(pair: SFTPair) -> dict:
+    """The reference's single-field format for open models (SFT on the field `text`)."""
+    return {"text": f"{TEXT_SYSTEM}{pair.system}{TEXT_QUESTION}{pair.question}{TEXT_ANSWER}{pair.answer}"}
+
+
+def parse_text(text: str) -> SFTPair:
+    """Inverse of `to_text`; the first answer marker ends the question."""
+    head, marker, answer = text.partition(TEXT_ANSWER) if isinstance(text, str) else ("", "", "")
+    system, sep, question = head.removeprefix(TEXT_SYSTEM).partition(TEXT_QUESTION)
+    if not (marker and sep and head.startswith(TEXT_SYSTEM)):
+        raise InputError('field "text" is not of the form "### System: ... Question: ...\\n ### Answer: ..."')
+    return SFTPair(system, question, answer, "unknown")
+
+
+def from_openai(row: dict) -> SFTPair:
+    """Inverse of `to_openai`: exactly a system, a user and an assistant message, in that order."""
+    messages = row.get("messages")
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages] if isinstance(messages, list) else []
+    if roles != ["system", "user", "assistant"] or not all(isinstance(m.get("content"), str) for m in messages):
+        raise InputError('field "messages" must be a system, a user and an assistant message with text content')
+    system, user, assistant = (m["content"] for m in messages)
+    return SFTPair(system, user, assistant, "unknown")
+
+
+def row_kind(row: dict) -> str:
+    """"record" (a self-play record, even an incomplete one), "openai" or "text"."""
+    if not isinstance(row, dict):
+        raise InputError(f"a JSON {type(row).__name__}, not an object")
+    if any(name in row for name in RECORD_FIELDS):
+        return "record"
+    if "messages" in row:
+        return "openai"
+    if "text" in row:
+        return "text"
+    raise InputError('neither a self-play record ("symptom", "illness", ...) nor a converted row '
+                     '("messages" or "text")')
+
+
+def load_pairs(paths: Sequence[str | Path] | str | Path, reference_glue: bool = False,
+               prompts: Prompts | None = None) -> tuple[list[SFTPair], ConvertReport]:
+    """Pairs from JSONL files of self-play records or already converted rows, detected row by row.
+    A record with a missing field is reported and skipped; anything else wrong stops with file and line."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    prompts = prompts or Prompts()
+    prompts.render(SYSTEM_PROMPT)  # a bad template fails here, not as a per-record problem
+    for name in QUESTION_PROMPTS.values():
+        prompts.render(name, symptom="")
+    report = ConvertReport(files=[str(p) for p in paths])
+    pairs: list[SFTPair] = []
+    for path in paths:
+        for number, row in _json_lines(Path(path)):
+            where = f"{path}: line {number}"
+            try:
+                kind = row_kind(row)
+            except InputError as exc:
+                raise InputError(f"{where}: {exc}") from None
+            if kind == "record":
+                report.records += 1
+                try:
+                    check_record(row)
+                except InputError as exc:
+                    report.problems.append(f"{where}: {exc}")
+                    continue
+                pairs.extend(record_pairs(row, prompts, reference_glue))
+                report.skipped_medicine += not medicine_usable(row["medicine"])
+                continue
+            report.converted_rows += 1
+            try:
+                pairs.append(from_openai(row) if kind == "openai" else parse_text(row["text"]))
+            except InputError as exc:
+                raise InputError(f"{where}: {exc}") from None
+    report.pairs = len(pairs)
+    report.kinds = dict(Counter(p.kind for p in pairs))
+    return pairs, report
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, value) for every non-blank line. Split on "\\n" only: a JSON string may hold U+2028."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+
+
+def dedup(rows: list[dict]) -> list[dict]:
+    """Exact duplicates removed, first occurrences kept in order."""
+    seen: set[str] = set()
+    kept = []
+    for row in rows:
+        key = json.dumps(row, sort_keys=True, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept
+
+
+def convert(paths: Sequence[str | Path] | str | Path, fmt: str, reference_glue: bool = False,
+            prompts: Prompts | None = None) -> tuple[list[dict], ConvertReport]:
+    """Pairs -> rows in `fmt` ("openai" or "text") -> exact duplicates dropped."""
+    if fmt not in FORMATS:
+        raise InputError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    pairs, report = load_pairs(paths, reference_glue, prompts)
+    to_row = to_openai if fmt == "openai" else to_text
+    rows = dedup([to_row(p) for p in pairs])
+    report.rows, report.duplicates = len(rows), len(pairs) - len(rows)
+    return rows, report
+
+
+def write_rows(path: str | Path, rows: list[dict]) -> None:
+    """Write the whole file fresh (temporary file, fsync, rename): a re-run replaces, never appends."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                # U+2028/2029 are legal raw in JSON but split lines for some JSONL readers
+                f.write(json.dumps(row, ensure_ascii=False).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+                        + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
