@@ -9,6 +9,7 @@ cache is right-aligned, the gaps are masked out, and position ids come from the 
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -358,14 +359,23 @@ def _cache_budget_tokens(model, gigabytes: float) -> int:
     return int(gigabytes * (1 << 30)) // per_token
 
 
+def recorded_gguf(folder: str | Path) -> str | None:
+    """The GGUF file of the base an adapter folder of `llama_finetune.py` was trained on: the
+    adapter's own config names only the base folder, which a GGUF base cannot be loaded from alone."""
+    path = Path(folder, "finetune_config.json")
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8")).get("base_gguf_file")
+
+
 def _load(path: str, gguf_file: str | None, device: str, dtype: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter = Path(path, "adapter_config.json")
     base = path
     if adapter.is_file():  # a LoRA adapter folder: load its base, then merge for plain-speed decoding
-        import json
         base = json.loads(adapter.read_text())["base_model_name_or_path"]
+        gguf_file = gguf_file or recorded_gguf(path)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     kwargs = {"dtype": torch_dtype}
     if gguf_file:
@@ -375,8 +385,8 @@ def _load(path: str, gguf_file: str | None, device: str, dtype: str | None):
     try:
         # a fine-tuned adapter folder usually carries its tokenizer; otherwise the base model's
         has_tokenizer = not adapter.is_file() or Path(path, "tokenizer_config.json").is_file()
-        tokenizer = AutoTokenizer.from_pretrained(path if has_tokenizer else base,
-                                                  **({"gguf_file": gguf_file} if gguf_file else {}))
+        source = path if has_tokenizer else base  # a GGUF file holds the tokenizer of its base only
+        tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file and source == base else {}))
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     except OSError as exc:
         raise InputError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from exc

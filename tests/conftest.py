@@ -13,6 +13,10 @@ sys.path.insert(0, str(ROOT))
 from mentalarena.backends import ChatBackend, Reply  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one; run them where one is lent)")
+
+
 class ScriptedBackend(ChatBackend):
     """Answers by rules on the last user message; records every conversation it was sent."""
 
