@@ -1,0 +1,679 @@
+"""The self-play loop (METHOD.md §1): generate -> fine-tune -> evaluate, N times; each iteration's
+fine-tuned model is the next iteration's base model.
+
+    # open models (default): the embedded SmolLM2, one short iteration on a CPU (the README has the whole command)
+    python iterate.py --work_dir outputs/iterate_demo --iterations 1 --limit 2 --max_steps 5 --eval_limit 4 ...
+    # the paper's Llama run: 4 iterations of 4, 5, 7, 7 epochs (QLoRA on CUDA), GPT-4-turbo as the judge
+    python iterate.py --work_dir runs/llama --base_model meta-llama/Meta-Llama-3.1-8B-Instruct \\
+        --judge_model gpt-4-turbo-2024-04-09 --patients_file ... --qa_data_dir ... --imhi_test_dir ...
+    # the paper's GPT run: 2 iterations of 4 and 6 epochs through OpenAI fine-tuning
+    python iterate.py --work_dir runs/gpt --backend openai --patients_file ...
+
+Each step is one of the project's scripts, run in a child process: arena_med.py (generate),
+llama_finetune.py --merge or data_process.py --wait (fine-tune), MedQA_eval.py and IMHI_eval.py
+(evaluate). A child process gives all of its memory back when it ends (a GPU's too), and a crash in
+a stage cannot take the loop down with it. Everything lives under --work_dir:
+
+    state.json                  each step: status, the stage commands (its settings), outputs, figures
+    summary.md                  the table printed at the end
+    iter0/eval/{qa,imhi}/       the starting model (--eval_base)
+    iterK/records.jsonl         self-play records of iteration K (made by the model of iteration K-1)
+    iterK/model/                adapter, finetune_config.json and merged/ (open models)
+    iterK/finetune.openai.jsonl the uploaded data, and .job.json with the job (OpenAI)
+    iterK/eval/{qa,imhi}/       the evaluations of the model of iteration K
+
+Re-running the same command resumes at the first unfinished step, and the step itself resumes (its
+records, checkpoints or answers). Settings that differ from those a recorded step ran with are
+refused, unless --restart discards that step's outputs and those that depend on them.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import fire
+from fire.parser import DefaultParseValue
+
+import arena_med
+import data_process
+import IMHI_eval
+import llama_finetune
+import MedQA_eval
+from mentalarena.cli import names
+from mentalarena.errors import InputError, check_choice
+from mentalarena.jsonl import read_jsonl, write_json_atomic
+
+ROOT = Path(__file__).resolve().parent
+BACKENDS = ("open", "openai")
+PAPER_EPOCHS = {"open": (4, 5, 7, 7), "openai": (4, 6)}  # METHOD.md §1: the Llama and the GPT-3.5 runs
+OPENAI_START = "gpt-3.5-turbo-0125"  # the model the paper's GPT runs fine-tuned
+STEPS = ("generate", "finetune", "eval_qa", "eval_imhi")
+EVALS = {"qa": "eval_qa", "imhi": "eval_imhi"}
+QA_SAMPLES = (("MedQA", ROOT / "data" / "qa_sample" / "medqa.jsonl"),
+              ("PubMedQA", ROOT / "data" / "qa_sample" / "pubmedqa.jsonl"))
+WORK = "<work_dir>"  # how state.json writes paths inside --work_dir, so the folder can move
+# Stage flags that change how a step runs, not what it makes: a re-run may change them.
+RUNNING_KEYS = frozenset({"progress", "concurrency", "max_batch_size", "prefix_cache_gb", "batch_size", "device",
+                          "logging_steps", "save_steps", "save_total_limit", "gradient_checkpointing", "resume",
+                          "poll_seconds"})
+IMHI_RULE_PREFERENCE = ("classifier", "fixed", "reference")  # the summary's w-F1: the paper's labels first
+
+
+@dataclass
+class Call:
+    """One run of a stage script: `python <script> [command] --key=value ...`."""
+    script: str
+    args: dict
+    command: str | None = None
+
+    def argv(self) -> list[str]:
+        flags = [f"--{key}={_flag_value(value)}" for key, value in self.args.items() if value is not None]
+        return ([self.command] if self.command else []) + flags
+
+    def shown(self, work_dir: Path) -> str:
+        """The command as printed: paths under --work_dir relative to the current folder, no credentials."""
+        here = os.path.relpath(work_dir)
+        here = str(work_dir) if here.startswith("..") else here
+        args = {key: here + value[len(WORK):] if isinstance(value, str) and value.startswith(WORK) else value
+                for key, value in self.record(work_dir)["args"].items()}
+        return shlex.join([self.script, *Call(self.script, args, self.command).argv()])
+
+    def record(self, work_dir: Path) -> dict:
+        """The call as state.json keeps it: JSON types, paths under --work_dir relative, no credentials."""
+        args = {key: _portable(value, work_dir) for key, value in self.args.items() if value is not None}
+        return json.loads(json.dumps({"script": self.script, "command": self.command, "args": args}))
+
+
+@dataclass
+class Plan:
+    """The resolved flags: what every step of every iteration runs."""
+    work_dir: Path
+    backend: str
+    base_model: str | None
+    epochs: list
+    evals: list[str]
+    eval_base: bool
+    api_base: str | None
+    qa_data_dir: str | None
+    imhi_test_dir: str | None
+    arena: dict
+    finetune: dict
+    qa: dict
+    imhi: dict
+    launcher: list[str] | None
+
+    @property
+    def state_file(self) -> Path:
+        return self.work_dir / "state.json"
+
+    def steps(self) -> list[tuple[int, str]]:
+        order = [(0, step) for step in self.evals] if self.eval_base else []
+        for k in range(1, len(self.epochs) + 1):
+            order += [(k, "generate"), (k, "finetune")] + [(k, step) for step in self.evals]
+        return order
+
+
+class StepFailed(Exception):
+    """A stage ended badly; `code` is the loop's exit status (2: the stage rejected its input)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def run_stage(script: str, argv: list[str], launcher: list[str] | None = None) -> int:
+    """Run one stage script in a child process (the tests replace this function); its exit status."""
+    return subprocess.run([*(launcher or [sys.executable]), str(ROOT / script), *argv], check=False).returncode
+
+
+def run(
+    work_dir: str | None = None,       # every output and state.json go here (required)
+    backend: str = "open",             # open: llama_finetune.py (merged models); openai: data_process.py --wait
+    base_model: str | None = None,     # iteration 1's model; None: the embedded SmolLM2 (open), gpt-3.5-turbo-0125 (openai)
+    iterations: int | None = None,     # None: one per value of the epoch schedule
+    epochs: str | tuple | int | None = None,  # per iteration, comma list; None: the paper's 4,5,7,7 (open) or 4,6 (openai)
+    # self-play (arena_med.py)
+    patients_file: str | None = None,  # Patient-Psi-CM JSON list; None: the bundled samples
+    limit: int | None = None,          # first N patients
+    num_samples: int | None = None,    # sessions per patient
+    judge_model: str | None = None,    # the helper calls (paper: gpt-4-turbo-2024-04-09); None: the model itself
+    api_base: str | None = None,       # openai backend: an OpenAI-compatible server for every stage
+    # fine-tuning (llama_finetune.py)
+    method: str | None = None,         # auto (qlora on CUDA, else lora) | qlora | lora | full
+    max_steps: int | None = None,      # optimizer steps per iteration (overrides the epochs)
+    finetune_launcher: str | None = None,  # e.g. "accelerate launch --num_processes 4"; None: this python
+    # evaluation (MedQA_eval.py, IMHI_eval.py)
+    eval: str | tuple = "qa,imhi",     # qa, imhi, both, or none
+    eval_limit: int | None = None,     # first N questions / rows of every evaluated set
+    eval_base: bool = True,            # also evaluate the starting model (iteration 0)
+    qa_data_dir: str | None = None,    # the paper's data/ layout (MedQA_eval.py suite); None: data/qa_sample
+    imhi_test_dir: str | None = None,  # IMHI test CSVs or folders; None: data/imhi_sample
+    # anything else, given to the stage as its flags
+    arena_args: dict | None = None,    # e.g. '{"max_new_tokens": 32, "max_tries": 2}'
+    finetune_args: dict | None = None,
+    qa_args: dict | None = None,
+    imhi_args: dict | None = None,
+    restart: bool = False,             # discard the outputs of steps whose settings changed (and of what depends on them)
+) -> dict:
+    """Run (or resume) every step of every iteration; returns the summary rows and the exit status."""
+    flags = dict(locals())
+    plan = make_plan(**flags)
+    state = load_state(plan.state_file)
+    check_recorded(plan, state, restart)
+    plan.work_dir.mkdir(parents=True, exist_ok=True)
+    state["settings"] = {key: _portable(value, plan.work_dir) for key, value in flags.items()}
+    _save(plan, state)
+    print(f"[iterate] {plan.backend} backend, {len(plan.epochs)} iteration(s), epochs "
+          f"{','.join(map(str, plan.epochs))}, evaluations {', '.join(plan.evals).replace('eval_', '') or 'none'} "
+          f"-> {plan.work_dir}",
+          flush=True)
+    failure = None
+    for iteration, step in plan.steps():
+        entry = state["steps"].get(_key(iteration, step))
+        if entry and entry["status"] == "done":
+            print(f"[iterate] iteration {iteration} {step}: done earlier ({_brief(entry['outputs'])}); skipped", flush=True)
+            continue
+        try:
+            execute(plan, state, iteration, step)
+        except StepFailed as exc:
+            failure = exc
+            break
+    rows = summary_rows(plan, state)
+    markdown = summary_markdown(plan, rows)
+    _write_text(plan.work_dir / "summary.md", markdown)
+    print(markdown, flush=True)
+    return {"exit_code": failure.code if failure else 0, "error": str(failure) if failure else None,
+            "rows": rows, "state_file": str(plan.state_file)}
+
+
+# ---------------------------------------------------------------------------------- the steps
+def execute(plan: Plan, state: dict, iteration: int, step: str) -> None:
+    """Run one step's stage calls, record it as running, then as done with its figures (or failed)."""
+    model = model_of(plan, state, iteration if step.startswith("eval") else iteration - 1)
+    calls = calls_for(plan, iteration, step, model)
+    key = _key(iteration, step)
+    state["steps"][key] = {"iteration": iteration, "step": step, "status": "running",
+                           "calls": [c.record(plan.work_dir) for c in calls], "started_at": _now()}
+    _save(plan, state)
+    (plan.work_dir / f"iter{iteration}").mkdir(exist_ok=True)
+    started = time.time()
+    for call in calls:
+        print(f"[iterate] iteration {iteration}/{len(plan.epochs)} {step}: {call.shown(plan.work_dir)}", flush=True)
+        code = run_stage(call.script, call.argv(), plan.launcher if step == "finetune" else None)
+        if code == 2:  # the stages check their input before they write anything: nothing to keep
+            del state["steps"][key]
+            _save(plan, state)
+            raise StepFailed(f"iteration {iteration} {step}: {call.script} rejected its input (exit status 2, "
+                             "its message is above); nothing of this step was kept", 2)
+        if code != 0:
+            _fail(plan, state, key, code)
+            raise StepFailed(f"iteration {iteration} {step}: {call.script} failed (exit status {code}); fix the "
+                             "cause and re-run the same command: finished steps are kept and this one resumes")
+    try:
+        outputs = collect_outputs(plan, iteration, step)
+    except StepFailed as exc:
+        _fail(plan, state, key, 1)
+        raise StepFailed(f"iteration {iteration} {exc}") from None
+    state["steps"][key].update(status="done", outputs=outputs, finished_at=_now(),
+                               wall_seconds=round(time.time() - started, 1))
+    _save(plan, state)
+    print(f"[iterate] iteration {iteration} {step}: done in {time.time() - started:.1f} s ({_brief(outputs)})", flush=True)
+
+
+def calls_for(plan: Plan, iteration: int, step: str, model: str | None) -> list[Call]:
+    """The stage commands of one step: the user's stage flags, then what the loop itself decides."""
+    folder = plan.work_dir / f"iter{iteration}"
+    served = {"api_base": plan.api_base} if plan.api_base else {}
+    records = str(folder / "records.jsonl")
+    if step == "generate":
+        return [Call("arena_med.py", {**plan.arena, "base_model": model, **served, "output_file": records})]
+    if step == "finetune" and plan.backend == "open":
+        return [Call("llama_finetune.py", {**plan.finetune, "base_model": model, "new_name": "model",
+                                           "output_dir": str(folder), "data_files": records,
+                                           "nepoch": plan.epochs[iteration - 1], "merge": True})]
+    if step == "finetune":
+        return [Call("data_process.py", {**plan.finetune, "input_file": records, "base_model": model, **served,
+                                         "finetune_file": str(folder / "finetune.openai.jsonl"),
+                                         "n_epochs": plan.epochs[iteration - 1], "wait": True})]
+    out = {"model": model, **served}
+    if step == "eval_qa" and plan.qa_data_dir:
+        return [Call("MedQA_eval.py", {"tables": "main", **plan.qa, **out, "data_dir": plan.qa_data_dir,
+                                       "output_dir": str(folder / "eval" / "qa")}, "suite")]
+    if step == "eval_qa":  # no data folder: the bundled sample questions
+        return [Call("MedQA_eval.py", {**plan.qa, **out, "dataset": dataset, "data_file": str(path),
+                                       "output_dir": str(folder / "eval" / "qa")}) for dataset, path in QA_SAMPLES]
+    return [Call("IMHI_eval.py", {**plan.imhi, **out, "test_dir": plan.imhi_test_dir,
+                                  "output_dir": str(folder / "eval" / "imhi")})]
+
+
+def model_of(plan: Plan, state: dict, iteration: int) -> str | None:
+    """The model after `iteration` (0: the starting one): where its fine-tuning step put it."""
+    if iteration == 0:
+        return plan.base_model
+    entry = state["steps"].get(_key(iteration, "finetune"))
+    if not entry or entry["status"] != "done":
+        raise StepFailed(f"iteration {iteration} finetune has not finished, so its model does not exist yet")
+    return _local(entry["outputs"]["model"], plan.work_dir)
+
+
+def collect_outputs(plan: Plan, iteration: int, step: str) -> dict:
+    """The files a finished step left and the figures the summary needs, read back from them."""
+    folder = plan.work_dir / f"iter{iteration}"
+    if step == "finetune":
+        return (_merged_model if plan.backend == "open" else _openai_model)(folder, plan.work_dir)
+    return {"generate": _records, "eval_qa": _qa_scores, "eval_imhi": _imhi_scores}[step](folder, plan.work_dir)
+
+
+def _records(folder: Path, work_dir: Path) -> dict:
+    records = _must_exist(folder / "records.jsonl", "generate")
+    return {"records_file": _portable(str(records), work_dir), "records": len(read_jsonl(records, allow_torn_tail=True))}
+
+
+def _merged_model(folder: Path, work_dir: Path) -> dict:
+    config = _read_json(folder / "model" / "finetune_config.json", "finetune")
+    merged, summary = config.get("merged"), config.get("summary", {})
+    if not merged or not (Path(merged) / "config.json").is_file():
+        raise StepFailed(f"finetune: {folder / 'model'} holds no merged model")
+    return {"model": _portable(str(Path(merged).resolve()), work_dir),
+            **{k: summary.get(k) for k in ("examples", "steps", "epochs", "train_loss", "loss_first", "loss_last")}}
+
+
+def _openai_model(folder: Path, work_dir: Path) -> dict:
+    data = folder / "finetune.openai.jsonl"
+    job = _read_json(data.with_name(data.name + ".job.json"), "finetune")
+    if job.get("status") != "succeeded" or not job.get("fine_tuned_model"):
+        raise StepFailed(f"finetune: job {job.get('job_id')} ended {job.get('status')} without a fine-tuned model")
+    return {"model": job["fine_tuned_model"], "job_id": job.get("job_id"),
+            "examples": len(data.read_text(encoding="utf-8").splitlines())}
+
+
+def _qa_scores(folder: Path, work_dir: Path) -> dict:
+    sets = {r["benchmark"]: {k: r.get(k) for k in ("accuracy", "accuracy_std", "accuracy_reference", "n", "repeats",
+                                                     "source")}
+            for r in _results(folder / "eval" / "qa", "eval_qa")}
+    return {"accuracy": _mean(s["accuracy"] for s in sets.values()), "sets": sets}
+
+
+def _imhi_scores(folder: Path, work_dir: Path) -> dict:
+    """Weighted F1 per set and rule set; the summary's figure uses the paper's labels where present."""
+    sets = {f"{r.get('test_set')}/{r['dataset']}": {rules: (scores or {}).get("weighted_f1")
+                                                     for rules, scores in r.get("scores", {}).items()}
+            for r in _results(folder / "eval" / "imhi", "eval_imhi")}
+    rules = next((name for name in IMHI_RULE_PREFERENCE if any(name in s for s in sets.values())), None)
+    return {"weighted_f1": _mean(s.get(rules) for s in sets.values()), "rules": rules, "sets": sets}
+
+
+# ---------------------------------------------------------------------------------- settings and state
+def make_plan(work_dir, backend, base_model, iterations, epochs, patients_file, limit, num_samples, judge_model,
+              api_base, method, max_steps, finetune_launcher, eval, eval_limit, eval_base, qa_data_dir,
+              imhi_test_dir, arena_args, finetune_args, qa_args, imhi_args, restart) -> Plan:
+    """Every flag checked and resolved before anything runs or is written."""
+    if not work_dir:
+        raise InputError("--work_dir is required: the folder for every iteration's outputs and state.json")
+    if Path(work_dir).exists() and not Path(work_dir).is_dir():
+        raise InputError(f"--work_dir {work_dir} is a file, not a folder")
+    check_choice("backend", backend, BACKENDS)
+    wanted = names(eval)
+    for name in wanted:
+        check_choice("eval", name, (*EVALS, "none"))
+    if "none" in wanted and len(wanted) > 1:
+        raise InputError(f"--eval none cannot be combined with other evaluations: {','.join(wanted)}")
+    for name, value in (("limit", limit), ("num_samples", num_samples), ("max_steps", max_steps),
+                        ("eval_limit", eval_limit)):
+        _positive_int(name, value)
+    if backend == "openai":
+        if method is not None or max_steps is not None:
+            raise InputError("--method and --max_steps are for --backend open; OpenAI fine-tuning takes --epochs only")
+        if not (os.environ.get("OPENAI_API_KEY") or api_base):
+            raise InputError("OPENAI_API_KEY is not set: export it, or pass --api_base for an OpenAI-compatible server")
+    elif api_base:
+        raise InputError("--api_base is for --backend openai (a server that also fine-tunes); a served judge goes "
+                         "in --arena_args '{\"judge_api_base\": \"...\"}'")
+    if not isinstance(eval_base, bool) or not isinstance(restart, bool):
+        raise InputError("--eval_base and --restart take True or False")
+    for name, path, kind in (("patients_file", patients_file, "file"), ("qa_data_dir", qa_data_dir, "dir"),
+                             ("imhi_test_dir", imhi_test_dir, "dir")):
+        if path is not None and not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
+            raise InputError(f"--{name} {path}: {'file' if kind == 'file' else 'folder'} not found")
+    finetune_stage = llama_finetune.run if backend == "open" else data_process.run
+    qa_stage = MedQA_eval.suite if qa_data_dir else MedQA_eval.run
+    return Plan(
+        work_dir=Path(work_dir).resolve(), backend=backend,
+        base_model=_absolute(base_model) if base_model is not None else (OPENAI_START if backend == "openai" else None),
+        epochs=_schedule(backend, epochs, iterations), evals=[EVALS[n] for n in EVALS if n in wanted],
+        eval_base=eval_base, api_base=api_base, qa_data_dir=_absolute(qa_data_dir),
+        imhi_test_dir=_absolute(imhi_test_dir),
+        arena=_stage_args("arena_args", arena_args, arena_med.run, ARENA_RESERVED,
+                          {"patients_file": ("patients_file", _absolute(patients_file)), "limit": ("limit", limit),
+                           "num_samples": ("num_samples", num_samples), "judge_model": ("judge_model", judge_model)}),
+        finetune=_stage_args("finetune_args", finetune_args, finetune_stage,
+                             FINETUNE_RESERVED[backend], {"method": ("method", method), "max_steps": ("max_steps", max_steps)}),
+        qa=_stage_args("qa_args", qa_args, qa_stage, QA_RESERVED, {"limit": ("eval_limit", eval_limit)}),
+        imhi=_stage_args("imhi_args", imhi_args, IMHI_eval.run, IMHI_RESERVED, {"limit": ("eval_limit", eval_limit)}),
+        launcher=shlex.split(finetune_launcher) if finetune_launcher else None)
+
+
+LOOP_MODEL = "the loop sets it: --base_model for the first iteration, then each iteration's fine-tuned model"
+ARENA_RESERVED = {"base_model": LOOP_MODEL, "output_file": "each iteration writes iterK/records.jsonl",
+                  "api_base": "use --api_base (with --backend openai)"}
+FINETUNE_RESERVED = {
+    "open": {"base_model": LOOP_MODEL, "new_name": "each iteration writes iterK/model",
+             "output_dir": "each iteration writes iterK/model", "data_files": "the iteration's own records",
+             "nepoch": "use --epochs (one value per iteration)", "merge": "the next iteration needs the merged model"},
+    "openai": {"base_model": LOOP_MODEL, "input_file": "the iteration's own records",
+               "finetune_file": "each iteration writes iterK/finetune.openai.jsonl",
+               "n_epochs": "use --epochs (one value per iteration)", "wait": "the next iteration needs the model id",
+               "convert_only": "the next iteration needs the model id", "api_base": "use --api_base"},
+}
+QA_RESERVED = {"model": LOOP_MODEL, "output_dir": "each iteration writes iterK/eval/qa",
+               "data_dir": "use --qa_data_dir", "dataset": "use --qa_data_dir for other sets",
+               "data_file": "use --qa_data_dir for other sets", "api_base": "use --api_base"}
+IMHI_RESERVED = {"model": LOOP_MODEL, "output_dir": "each iteration writes iterK/eval/imhi",
+                 "test_dir": "use --imhi_test_dir", "generated_dir": "the loop evaluates its own models",
+                 "api_base": "use --api_base"}
+
+
+def _stage_args(flag: str, given, function, reserved: dict, top: dict) -> dict:
+    """A stage's flags: the loop's own convenience flags plus the user's dict, each key checked
+    against the stage's signature, so a typo stops the run before anything starts."""
+    if isinstance(given, str):  # fire leaves a dict it cannot parse as text
+        try:
+            given = json.loads(given)
+        except json.JSONDecodeError:
+            pass
+    given = {} if given is None else given
+    if not isinstance(given, dict):
+        raise InputError(f"--{flag} must be a dict of the stage's flags, e.g. '{{\"max_new_tokens\": 32}}', not {given!r}")
+    known = inspect.signature(function).parameters
+    stage = f"{Path(inspect.getfile(function)).name}{'' if function.__name__ == 'run' else ' ' + function.__name__}"
+    for key in given:
+        if key == "api_key":
+            raise InputError(f"--{flag}: a key does not belong on the command line or in state.json; export OPENAI_API_KEY")
+        if key in reserved:
+            raise InputError(f"--{flag}: {key} is not yours to set here: {reserved[key]}")
+        if key not in known:
+            raise InputError(f"--{flag}: {stage} has no flag --{key}")
+        if key in top and top[key][1] is not None:
+            raise InputError(f"--{flag}: {key} is also given as --{top[key][0]}; give it once")
+    merged = {key: value for key, (_, value) in top.items() if value is not None}
+    merged.update({key: _json_literal(value) for key, value in given.items()})
+    return merged
+
+
+def check_recorded(plan: Plan, state: dict, restart: bool) -> None:
+    """Every recorded step must have run with the settings the flags give now. Otherwise refuse, or
+    with --restart discard it: a changed generate or finetune step takes every later step with it
+    (they depend on its records or model), a changed evaluation only itself."""
+    for iteration, step in plan.steps():
+        entry = state["steps"].get(_key(iteration, step))
+        if entry is None:
+            continue
+        try:
+            model = model_of(plan, state, iteration if step.startswith("eval") else iteration - 1)
+            now = [c.record(plan.work_dir) for c in calls_for(plan, iteration, step, model)]
+            changed = _differences(entry["calls"], now)
+        except StepFailed:
+            changed = "the model it was given no longer exists"
+        if not changed:
+            continue
+        ran = "ran" if entry["status"] == "done" else "was started"
+        if not restart:
+            raise InputError(f"{plan.state_file}: iteration {iteration} {step} {ran} with other settings ({changed}); "
+                             "re-run with those, use another --work_dir, or pass --restart to discard its outputs")
+        print(f"[iterate] --restart: iteration {iteration} {step} {ran} with other settings ({changed})", flush=True)
+        discard(plan, state, iteration, step)
+
+
+def discard(plan: Plan, state: dict, iteration: int, step: str) -> None:
+    """Remove a step's state entry and files; for generate or finetune also every later step's."""
+    start = _order(iteration, step)
+    doomed = {(iteration, step)} if step.startswith("eval") else {
+        (k, s) for k in _iterations_on_disk(plan, state) for s in STEPS if _order(k, s) >= start}
+    for k, s in sorted(doomed, key=lambda pair: _order(*pair)):
+        state["steps"].pop(_key(k, s), None)
+        for path in _step_files(plan.work_dir / f"iter{k}", s):
+            if path.exists():
+                print(f"[iterate] --restart: removing {path}", flush=True)
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    _save(plan, state)
+
+
+def load_state(path: Path) -> dict:
+    if not path.exists():
+        return {"version": 1, "steps": {}}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); delete it to re-check every step "
+                         "(finished stages find their outputs and skip the work)") from None
+    if not isinstance(state, dict) or not isinstance(state.get("steps"), dict):
+        raise InputError(f'{path}: field "steps" is missing (not a state file of iterate.py)')
+    return state
+
+
+# ---------------------------------------------------------------------------------- the summary
+def summary_rows(plan: Plan, state: dict) -> list[dict]:
+    """One row per iteration (0: the starting model): its model, records, loss and scores."""
+    def done(k: int, step: str) -> dict:
+        entry = state["steps"].get(_key(k, step))
+        return entry["outputs"] if entry and entry["status"] == "done" else {}
+
+    rows = []
+    for k in range(0 if plan.eval_base and plan.evals else 1, len(plan.epochs) + 1):
+        model = (plan.base_model or "embedded") if k == 0 else done(k, "finetune").get("model")
+        qa, imhi = done(k, "eval_qa"), done(k, "eval_imhi")
+        rows.append({"iteration": k, "model": model.removeprefix(WORK + "/") if model else None,
+                     # the epochs trained (fewer than planned when --max_steps stops first)
+                     "epochs": (done(k, "finetune").get("epochs") or plan.epochs[k - 1]) if k else None,
+                     "records": done(k, "generate").get("records"),
+                     "train_loss": done(k, "finetune").get("train_loss"), "qa_accuracy": qa.get("accuracy"),
+                     "imhi_weighted_f1": imhi.get("weighted_f1"), "imhi_rules": imhi.get("rules"),
+                     "qa": {name: s["accuracy"] for name, s in qa.get("sets", {}).items()},
+                     "imhi": {name: s.get(imhi.get("rules")) for name, s in imhi.get("sets", {}).items()}})
+    return rows
+
+
+def summary_markdown(plan: Plan, rows: list[dict]) -> str:
+    header = ["iteration", "model", "epochs", "records", "train loss", "QA acc", "IMHI w-F1"]
+    lines = [f"# MentalArena iterations in {plan.work_dir}", "",
+             f"{plan.backend} backend; starting model {plan.base_model or 'embedded'}; evaluations: "
+             f"{', '.join(plan.evals).replace('eval_', '') or 'none'}. Scores in %; – : not done (yet).", "",
+             _md_row(header), _md_row(["---"] * len(header))]
+    for r in rows:
+        lines.append(_md_row([r["iteration"], r["model"], r["epochs"], r["records"], _fmt(r["train_loss"], 4),
+                              _fmt(r["qa_accuracy"]), _fmt(r["imhi_weighted_f1"])]))
+    rules = next((r["imhi_rules"] for r in rows if r["imhi_rules"]), None)
+    notes = (["QA acc: the mean over the QA sets of `accuracy` (robust answer extraction, MedQA_eval.py)."]
+             if any(r["qa"] for r in rows) else [])
+    notes += [f"IMHI w-F1: the mean over the IMHI sets of the weighted F1 with the `{rules}` labels (IMHI_eval.py)."
+              ] if rules else []
+    sets = list(dict.fromkeys([*(s for r in rows for s in r["qa"]), *(s for r in rows for s in r["imhi"])]))
+    if sets:
+        lines += ["", *notes, "", "## Per set", "", _md_row(["iteration", *sets]), _md_row(["---"] * (len(sets) + 1))]
+        lines += [_md_row([r["iteration"], *(_fmt({**r["qa"], **r["imhi"]}.get(s)) for s in sets)]) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _md_row(cells: list) -> str:
+    return "| " + " | ".join("–" if c is None else str(c) for c in cells) + " |"
+
+
+def _fmt(value, digits: int = 2) -> str | None:
+    return None if value is None else f"{value:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------- small helpers
+def _schedule(backend: str, epochs, iterations) -> list:
+    """Epochs per iteration: one value for every iteration, or one value for all."""
+    values = names(epochs) if epochs is not None else [str(e) for e in PAPER_EPOCHS[backend]]
+    parsed = []
+    for value in values:
+        try:
+            number = float(value)
+        except ValueError:
+            number = 0.0
+        if number <= 0 or (backend == "openai" and not number.is_integer()):
+            kind = "whole numbers" if backend == "openai" else "positive numbers"
+            raise InputError(f"--epochs must be a comma list of {kind} (e.g. 4,5,7,7), not {epochs!r}")
+        parsed.append(int(number) if number.is_integer() else number)
+    if not parsed:
+        raise InputError("--epochs is empty")
+    _positive_int("iterations", iterations)
+    count = len(parsed) if iterations is None else iterations
+    if len(parsed) == 1:
+        return parsed * count
+    if len(parsed) < count:
+        raise InputError(f"--iterations {count} needs {count} epoch values, --epochs gives {len(parsed)} "
+                         f"({','.join(map(str, parsed))}); give one per iteration, or one for all")
+    return parsed[:count]
+
+
+def _positive_int(name: str, value) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise InputError(f"--{name} must be a whole number of at least 1, not {value!r}")
+
+
+def _json_literal(value):
+    """fire reads '{"progress": false}' with the JSON literal as text; take it as JSON means."""
+    return {"true": True, "false": False, "null": None}.get(value, value) if isinstance(value, str) else value
+
+
+def _flag_value(value) -> str:
+    """Text the stage's fire parses back to exactly `value` (a string fire would read as a number,
+    a tuple or None is quoted)."""
+    if isinstance(value, str) and DefaultParseValue(value) == value:
+        return value
+    return repr(value)
+
+
+def _portable(value, work_dir: Path):
+    """Paths under --work_dir written relative to it, credentials cut out of URLs (in lists too)."""
+    if isinstance(value, (list, tuple)):
+        return [_portable(v, work_dir) for v in value]
+    if not isinstance(value, str):
+        return value
+    root = str(work_dir)
+    if value == root or value.startswith(root + os.sep):
+        return WORK + value[len(root):]
+    if "://" in value and "@" in value:
+        parts = urlsplit(value)
+        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return value
+
+
+def _local(value: str, work_dir: Path) -> str:
+    return str(work_dir) + value[len(WORK):] if value.startswith(WORK) else value
+
+
+def _absolute(path: str | None) -> str | None:
+    """A local path made absolute (the stages run with the same cwd, but state.json must not depend
+    on it); a model name that is not a local path stays as it is."""
+    return str(Path(path).resolve()) if path is not None and Path(str(path)).exists() else path
+
+
+def _differences(old: list[dict], new: list[dict]) -> str:
+    """'' when the calls agree on everything but the running flags; else what changed."""
+    if [(c["script"], c.get("command")) for c in old] != [(c["script"], c.get("command")) for c in new]:
+        return "other stage commands: " + ", ".join(c["script"] for c in new)
+    changes = []
+    for o, n in zip(old, new):
+        for key in dict.fromkeys([*o["args"], *n["args"]]):
+            if key not in RUNNING_KEYS and o["args"].get(key) != n["args"].get(key):
+                changes.append(f"--{key} {o['args'].get(key)} -> {n['args'].get(key)}")
+    return ", ".join(dict.fromkeys(changes))
+
+
+def _results(folder: Path, step: str) -> list[dict]:
+    found = sorted(folder.rglob("*.results.json"))
+    if not found:
+        raise StepFailed(f"{step}: no *.results.json under {folder}")
+    return [json.loads(p.read_text(encoding="utf-8")) for p in found]
+
+
+def _read_json(path: Path, step: str) -> dict:
+    return json.loads(_must_exist(path, step).read_text(encoding="utf-8"))
+
+
+def _must_exist(path: Path, step: str) -> Path:
+    if not path.is_file():
+        raise StepFailed(f"{step}: the stage ended without writing {path}")
+    return path
+
+
+def _mean(values) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.fmean(present), 2) if present else None
+
+
+def _brief(outputs: dict) -> str:
+    parts = []
+    for key in ("records", "examples", "train_loss", "accuracy", "weighted_f1", "model"):
+        if outputs.get(key) is not None:
+            value = outputs[key]
+            parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return ", ".join(parts) or "no figures"
+
+
+def _step_files(folder: Path, step: str) -> list[Path]:
+    return {"generate": [folder / "records.jsonl", folder / "records.errors.jsonl", folder / "records.summary.json"],
+            "finetune": [folder / "model", folder / "finetune.openai.jsonl", folder / "finetune.openai.jsonl.job.json"],
+            "eval_qa": [folder / "eval" / "qa"], "eval_imhi": [folder / "eval" / "imhi"]}[step]
+
+
+def _iterations_on_disk(plan: Plan, state: dict) -> set[int]:
+    found = {int(p.name[4:]) for p in plan.work_dir.glob("iter*") if p.name[4:].isdigit()}
+    return found | {e["iteration"] for e in state["steps"].values()} | {k for k, _ in plan.steps()}
+
+
+def _fail(plan: Plan, state: dict, key: str, code: int) -> None:
+    state["steps"][key].update(status="failed", exit_code=code, finished_at=_now())
+    _save(plan, state)
+
+
+def _save(plan: Plan, state: dict) -> None:
+    state["updated_at"] = _now()
+    write_json_atomic(plan.state_file, state)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _key(iteration: int, step: str) -> str:
+    return f"{iteration}/{step}"
+
+
+def _order(iteration: int, step: str) -> tuple[int, int]:
+    return iteration, STEPS.index(step)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when every step is done, 1 when a step failed, 2 on bad input (the loop's or a stage's)."""
+    try:
+        result = fire.Fire(run, command=argv, serialize=lambda _: None)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if result["error"]:
+        print(f"error: {result['error']}", file=sys.stderr)
+    return result["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

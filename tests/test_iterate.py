@@ -1,0 +1,363 @@
+"""iterate.py: the order of the steps, each iteration's model feeding the next, the epoch schedules,
+resume after a failed step, refusal of changed settings (and --restart), the OpenAI path through
+the real data_process.py against the fake server, and bad input.
+
+The stages are replaced by `Stages`, which checks every command against the real stage's
+signature (as fire would parse it), records it and writes the files the real stage would."""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+from fake_openai import FakeOpenAI
+from fire.parser import DefaultParseValue
+
+import arena_med
+import data_process
+import IMHI_eval
+import iterate
+import llama_finetune
+import MedQA_eval
+from mentalarena.jsonl import append_jsonl
+
+MODULES = {"arena_med.py": arena_med, "llama_finetune.py": llama_finetune, "data_process.py": data_process,
+           "MedQA_eval.py": MedQA_eval, "IMHI_eval.py": IMHI_eval}
+KEY = "sk-proj-ITERATE0TEST0KEY0abc123"
+QUICK = ["--limit", "2", "--max_steps", "3", "--method", "lora", "--eval_limit", "4"]
+
+
+class Stages:
+    """Stands in for iterate.run_stage. `fail` maps (script, n-th call of it) to an exit status;
+    `real` maps a script to a function that runs the real stage on the argv instead."""
+
+    def __init__(self, fail: dict | None = None, real: dict | None = None):
+        self.calls: list[dict] = []
+        self.fail = fail or {}
+        self.real = real or {}
+
+    def __call__(self, script: str, argv: list[str], launcher: list[str] | None = None) -> int:
+        command = argv[0] if argv and not argv[0].startswith("--") else None
+        args = {}
+        for flag in argv[1 if command else 0:]:
+            key, _, value = flag.removeprefix("--").partition("=")
+            args[key] = DefaultParseValue(value)
+        inspect.signature(getattr(MODULES[script], command or "run")).bind(**args)  # the real stage takes it
+        self.calls.append({"script": script, "command": command, "args": args, "launcher": launcher})
+        code = self.fail.get((script, sum(c["script"] == script for c in self.calls)), 0)
+        if code:
+            return code
+        if script in self.real:
+            return self.real[script](argv)
+        FAKES[script](args)
+        return 0
+
+    def of(self, script: str) -> list[dict]:
+        return [c["args"] for c in self.calls if c["script"] == script]
+
+
+def _iteration(folder: str | Path) -> int:
+    return int(Path(folder).name.removeprefix("iter"))
+
+
+def fake_arena(args: dict) -> None:
+    Path(args["output_file"]).parent.mkdir(parents=True, exist_ok=True)
+    for i in range(args.get("limit", 3)):
+        append_jsonl(args["output_file"], {
+            "symptom": f"Patient {i} sleeps badly.", "illness": "Depression", "treatment": "CBT",
+            "explain_t": "It helps.", "medicine": "None", "explain_m": "-", "patient_id": f"s-{i}", "sample": 0})
+
+
+def fake_finetune(args: dict) -> None:
+    out = Path(args["output_dir"]) / args["new_name"]
+    assert not out.exists(), "a re-run must not find a stale model"
+    (out / "merged").mkdir(parents=True)
+    (out / "merged" / "config.json").write_text("{}")
+    k = _iteration(args["output_dir"])
+    (out / "finetune_config.json").write_text(json.dumps({
+        "summary": {"examples": 4, "steps": args.get("max_steps"), "epochs": args["nepoch"], "train_loss": 3.0 - k / 2,
+                    "loss_first": 3.5, "loss_last": 2.5}, "merged": str(out / "merged")}))
+
+
+def fake_medqa(args: dict) -> None:
+    out = Path(args["output_dir"]) / "m"
+    out.mkdir(parents=True, exist_ok=True)
+    sets = ["MedQA", "MedMCQA", "PubMedQA"] if "data_dir" in args else [args["dataset"]]
+    k = _iteration(Path(args["output_dir"]).parent.parent)
+    for name in sets:
+        accuracy = 40.0 + 10 * k + {"MedQA": 0, "MedMCQA": 1, "PubMedQA": 2}[name]
+        (out / f"{name}.results.json").write_text(json.dumps({"benchmark": name, "accuracy": accuracy, "n": 4}))
+
+
+def fake_imhi(args: dict) -> None:
+    out = Path(args["output_dir"]) / "m" / "IMHI"
+    out.mkdir(parents=True, exist_ok=True)
+    k = _iteration(Path(args["output_dir"]).parent.parent)
+    for i, name in enumerate(["CAMS", "dreaddit"]):
+        (out / f"{name}.results.json").write_text(json.dumps({
+            "test_set": "IMHI", "dataset": name,
+            "scores": {"reference": {"weighted_f1": 1.0}, "fixed": {"weighted_f1": 20.0 + k + i}}}))
+
+
+FAKES = {"arena_med.py": fake_arena, "llama_finetune.py": fake_finetune, "MedQA_eval.py": fake_medqa,
+         "IMHI_eval.py": fake_imhi}
+
+
+@pytest.fixture
+def stages(monkeypatch):
+    def install(**kwargs) -> Stages:
+        fake = Stages(**kwargs)
+        monkeypatch.setattr(iterate, "run_stage", fake)
+        return fake
+    return install
+
+
+def state_of(work: Path) -> dict:
+    return json.loads((work / "state.json").read_text())
+
+
+def merged(work: Path, k: int) -> str:
+    return str(work.resolve() / f"iter{k}" / "model" / "merged")
+
+
+# ---------------------------------------------------------------------------------- the loop
+def test_steps_run_in_order_and_each_model_feeds_the_next(tmp_path, stages, capsys):
+    work, fake = tmp_path / "run", stages()
+    code = iterate.main(["--work_dir", str(work), "--iterations", "2", *QUICK,
+                         "--arena_args", '{"max_new_tokens": 32, "progress": false}'])
+    assert code == 0
+    evals = [("MedQA_eval.py", "MedQA"), ("MedQA_eval.py", "PubMedQA"), ("IMHI_eval.py", None)]
+    one = [("arena_med.py", None), ("llama_finetune.py", None), *evals]
+    assert [(c["script"], c["args"].get("dataset")) for c in fake.calls] == evals + one + one
+
+    # iteration 1 starts from the embedded model (no --base_model), iteration 2 from iteration 1's merged model
+    assert [a.get("base_model") for a in fake.of("arena_med.py")] == [None, merged(work, 1)]
+    assert [a.get("base_model") for a in fake.of("llama_finetune.py")] == [None, merged(work, 1)]
+    assert [a.get("model") for a in fake.of("IMHI_eval.py")] == [None, merged(work, 1), merged(work, 2)]
+    assert [a.get("model") for a in fake.of("MedQA_eval.py")][::2] == [None, merged(work, 1), merged(work, 2)]
+    # the paper's first two epochs, the merge, the stage flags passed through
+    assert [(a["nepoch"], a["merge"], a["max_steps"], a["method"]) for a in fake.of("llama_finetune.py")] == \
+        [(4, True, 3, "lora"), (5, True, 3, "lora")]
+    arena = fake.of("arena_med.py")[1]
+    assert (arena["max_new_tokens"], arena["progress"], arena["limit"]) == (32, False, 2)
+    assert arena["output_file"] == str(work.resolve() / "iter2" / "records.jsonl")
+    assert fake.of("llama_finetune.py")[1]["data_files"] == arena["output_file"]
+    assert fake.of("MedQA_eval.py")[0]["data_file"].endswith("data/qa_sample/medqa.jsonl")
+    assert {a["limit"] for a in fake.of("MedQA_eval.py") + fake.of("IMHI_eval.py")} == {4}
+
+    state = state_of(work)
+    assert [(e["iteration"], e["step"], e["status"]) for e in state["steps"].values()] == \
+        [(0, "eval_qa", "done"), (0, "eval_imhi", "done")] + [
+            (k, s, "done") for k in (1, 2) for s in ("generate", "finetune", "eval_qa", "eval_imhi")]
+    assert state["steps"]["2/finetune"]["outputs"]["model"] == "<work_dir>/iter2/model/merged"
+    assert state["steps"]["1/generate"]["calls"][0]["args"]["output_file"] == "<work_dir>/iter1/records.jsonl"
+
+    rows = [line for line in (work / "summary.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[:5] == ["| iteration | model | epochs | records | train loss | QA acc | IMHI w-F1 |",
+                        "| --- | --- | --- | --- | --- | --- | --- |",
+                        "| 0 | embedded | – | – | – | 41.00 | 20.50 |",
+                        "| 1 | iter1/model/merged | 4 | 2 | 2.5000 | 51.00 | 21.50 |",
+                        "| 2 | iter2/model/merged | 5 | 2 | 2.0000 | 61.00 | 22.50 |"]
+    assert "| 2 | 60.00 | 62.00 | 22.00 | 23.00 |" in rows  # per set: MedQA, PubMedQA, IMHI/CAMS, IMHI/dreaddit
+    out = capsys.readouterr().out
+    assert "[iterate] iteration 1/2 finetune: llama_finetune.py --method=lora" in out
+    assert "| 2 | iter2/model/merged | 5 | 2 | 2.0000 | 61.00 | 22.50 |" in out
+
+
+@pytest.mark.parametrize("args, schedule", [
+    ([], [4, 5, 7, 7]),                                 # the paper's Llama schedule, one iteration per value
+    (["--iterations", "2"], [4, 5]),
+    (["--epochs", "3", "--iterations", "3"], [3, 3, 3]),  # one value for every iteration
+    (["--epochs", "2,1.5"], [2, 1.5]),
+])
+def test_epoch_schedule(tmp_path, stages, args, schedule):
+    fake = stages()
+    assert iterate.main(["--work_dir", str(tmp_path / "w"), "--eval", "none", *QUICK, *args]) == 0
+    assert [a["nepoch"] for a in fake.of("llama_finetune.py")] == schedule
+    assert all(c["script"] in ("arena_med.py", "llama_finetune.py") for c in fake.calls)
+
+
+def test_a_failed_step_is_resumed_and_finished_steps_are_not_rerun(tmp_path, stages, capsys):
+    work = tmp_path / "run"
+    argv = ["--work_dir", str(work), "--iterations", "2", "--eval", "qa", "--finetune_launcher", "accelerate launch",
+            *QUICK]
+    fake = stages(fail={("llama_finetune.py", 2): 1})
+    assert iterate.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: iteration 2 finetune: llama_finetune.py failed (exit status 1)" in err
+    assert "re-run the same command" in err
+    steps = state_of(work)["steps"]
+    assert (steps["2/generate"]["status"], steps["2/finetune"]["status"]) == ("done", "failed")
+    assert "2/eval_qa" not in steps and fake.calls[-1]["launcher"] == ["accelerate", "launch"]
+    assert all(c["launcher"] is None for c in fake.calls if c["script"] != "llama_finetune.py")
+
+    again = stages()
+    assert iterate.main(argv) == 0
+    assert [c["script"] for c in again.calls] == ["llama_finetune.py", "MedQA_eval.py", "MedQA_eval.py"]
+    assert again.calls[0]["args"]["base_model"] == merged(work, 1)
+    assert "iteration 2 generate: done earlier (records 2); skipped" in capsys.readouterr().out
+    assert state_of(work)["steps"]["2/finetune"]["status"] == "done"
+
+
+def test_a_stage_that_rejects_its_input_exits_2_and_leaves_no_record(tmp_path, stages, capsys):
+    work = tmp_path / "run"
+    stages(fail={("arena_med.py", 1): 2})
+    assert iterate.main(["--work_dir", str(work), "--eval", "none", *QUICK]) == 2
+    assert "arena_med.py rejected its input (exit status 2" in capsys.readouterr().err
+    assert state_of(work)["steps"] == {}
+
+
+def test_a_stage_that_succeeds_without_its_outputs_is_a_failed_step(tmp_path, stages, capsys):
+    work = tmp_path / "run"
+    stages(real={"llama_finetune.py": lambda argv: 0})
+    assert iterate.main(["--work_dir", str(work), "--eval", "none", *QUICK]) == 1
+    assert "error: iteration 1 finetune: the stage ended without writing" in capsys.readouterr().err
+    assert state_of(work)["steps"]["1/finetune"]["status"] == "failed"
+
+
+def test_changed_settings_are_refused_and_restart_redoes_only_what_depends_on_them(tmp_path, stages, capsys):
+    work = tmp_path / "run"
+    base = ["--work_dir", str(work), "--iterations", "2", "--eval", "qa", "--limit", "2", "--method", "lora",
+            "--eval_limit", "4"]
+    stages()
+    assert iterate.main([*base, "--max_steps", "3"]) == 0
+    before = (work / "state.json").read_bytes()
+
+    fake = stages()
+    assert iterate.main([*base, "--max_steps", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {work.resolve() / 'state.json'}: iteration 1 finetune ran with other settings "
+                   "(--max_steps 3 -> 4); re-run with those, use another --work_dir, or pass --restart to discard "
+                   "its outputs")
+    assert fake.calls == [] and (work / "state.json").read_bytes() == before
+
+    # a flag that changes only how a stage runs is no change
+    assert iterate.main([*base, "--max_steps", "3", "--arena_args", '{"concurrency": 2}']) == 0
+    assert fake.calls == []
+
+    # an evaluation setting: --restart redoes the evaluations only
+    assert iterate.main([*base, "--max_steps", "3", "--eval_limit", "5", "--restart"]) == 0
+    assert [c["script"] for c in fake.calls] == ["MedQA_eval.py"] * 6
+    assert "--restart: removing" in capsys.readouterr().out
+
+    # a fine-tuning setting: --restart redoes that fine-tuning and everything after it, not the self-play before it
+    redo = stages()
+    assert iterate.main([*base, "--max_steps", "4", "--eval_limit", "5", "--restart"]) == 0
+    scripts = [c["script"] for c in redo.calls]
+    assert scripts == ["llama_finetune.py", "MedQA_eval.py", "MedQA_eval.py", "arena_med.py", "llama_finetune.py",
+                       "MedQA_eval.py", "MedQA_eval.py"]
+    assert not (work / "iter2" / "records.jsonl.tmp").exists()
+    assert len((work / "iter2" / "records.jsonl").read_text().splitlines()) == 2  # rewritten, not appended
+
+
+def test_openai_path_takes_each_fine_tuned_id_from_data_process(tmp_path, stages, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    work = tmp_path / "gpt"
+    with FakeOpenAI(job_statuses=("queued", "running", "succeeded")) as server:
+        fake = stages(real={"data_process.py": data_process.main})
+        code = iterate.main(["--work_dir", str(work), "--backend", "openai", "--api_base", server.base_url,
+                             "--eval", "qa", "--limit", "3", "--judge_model", "gpt-4-turbo-2024-04-09",
+                             "--finetune_args", '{"min_examples": 0, "poll_seconds": 0.01}'])
+    assert code == 0
+    jobs = [c for c in server.job_creates]
+    assert [j["method"]["supervised"]["hyperparameters"]["n_epochs"] for j in jobs] == [4, 6]  # the paper's GPT schedule
+    first = state_of(work)["steps"]["1/finetune"]["outputs"]["model"]
+    assert first.startswith("ft:gpt-3.5-turbo-0125:fake::")
+    assert [j["model"] for j in jobs] == ["gpt-3.5-turbo-0125", first]
+    assert [a["base_model"] for a in fake.of("arena_med.py")] == ["gpt-3.5-turbo-0125", first]
+    assert {a["judge_model"] for a in fake.of("arena_med.py")} == {"gpt-4-turbo-2024-04-09"}
+    second = state_of(work)["steps"]["2/finetune"]["outputs"]["model"]
+    assert [a["model"] for a in fake.of("MedQA_eval.py")][::2] == ["gpt-3.5-turbo-0125", first, second]
+    assert {a["api_base"] for c in fake.calls for a in [c["args"]]} == {server.base_url}
+    assert all(a["wait"] is True for a in fake.of("data_process.py"))
+    assert [len(u["content"].splitlines()) for u in server.uploads] == [6, 6]  # 3 records, 2 pairs each
+    written = "".join(p.read_text() for p in work.rglob("*") if p.is_file() and p.suffix in (".json", ".md"))
+    assert KEY not in written and second in (work / "summary.md").read_text()
+
+
+# ---------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("args, message", [
+    ([], "--work_dir is required"),
+    (["--backend", "hf"], "--backend must be one of open, openai"),
+    (["--eval", "qa,mmlu"], "--eval must be one of qa, imhi, none"),
+    (["--epochs", "4,x"], "--epochs must be a comma list of positive numbers"),
+    (["--iterations", "3", "--epochs", "4,5"], "--iterations 3 needs 3 epoch values, --epochs gives 2 (4,5)"),
+    (["--limit", "0"], "--limit must be a whole number of at least 1"),
+    (["--arena_args", "[1, 2]"], "--arena_args must be a dict of the stage's flags"),
+    (["--arena_args", '{"max_new_token": 3}'], "--arena_args: arena_med.py has no flag --max_new_token"),
+    (["--arena_args", '{"output_file": "x.jsonl"}'], "--arena_args: output_file is not yours to set here"),
+    (["--finetune_args", '{"nepoch": 2}'], "nepoch is not yours to set here: use --epochs"),
+    (["--qa_args", '{"tables": "main"}'], "--qa_args: MedQA_eval.py has no flag --tables"),
+    (["--limit", "2", "--arena_args", '{"limit": 3}'], "--arena_args: limit is also given as --limit"),
+    (["--finetune_args", '{"api_key": "sk-secret-123456"}'], "export OPENAI_API_KEY"),
+    (["--patients_file", "nowhere.json"], "--patients_file nowhere.json: file not found"),
+    (["--api_base", "http://127.0.0.1:1/v1"], "--api_base is for --backend openai"),
+    (["--backend", "openai", "--method", "lora"], "--method and --max_steps are for --backend open"),
+    (["--backend", "openai"], "OPENAI_API_KEY is not set"),
+    (["--backend", "openai", "--api_base", "http://127.0.0.1:1/v1", "--epochs", "4,1.5"],
+     "--epochs must be a comma list of whole numbers"),
+])
+def test_bad_input_is_one_line_exit_2_and_runs_nothing(tmp_path, stages, capsys, monkeypatch, args, message):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    fake = stages()
+    argv = args if not args or args[0] == "--work_dir" else ["--work_dir", "run", *args]
+    assert iterate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert "sk-secret" not in err
+    assert fake.calls == [] and not (tmp_path / "run").exists()
+
+
+def test_a_broken_state_file_is_bad_input(tmp_path, stages, capsys):
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "state.json").write_text("{torn")
+    fake = stages()
+    assert iterate.main(["--work_dir", str(work), *QUICK]) == 2
+    assert "state.json: not valid JSON" in capsys.readouterr().err
+    assert fake.calls == [] and (work / "state.json").read_text() == "{torn"
+
+
+@pytest.mark.parametrize("value", ["a,b", "123", "None", "false", "/runs/x y/iter1", "ft:gpt-3.5-turbo:org::abc",
+                                   "{x}", 0.001, -3, True, ("a", "b")])
+def test_flag_values_reach_the_stage_unchanged(value):
+    assert DefaultParseValue(iterate._flag_value(value)) == value
+
+
+def test_recorded_urls_lose_their_credentials(tmp_path):
+    assert iterate._portable("http://user:pw@host:8000/v1", tmp_path) == "http://host:8000/v1"
+    assert iterate._portable(str(tmp_path / "iter1" / "x"), tmp_path) == "<work_dir>/iter1/x"
+
+
+# ---------------------------------------------------------------------------------- the real stages
+def test_one_iteration_of_the_real_stages_on_a_tiny_model(tmp_path):
+    """Each stage's own CLI in its own process, on a randomly initialised 2-layer Llama with the
+    embedded tokenizer: the loop reads back what the real stages write."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from mentalarena.hf_backend import EMBEDDED_GGUF, embedded_model_dir
+
+    tiny = tmp_path / "tiny"
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(), gguf_file=EMBEDDED_GGUF)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                     ).save_pretrained(tiny)
+    tokenizer.save_pretrained(tiny)
+    work = tmp_path / "run"
+    result = iterate.run(
+        work_dir=str(work), base_model=str(tiny), iterations=1, eval_base=False, limit=1, method="lora", max_steps=1,
+        eval_limit=1, arena_args={"max_new_tokens": 8, "dialogue_rounds": 1, "max_decode_rounds": 0, "max_tries": 1,
+                                  "progress": False},
+        finetune_args={"lora_r": 8, "target_modules": "all-linear", "max_seq_length": 128},
+        qa_args={"repeats": 1, "max_new_tokens": 4, "progress": False},
+        imhi_args={"max_new_tokens": 4, "datasets": "dreaddit", "progress": False})
+    assert result["exit_code"] == 0
+    (row,) = result["rows"]
+    assert row["model"] == "iter1/model/merged" and row["records"] == 1 and row["train_loss"] > 0
+    assert set(row["qa"]) == {"MedQA", "PubMedQA"} and set(row["imhi"]) == {"IMHI/dreaddit"}
+    assert (work / "iter1" / "model" / "merged" / "config.json").is_file()
