@@ -585,17 +585,17 @@ def _print_results(r: dict) -> None:
 COMMANDS = {"run": run, "report": report}
 
 
-def _complete(command, out) -> bool:
+def _exit_code(command, out) -> int:
     if command is report:
         print(out)
-        return True
-    return all(r["complete"] for r in out)
+        return 0
+    return 0 if all(r["complete"] for r in out) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     """`IMHI_eval.py [run] --model ...` or `report --output_dir ...`. Exit 0 when every row was
     answered, 1 when some requests failed, 2 on bad input."""
-    return cli.main(COMMANDS, run, _complete, argv)
+    return cli.main(COMMANDS, run, _exit_code, argv)
 
 
 if __name__ == "__main__":

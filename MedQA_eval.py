@@ -367,18 +367,18 @@ def _progress_bar(total: int, job: dict):
 COMMANDS = {"run": run, "suite": suite, "report": report}
 
 
-def _complete(command, out) -> bool:
+def _exit_code(command, out) -> int:
     if command is report:
         print(out)
-        return True
+        return 0
     results = [out] if command is run else list(out.values())
-    return all(r["complete"] for r in results)
+    return 0 if all(r["complete"] for r in results) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     """`MedQA_eval.py [run] --model ...` (the paper's form), `suite ...` or `report ...`.
     Exit 0 when everything was answered, 1 when some requests failed, 2 on bad input."""
-    return cli.main(COMMANDS, run, _complete, argv)
+    return cli.main(COMMANDS, run, _exit_code, argv)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 from openai import OpenAI
 
+from mentalarena import cli
 from mentalarena.cli import names
 from mentalarena.errors import InputError
 from mentalarena.jsonl import write_json_atomic
@@ -241,9 +242,10 @@ def _api(key: str) -> Iterator[list[str]]:
         body = exc.body if isinstance(exc.body, dict) else {}
         code = f" {exc.code}" if exc.code else ""
         message = f": {body['message']}" if isinstance(body.get("message"), str) else ""
-        raise APIFailure(_redact(f"{step[0]}: HTTP {exc.status_code} {type(exc).__name__}{code}{message}", key)) from None
+        detail = f"HTTP {exc.status_code} {type(exc).__name__}{code}{message}"
+        raise APIFailure(f"OpenAI API: {_redact(f'{step[0]}: {detail}', key)}") from None
     except openai.OpenAIError as exc:
-        raise APIFailure(_redact(f"{step[0]}: {type(exc).__name__}: {exc}", key)) from None
+        raise APIFailure(f"OpenAI API: {_redact(f'{step[0]}: {type(exc).__name__}: {exc}', key)}") from None
 
 
 def _redact(text: str, key: str) -> str:
@@ -260,15 +262,10 @@ def _one_line(text: str, limit: int = 400) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when the job exists (or succeeded, with --wait), 1 when the API failed or the job did, 2 on bad input."""
-    import fire
-    try:
-        result = fire.Fire(run, command=argv, serialize=lambda _: None)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except APIFailure as exc:
-        print(f"error: OpenAI API: {exc}", file=sys.stderr)
-        return 1
+    return cli.main({}, run, _exit_code, argv, failures=(APIFailure,))
+
+
+def _exit_code(_, result) -> int:
     return 1 if isinstance(result, dict) and result.get("status") in RETRYABLE_END else 0
 
 

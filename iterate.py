@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import fire
 from fire.parser import DefaultParseValue
 
 import arena_med
@@ -49,6 +48,7 @@ import data_process
 import IMHI_eval
 import llama_finetune
 import MedQA_eval
+from mentalarena import cli
 from mentalarena.cli import names
 from mentalarena.errors import InputError, check_choice
 from mentalarena.jsonl import read_jsonl, write_json_atomic
@@ -665,11 +665,10 @@ def _now() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when every step is done, 1 when a step failed, 2 on bad input (the loop's or a stage's)."""
-    try:
-        result = fire.Fire(run, command=argv, serialize=lambda _: None)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return cli.main({}, run, _exit_code, argv)
+
+
+def _exit_code(_, result: dict) -> int:
     if result["error"]:
         print(f"error: {result['error']}", file=sys.stderr)
     return result["exit_code"]

@@ -344,7 +344,7 @@ def _print_summary(summary: dict, config: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when trained (or already done), 1 when the loss is not finite, 2 on bad input."""
-    return cli_main({}, run, lambda _, summary: isinstance(summary, dict) and summary.get("ok"), argv)
+    return cli_main({}, run, lambda _, summary: 0 if isinstance(summary, dict) and summary.get("ok") else 1, argv)
 
 
 if __name__ == "__main__":

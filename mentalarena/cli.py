@@ -12,10 +12,11 @@ from typing import Callable
 from .errors import InputError
 
 
-def main(commands: dict[str, Callable], default: Callable, complete: Callable[[Callable, object], bool],
-         argv: list[str] | None = None) -> int:
+def main(commands: dict[str, Callable], default: Callable, exit_code: Callable[[Callable, object], int],
+         argv: list[str] | None = None, failures: tuple[type[Exception], ...] = ()) -> int:
     """`script.py [command] --flag ...` through fire; a command that is not named is `default`.
-    Exit 0 when `complete(command, result)`, 1 when not (some requests failed), 2 on bad input."""
+    Bad input is one line and exit 2; an exception in `failures` (a remote service that failed) is
+    one line and exit 1; otherwise `exit_code(command, result)` decides (0 complete, 1 not)."""
     import fire
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -25,7 +26,10 @@ def main(commands: dict[str, Callable], default: Callable, complete: Callable[[C
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0 if complete(command, out) else 1
+    except failures as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return exit_code(command, out)
 
 
 def names(value) -> list[str]:

@@ -39,7 +39,7 @@ CSV_TEXT_COLUMN = "Principles"
 
 # ---------------------------------------------------------------- shared file reading
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         # utf-8-sig: files saved by spreadsheet tools often start with a BOM.
         return path.read_text(encoding="utf-8-sig")
@@ -147,7 +147,7 @@ def load_patients(path: str | Path) -> list[dict]:
     Entries are returned as given (shallow copies), apart from a numeric id turned into a string.
     """
     path = Path(path)
-    data = _parse_json(path, _read_text(path))
+    data = _parse_json(path, read_text(path))
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a JSON list of patient objects, got {_json_type(data)}")
     if not data:
@@ -245,7 +245,7 @@ def load_principles(path: str | Path) -> dict[str, list[str]]:
     extension (.csv/.json), else from the content. Principle texts are kept exactly as written.
     """
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     suffix = path.suffix.lower()
     is_json = suffix == ".json" or (suffix != ".csv" and _looks_like_json(text))
     return _principles_from_json(path, text) if is_json else _principles_from_csv(path, text)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .data import read_text
 from .errors import InputError
 from .prompts import Prompts
 
@@ -178,14 +179,7 @@ def load_pairs(paths: Sequence[str | Path] | str | Path, reference_glue: bool = 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, value) for every non-blank line. Split on "\\n" only: a JSON string may hold U+2028."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
+    text = read_text(path)
     for number, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
