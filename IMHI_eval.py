@@ -30,8 +30,8 @@ from pathlib import Path
 from mentalarena import cli, imhi
 from mentalarena.backends import make_backend, resolve_backend
 from mentalarena.errors import InputError, check_choice
-from mentalarena.cli import auto_dtype, model_tag, names, request_seed, settings_hash
-from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
+from mentalarena.cli import answers_on_file, auto_dtype, model_tag, names, request_seed, settings_hash
+from mentalarena.jsonl import append_jsonl, write_json_atomic
 from mentalarena.seq2seq_backend import REFERENCE_MAX_LENGTH, Seq2SeqBackend, is_encoder_decoder
 
 log = logging.getLogger("imhi_eval")
@@ -193,18 +193,8 @@ def generate(chat, job: Job, settings: dict, out_dir: Path, progress: bool) -> d
 
 
 def _answered(samples: Path, run_hash: str) -> dict[str, dict]:
-    """Row key -> the answer on file; rows of other settings stop the run rather than mix."""
-    repair_torn_tail(samples)
-    done = {}
-    for number, row in enumerate(read_jsonl(samples), 1):
-        if "key" not in row or "generated_text" not in row:
-            raise InputError(f'{samples}: line {number}: fields "key"/"generated_text" missing '
-                             "(not a samples file of this script); choose another --output_dir")
-        if row.get("settings_hash") != run_hash:
-            raise InputError(f"{samples}: line {number}: made with other settings (hash {row.get('settings_hash')} "
-                             f"!= {run_hash}); use another --output_dir or delete the file")
-        done[row["key"]] = row
-    return done
+    """Row key -> the answer on file."""
+    return {row["key"]: row for row in answers_on_file(samples, run_hash, ("key", "generated_text"))}
 
 
 def _score_and_save(job: Job, generation: dict, scorers: Scorers, out_dir: Path, settings: dict, chat) -> dict:

@@ -24,8 +24,8 @@ from pathlib import Path
 from mentalarena import cli, qa
 from mentalarena.backends import make_backend, resolve_backend
 from mentalarena.errors import InputError, ModelCallError, check_choice
-from mentalarena.cli import auto_dtype, model_tag, request_seed, settings_hash
-from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
+from mentalarena.cli import answers_on_file, auto_dtype, model_tag, request_seed, settings_hash
+from mentalarena.jsonl import append_jsonl, read_jsonl, write_json_atomic
 from mentalarena.prompts import Prompts
 
 log = logging.getLogger("medqa_eval")
@@ -222,19 +222,9 @@ def _sample_row(item: qa.QAItem, repeat: int, prompt: str, output: str, run_hash
 
 
 def _answered(samples: Path, run_hash: str, ids: set[str]) -> set[tuple[str, int]]:
-    """(id, repeat) pairs already on file; rows of other settings stop the run rather than mix."""
-    repair_torn_tail(samples)
-    done = set()
-    for number, row in enumerate(read_jsonl(samples), 1):
-        if "id" not in row or "repeat" not in row:
-            raise InputError(f"{samples}: line {number}: fields \"id\"/\"repeat\" missing "
-                             "(not a samples file of this script); choose another --output_dir")
-        if row.get("settings_hash") != run_hash:
-            raise InputError(f"{samples}: line {number}: made with other settings (hash {row.get('settings_hash')} "
-                             f"!= {run_hash}); use another --output_dir or delete the file")
-        if row["id"] in ids:
-            done.add((row["id"], row["repeat"]))
-    return done
+    """(id, repeat) pairs already on file."""
+    return {(row["id"], row["repeat"]) for row in answers_on_file(samples, run_hash, ("id", "repeat"))
+            if row["id"] in ids}
 
 
 # ---------------------------------------------------------------------------------- setup helpers

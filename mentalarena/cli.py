@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import InputError
+from .jsonl import read_jsonl, repair_torn_tail
 
 
 def main(commands: dict[str, Callable], default: Callable, exit_code: Callable[[Callable, object], int],
@@ -67,3 +68,19 @@ def auto_dtype(dtype: str | None, device: str | None) -> str | None:
     if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         return "bfloat16"
     return "bfloat16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
+def answers_on_file(samples: Path, run_hash: str, fields: tuple[str, ...]) -> list[dict]:
+    """The rows of a per-answer samples file (a torn last line is cut off first). A row without
+    `fields` is not this script's; a row of other settings stops the run rather than mix."""
+    repair_torn_tail(samples)
+    rows = read_jsonl(samples)
+    named = "/".join(f'"{name}"' for name in fields)
+    for number, row in enumerate(rows, 1):
+        if any(name not in row for name in fields):
+            raise InputError(f"{samples}: line {number}: fields {named} missing "
+                             "(not a samples file of this script); choose another --output_dir")
+        if row.get("settings_hash") != run_hash:
+            raise InputError(f"{samples}: line {number}: made with other settings (hash {row.get('settings_hash')} "
+                             f"!= {run_hash}); use another --output_dir or delete the file")
+    return rows
