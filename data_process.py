@@ -19,13 +19,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import openai
 from openai import OpenAI
 
 from mentalarena import cli
-from mentalarena.cli import names
+from mentalarena.cli import names, public_url
+from mentalarena.data import one_line
 from mentalarena.errors import InputError
 from mentalarena.jsonl import write_json_atomic
 from mentalarena.openai_backend import LOCAL_PLACEHOLDER_KEY
@@ -90,7 +90,7 @@ def run(
         return result
 
     client = OpenAI(api_key=key, base_url=api_base, max_retries=5)
-    settings = {"data_sha256": hashlib.sha256(finetune.read_bytes()).hexdigest(), "api_base": _public_url(api_base),
+    settings = {"data_sha256": hashlib.sha256(finetune.read_bytes()).hexdigest(), "api_base": public_url(api_base),
                 "base_model": base_model, "n_epochs": n_epochs, "suffix": suffix}
     print(f"[data_process] job settings {json.dumps(settings)}", flush=True)
     with _api(key) as step:
@@ -159,7 +159,7 @@ def _print_job(job) -> None:
     if job.fine_tuned_model:
         line += f", fine-tuned model {job.fine_tuned_model}"
     if job.status in RETRYABLE_END and job.error is not None and job.error.message:
-        line += f" ({_one_line(job.error.message)})"
+        line += f" ({one_line(job.error.message, 400)})"
     print(line, flush=True)
 
 
@@ -212,14 +212,6 @@ def _api_key(api_key: str | None, api_base: str | None) -> str:
     raise InputError("OPENAI_API_KEY is not set: export it, or pass --api_base for an OpenAI-compatible server")
 
 
-def _public_url(url: str | None) -> str | None:
-    """The server address without any user:password part, fit for the state file."""
-    if not url:
-        return None
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-
-
 def _read_state(path: Path) -> dict:
     if not path.exists():
         return {}
@@ -252,12 +244,7 @@ def _redact(text: str, key: str) -> str:
     """Servers quote keys back in part ("Incorrect API key provided: sk-ab***yz"): hide any of it."""
     if key and key != LOCAL_PLACEHOLDER_KEY:
         text = text.replace(key, "***")
-    return _one_line(re.sub(r"sk-[A-Za-z0-9_*\-]+", "sk-***", text))
-
-
-def _one_line(text: str, limit: int = 400) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
+    return one_line(re.sub(r"sk-[A-Za-z0-9_*\-]+", "sk-***", text), 400)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from fire.parser import DefaultParseValue
 
@@ -49,7 +48,7 @@ import IMHI_eval
 import llama_finetune
 import MedQA_eval
 from mentalarena import cli
-from mentalarena.cli import names
+from mentalarena.cli import names, public_url
 from mentalarena.errors import InputError, check_choice
 from mentalarena.jsonl import read_jsonl, write_json_atomic
 
@@ -565,10 +564,7 @@ def _portable(value, work_dir: Path):
     root = str(work_dir)
     if value == root or value.startswith(root + os.sep):
         return WORK + value[len(root):]
-    if "://" in value and "@" in value:
-        parts = urlsplit(value)
-        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    return value
+    return public_url(value) if "://" in value else value
 
 
 def _local(value: str, work_dir: Path) -> str:

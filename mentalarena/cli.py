@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import InputError
 from .jsonl import read_jsonl, repair_torn_tail
@@ -39,6 +40,14 @@ def names(value) -> list[str]:
         return []
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     return [str(item).strip() for item in items if str(item).strip()]
+
+
+def public_url(url: str | None) -> str | None:
+    """A server address without any user:password part, fit for logs and state files."""
+    if not url or "@" not in url:
+        return url
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def settings_hash(obj) -> str:

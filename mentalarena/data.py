@@ -67,7 +67,7 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _one_line(text: str, limit: int = 60) -> str:
+def one_line(text: str, limit: int = 60) -> str:
     """Squash whitespace so user-provided names cannot break the one-line message."""
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
@@ -82,10 +82,10 @@ def _entry_label(index: int, entry: Any) -> str:
     parts = []
     raw_id = entry.get("id")
     if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) and str(raw_id).strip():
-        parts.append(f'id "{_one_line(str(raw_id))}"')
+        parts.append(f'id "{one_line(str(raw_id))}"')
     name = entry.get("name")
     if isinstance(name, str) and name.strip():
-        parts.append(_one_line(name))
+        parts.append(one_line(name))
     return f"entry {index} ({', '.join(parts)})" if parts else f"entry {index}"
 
 
@@ -111,7 +111,7 @@ def _check_string_list(value: Any, allow_empty: bool) -> str | None:
         return "is an empty list"
     for i, item in enumerate(value):
         if not isinstance(item, str) or not item.strip():
-            return f"item {i} must be a non-empty string, got {_json_type(item)} {_one_line(json.dumps(item), 30)}"
+            return f"item {i} must be a non-empty string, got {_json_type(item)} {one_line(json.dumps(item), 30)}"
     return None
 
 
@@ -196,7 +196,7 @@ def _principles_from_csv(path: Path, text: str) -> dict[str, list[str]]:
         for wanted in (CSV_GROUP_COLUMN, CSV_TEXT_COLUMN):
             columns[wanted] = _find_column(header, wanted)
             if columns[wanted] is None:
-                found = ", ".join(_one_line(h, 30) for h in header) or "nothing"
+                found = ", ".join(one_line(h, 30) for h in header) or "nothing"
                 raise InputError(f'{path}: line 1 (header): column "{wanted}" is missing (found: {found})')
         groups: dict[str, list[str]] = {}
         line = reader.line_num + 1
@@ -211,7 +211,7 @@ def _principles_from_csv(path: Path, text: str) -> dict[str, list[str]]:
                 raise InputError(f'{path}: line {start}: field "{CSV_GROUP_COLUMN}" is missing or empty')
             if not cells[CSV_TEXT_COLUMN].strip():
                 raise InputError(
-                    f'{path}: line {start} ({CSV_GROUP_COLUMN} {_one_line(group, 30)}): '
+                    f'{path}: line {start} ({CSV_GROUP_COLUMN} {one_line(group, 30)}): '
                     f'field "{CSV_TEXT_COLUMN}" is missing or empty'
                 )
             groups.setdefault(group, []).append(cells[CSV_TEXT_COLUMN])
@@ -233,7 +233,7 @@ def _principles_from_json(path: Path, text: str) -> dict[str, list[str]]:
     for group, principles in data.items():
         problem = _check_string_list(principles, allow_empty=False)
         if problem:
-            raise InputError(f'{path}: group "{_one_line(group, 30)}": field "principles" {problem}')
+            raise InputError(f'{path}: group "{one_line(group, 30)}": field "principles" {problem}')
     return {group: list(principles) for group, principles in data.items()}
 
 
