@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from mentalarena.backends import make_backend, resolve_backend
 from mentalarena.errors import InputError, check_choice
 from mentalarena.cli import answers_on_file, auto_dtype, model_tag, names, request_seed, settings_hash
 from mentalarena.jsonl import append_jsonl, write_json_atomic
+from mentalarena.locks import hold_all
+from mentalarena.progress import Progress
 from mentalarena.seq2seq_backend import REFERENCE_MAX_LENGTH, Seq2SeqBackend, is_encoder_decoder
 
 log = logging.getLogger("imhi_eval")
@@ -112,18 +115,21 @@ def run(
     scorers = Scorers(names(rules), label_model_dir, names(explanation_metrics), bart_model, bertscore_model,
                       sorted({j.dataset for j in jobs}), device, int(batch_size))
     settings = _settings(model, backend, api_base, prompting, temperature, max_new_tokens, seed, dtype, device)
-    print("[imhi] settings " + json.dumps(settings), file=sys.stderr, flush=True)
+    print("[imhi] settings " + json.dumps(cli.public_settings(settings)), file=sys.stderr, flush=True)
     model_dir = Path(output_dir) / model_tag(settings["model"])
-    for job in jobs:  # answers of other settings on file stop the run before the model loads
-        _answered(model_dir / job.test_set / f"{job.dataset}.samples.jsonl", settings_hash(settings))
-    chat = _backend(settings, int(batch_size), device)
+    samples = [model_dir / job.test_set / f"{job.dataset}.samples.jsonl" for job in jobs]
     results = []
-    try:
-        for job in jobs:
-            generation = generate(chat, job, settings, model_dir / job.test_set, progress)
-            results.append(_score_and_save(job, generation, scorers, model_dir / job.test_set, settings, chat))
-    finally:
-        chat.close()
+    with ExitStack() as held:
+        hold_all(held, samples)  # one writer per answers file
+        for path in samples:  # answers of other settings on file stop the run before the model loads
+            _answered(path, settings_hash(settings))
+        chat = _backend(settings, int(batch_size), device)
+        try:
+            for job in jobs:
+                generation = generate(chat, job, settings, model_dir / job.test_set, progress)
+                results.append(_score_and_save(job, generation, scorers, model_dir / job.test_set, settings, chat))
+        finally:
+            chat.close()
     print(report(str(model_dir)))
     return results
 
@@ -168,22 +174,21 @@ def generate(chat, job: Job, settings: dict, out_dir: Path, progress: bool) -> d
     raw = settings["prompting"] == "raw"
     prompts = [row["query"] if raw else [{"role": "user", "content": row["query"]}] for row in todo]
     seeds = [request_seed(settings["seed"], job.dataset, row["key"]) for row in todo]
-    bar = _progress_bar(len(todo), job) if progress and todo else None
+    bar = Progress(len(todo), f"{job.test_set}/{job.dataset}", enabled=progress and bool(todo))
     failures, start = 0, time.perf_counter()
     for index, reply in chat.stream(prompts, seeds=seeds, chat=not raw):
         row = todo[index]
         if isinstance(reply, Exception):
             failures += 1
+            bar.failure()
             log.error("%s row %d: %s", job.dataset, row["row"], reply)
         else:
-            append_jsonl(samples, {"row": row["row"], "key": row["key"], "query": row["query"], "golden": row["golden"],
-                                   "generated_text": reply.text, "prompt_tokens": reply.prompt_tokens,
-                                   "completion_tokens": reply.completion_tokens, "truncated": reply.truncated,
-                                   "settings_hash": run_hash})
-        if bar:
-            bar.update(1)
-    if bar:
-        bar.close()
+            append_jsonl(samples, {"row": row["row"], "key": row["key"], "seed": seeds[index], "query": row["query"],
+                                   "golden": row["golden"], "generated_text": reply.text,
+                                   "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                                   "truncated": reply.truncated, "settings_hash": run_hash})
+            bar.reply(reply)
+    bar.close()
     answers = _answered(samples, run_hash)
     answered = [answers[row["key"]] for row in job.rows if row["key"] in answers]
     imhi.write_generated_csv(out_dir / "generated" / f"{job.dataset}.csv",
@@ -208,7 +213,8 @@ def _score_and_save(job: Job, generation: dict, scorers: Scorers, out_dir: Path,
         "empty_outputs": sum(not a["generated_text"].strip() for a in answers),
         "truncated_prompts": sum(bool(a.get("truncated")) for a in answers),
         "failed_requests": generation["failed_requests"], "wall_seconds": generation["wall_seconds"],
-        "backend_stats": chat.stats(), "settings": settings, "settings_hash": generation["settings_hash"],
+        "backend_stats": chat.stats(), "settings": cli.public_settings(settings),
+        "settings_hash": generation["settings_hash"],
         "files": {"samples": generation["samples_file"], "generated": f"generated/{job.dataset}.csv"},
     }
     write_json_atomic(out_dir / f"{job.dataset}.results.json", results)
@@ -504,11 +510,12 @@ def _backend(settings: dict, batch_size: int, device: str | None):
     # None: the reference's max_length=2048, i.e. prompt + answer bounded by 2048 tokens (API: 2048 new tokens)
     reference = settings["max_new_tokens"] is None
     model = None if settings["backend"] == "embedded" else settings["model"]
-    return make_backend(model, settings["backend"], settings["api_base"], max_parallel=batch_size,
+    chat = make_backend(model, settings["backend"], settings["api_base"], max_parallel=batch_size,
                         max_batch_size=batch_size, prefix_cache_gb=0,
                         max_new_tokens=REFERENCE_MAX_LENGTH if reference else settings["max_new_tokens"],
                         max_context_tokens=REFERENCE_MAX_LENGTH if reference and settings["backend"] != "openai" else None,
                         **common)
+    return cli.checked(chat, "imhi")
 
 
 # ---------------------------------------------------------------------------------- small helpers
@@ -516,11 +523,6 @@ def _row_key(index: int, query: str, golden: str) -> str:
     """Row number plus a digest of its text: an edited test file re-asks exactly the rows that changed."""
     digest = hashlib.sha256((query + "\0" + golden).encode()).hexdigest()[:12]
     return f"{index}:{digest}"
-
-
-def _progress_bar(total: int, job: Job):
-    from tqdm import tqdm
-    return tqdm(total=total, unit="row", desc=f"{job.test_set}/{job.dataset}", dynamic_ncols=True, file=sys.stderr)
 
 
 def _fmt(value, digits: int = 2) -> str:

@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 from mentalarena import cli, qa
@@ -26,6 +27,8 @@ from mentalarena.backends import make_backend, resolve_backend
 from mentalarena.errors import InputError, ModelCallError, check_choice
 from mentalarena.cli import answers_on_file, auto_dtype, model_tag, request_seed, settings_hash
 from mentalarena.jsonl import append_jsonl, read_jsonl, write_json_atomic
+from mentalarena.locks import hold_all
+from mentalarena.progress import Progress
 from mentalarena.prompts import Prompts
 
 log = logging.getLogger("medqa_eval")
@@ -71,7 +74,8 @@ def run(
     with_context: bool = False,       # PubMedQA: put the abstract before the question (the paper did not)
     # decoding
     repeats: int = 5,                 # independent runs averaged (the paper: 5); mean and std are reported
-    temperature: float | None = None,  # None: 0 for API models, 0.1 for local ones (the reference's values)
+    temperature: float | None = None,  # None: 0 for API models, 0.1 for open ones (the reference's values)
+    open_model: bool | None = None,   # an open-weight model (0.1), also when served over --api_base; None: local ones only
     max_new_tokens: int = 256,
     batch_size: int = 64,             # local: sequences decoded together; API: requests in flight
     seed: int = 0,
@@ -86,12 +90,14 @@ def run(
     job = _job(dataset, name, data_file, limit, cop_base)
     prompts = Prompts(prompt_dir)
     prompts.check(["qa_system", qa.benchmark(dataset).template])
-    settings = _settings(model, backend, api_base, temperature, max_new_tokens, repeats, seed, with_context)
-    chat = _backend(settings, batch_size, dtype, device)
-    try:
-        return evaluate(chat, job, prompts, settings, Path(output_dir), progress)
-    finally:
-        chat.close()
+    settings = _settings(model, backend, api_base, temperature, open_model, max_new_tokens, repeats, seed, with_context)
+    with ExitStack() as held:
+        hold_all(held, [_samples_file(Path(output_dir), settings, job)])
+        chat = _backend(settings, batch_size, dtype, device)
+        try:
+            return evaluate(chat, job, prompts, settings, Path(output_dir), progress)
+        finally:
+            chat.close()
 
 
 def suite(
@@ -99,7 +105,8 @@ def suite(
     tables: str = "main,generalization",  # which of the paper's tables: main, generalization
     data_dir: str | None = None,       # a folder laid out like the paper's data/ (medqa/, medmcqa/, ...); else the hub
     limit: int | None = None, with_context: bool = False, repeats: int = 5,
-    temperature: float | None = None, max_new_tokens: int = 256, batch_size: int = 64, seed: int = 0,
+    temperature: float | None = None, open_model: bool | None = None, max_new_tokens: int = 256,
+    batch_size: int = 64, seed: int = 0,
     dtype: str | None = "auto", device: str | None = None, output_dir: str = "outputs/eval",
     prompt_dir: str | None = None, progress: bool = True,
 ) -> dict:
@@ -110,15 +117,17 @@ def suite(
     jobs = [_job(d, s, _local_file(data_dir, d, s), limit, None) for t in chosen for d, s in TABLES[t]]
     prompts = Prompts(prompt_dir)
     prompts.check(["qa_system", "qa_choice", "qa_decision"])
-    settings = _settings(model, backend, api_base, temperature, max_new_tokens, repeats, seed, with_context)
-    chat = _backend(settings, batch_size, dtype, device)
+    settings = _settings(model, backend, api_base, temperature, open_model, max_new_tokens, repeats, seed, with_context)
     results = {}
-    try:
-        for job in jobs:
-            out = evaluate(chat, job, prompts, settings, Path(output_dir), progress)
-            results[_stem(job)] = out
-    finally:
-        chat.close()
+    with ExitStack() as held:
+        hold_all(held, [_samples_file(Path(output_dir), settings, job) for job in jobs])
+        chat = _backend(settings, batch_size, dtype, device)
+        try:
+            for job in jobs:
+                out = evaluate(chat, job, prompts, settings, Path(output_dir), progress)
+                results[_stem(job)] = out
+        finally:
+            chat.close()
     print(report(output_dir))
     return results
 
@@ -149,9 +158,9 @@ def report(output_dir: str = "outputs/eval", output_file: str | None = None) -> 
 def evaluate(chat, job: dict, prompts: Prompts, settings: dict, output_dir: Path, progress: bool) -> dict:
     """Ask every (question, repeat) not yet answered, append each answer as it comes, then score."""
     items = job["items"]
-    out_dir = output_dir / model_tag(settings["model"])
+    samples = _samples_file(output_dir, settings, job)
+    out_dir = samples.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    samples = out_dir / f"{_stem(job)}.samples.jsonl"
     run_hash = settings_hash({**settings, "data": job["source"], "limit": job["limit"],
                       "templates": [prompts.template("qa_system"), prompts.template(qa.benchmark(job["dataset"]).template)]})
     done = _answered(samples, run_hash, {i.id for i in items})
@@ -165,19 +174,19 @@ def evaluate(chat, job: dict, prompts: Prompts, settings: dict, output_dir: Path
                      for item, _ in todo]
     seeds = [request_seed(settings["seed"], item.id, r) for item, r in todo]
     failures = 0
-    bar = _progress_bar(len(todo), job) if progress and todo else None
+    bar = Progress(len(todo), _stem(job), enabled=progress and bool(todo))
     start = time.perf_counter()
     for index, reply in chat.stream(conversations, seeds=seeds):
         item, r = todo[index]
         if isinstance(reply, ModelCallError):
             failures += 1
+            bar.failure()
             log.error("%s repeat %d: %s", item.id, r, reply)
         else:
-            append_jsonl(samples, _sample_row(item, r, conversations[index][1]["content"], reply.text, run_hash))
-        if bar:
-            bar.update(1)
-    if bar:
-        bar.close()
+            append_jsonl(samples, _sample_row(item, r, conversations[index][1]["content"], reply.text, run_hash,
+                                              seeds[index]))
+            bar.reply(reply)
+    bar.close()
     wall = time.perf_counter() - start
     results = _results(job, settings, read_jsonl(samples), run_hash, failures, wall, chat)
     write_json_atomic(out_dir / f"{_stem(job)}.results.json", results)
@@ -209,14 +218,14 @@ def _results(job, settings, rows, run_hash, failures, wall, chat) -> dict:
         "majority_baseline": {"answer": label, "accuracy": round(100 * share, 2)},
         "gold_distribution": dict(sorted(Counter(i.gold for i in job["items"]).items())),
         "per_repeat": per_repeat, "failed_requests": failures, "wall_seconds": round(wall, 1),
-        "backend_stats": chat.stats(), "settings": settings, "settings_hash": run_hash,
+        "backend_stats": chat.stats(), "settings": cli.public_settings(settings), "settings_hash": run_hash,
         "samples_file": f"{_stem(job)}.samples.jsonl",
     }
 
 
-def _sample_row(item: qa.QAItem, repeat: int, prompt: str, output: str, run_hash: str) -> dict:
+def _sample_row(item: qa.QAItem, repeat: int, prompt: str, output: str, run_hash: str, seed: int) -> dict:
     extracted = qa.extract_answer(output, item)
-    return {"id": item.id, "repeat": repeat, "prompt": prompt, "output": output, "gold": item.gold,
+    return {"id": item.id, "repeat": repeat, "seed": seed, "prompt": prompt, "output": output, "gold": item.gold,
             "extracted": extracted, "correct": extracted == item.gold,
             "correct_reference": qa.score_reference(output, item), "settings_hash": run_hash}
 
@@ -265,12 +274,16 @@ def _local_file(data_dir: str | None, dataset: str, subset: str | None) -> str |
     return None  # a subject / subset file that is not there comes from the hub
 
 
-def _settings(model, backend, api_base, temperature, max_new_tokens, repeats, seed, with_context) -> dict:
+def _settings(model, backend, api_base, temperature, open_model, max_new_tokens, repeats, seed, with_context) -> dict:
     kind = resolve_backend(model, backend, api_base)
-    if temperature is None:  # the reference: 0 for API calls, 0.1 in its local pipeline
-        temperature = 0.0 if kind == "openai" else 0.1
     if int(repeats) < 1:
         raise InputError(f"--repeats must be at least 1, not {repeats}")
+    open_weights = kind != "openai" if open_model is None else bool(open_model)
+    if temperature is None:  # the reference: 0 for API calls, 0.1 in its local pipeline
+        temperature = 0.1 if open_weights else 0.0
+        why = ("an open model: the reference's local pipeline used 0.1" if open_weights else
+               "an API model, as the reference" + (" (a served open model: --open_model)" if api_base else ""))
+        print(f"[eval] temperature {temperature} ({why}); --temperature sets another", file=sys.stderr, flush=True)
     return {"model": model or "embedded:SmolLM2-135M-Instruct", "backend": kind, "api_base": api_base,
             "temperature": float(temperature), "max_new_tokens": int(max_new_tokens), "repeats": int(repeats),
             "seed": int(seed), "with_context": bool(with_context)}
@@ -280,10 +293,15 @@ def _backend(settings: dict, batch_size: int, dtype: str | None, device: str | N
     if int(batch_size) < 1:
         raise InputError(f"--batch_size must be at least 1, not {batch_size}")
     model = None if settings["backend"] == "embedded" else settings["model"]
-    return make_backend(model, settings["backend"], settings["api_base"], temperature=settings["temperature"],
+    chat = make_backend(model, settings["backend"], settings["api_base"], temperature=settings["temperature"],
                         max_new_tokens=settings["max_new_tokens"], seed=settings["seed"],
                         max_parallel=int(batch_size), max_batch_size=int(batch_size),
                         dtype=auto_dtype(dtype, device), device=device, prefix_cache_gb=0)
+    return cli.checked(chat, "eval")
+
+
+def _samples_file(output_dir: Path, settings: dict, job: dict) -> Path:
+    return output_dir / model_tag(settings["model"]) / f"{_stem(job)}.samples.jsonl"
 
 
 # ---------------------------------------------------------------------------------- small helpers
@@ -347,11 +365,6 @@ def _print_results(r: dict) -> None:
           f"('{r['majority_baseline']['answer']}'), unparsed {r['unparsed_answers']}"
           + ("" if r["complete"] else f", INCOMPLETE: {r['missing_answers']} answers missing (re-run to retry)"),
           flush=True)
-
-
-def _progress_bar(total: int, job: dict):
-    from tqdm import tqdm
-    return tqdm(total=total, unit="answer", desc=_stem(job), dynamic_ncols=True, file=sys.stderr)
 
 
 COMMANDS = {"run": run, "suite": suite, "report": report}

@@ -19,13 +19,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mentalarena.backends import describe_routes, judge_route, route
+from mentalarena.cli import checked, request_seed
 from mentalarena.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
 from mentalarena.dialogue import HISTORY_MODES, Conversation, fresh as fresh_messages
 from mentalarena.engine import Gate, ModelClient
 from mentalarena.errors import InputError, check_choice
 from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
+from mentalarena.locks import OutputLock
 from mentalarena.parsing import (parse_extraction, parse_extraction_reference, parse_group_number,
                                  parse_score)
+from mentalarena.progress import SessionProgress
 from mentalarena.prompts import Prompts
 from mentalarena.similarity import BUNDLED_NAME, Encoder, threshold_for, top_k_groups
 
@@ -84,15 +88,21 @@ class Session:
         return await self._call(step, speaker, model, "fresh", template, fresh_messages(prompt, system), prompt)
 
     async def _call(self, step, speaker, model, thread, template, messages, prompt) -> str:
+        """Every model call of the session. Its seed comes from the run's seed and the call's
+        identity (patient, sample, step), so a reply depends on nothing else: not on the concurrency,
+        the batch it shared, or the server that answered it."""
         client = self.ctx.base if model == "base" else self.ctx.judge
-        reply = await client.chat(messages)
-        self.transcript.append({
-            "step": step, "speaker": speaker, "model": model, "thread": thread, "template": template,
-            "n_messages": len(messages),
-            # persona prompts are stored once per record (`personas`), not at every turn
-            "prompt": None if template.startswith("patient_cbt") or prompt is None else prompt,
-            "reply": reply.text, "prompt_tokens": reply.prompt_tokens,
-            "completion_tokens": reply.completion_tokens, "truncated": reply.truncated})
+        seed = request_seed(self.ctx.settings.seed, self.patient["id"], self.sample, step)
+        entry = {"step": step, "speaker": speaker, "model": model, "thread": thread, "template": template,
+                 "n_messages": len(messages), "seed": seed,
+                 # persona prompts are stored once per record (`personas`), not at every turn
+                 "prompt": None if template.startswith("patient_cbt") or prompt is None else prompt}
+        self.transcript.append(entry)  # in the order the calls were made, whatever order they end in
+        reply = await client.chat(messages, seed)
+        entry.update(reply=reply.text, prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
+                     truncated=reply.truncated)
+        if reply.endpoint:
+            entry["endpoint"] = reply.endpoint
         return reply.text
 
     async def patient_turn(self, step: str, persona: str) -> str:
@@ -275,6 +285,7 @@ async def run_all(arena: Arena, todo: list[tuple[dict, int]], output: Path, erro
         while queue:
             patient, sample = queue.pop()
             gate.active += 1
+            calls = None  # a failed session's calls are not known here
             try:
                 record = await run_session(patient, sample, arena)
             except Exception as exc:  # noqa: BLE001 - one failed session must not stop the run
@@ -285,12 +296,12 @@ async def run_all(arena: Arena, todo: list[tuple[dict, int]], output: Path, erro
             else:
                 counts["ok"] += 1
                 append_jsonl(output, record)
+                calls = record["calls"]
             finally:
                 gate.active -= 1
                 gate.notify()
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(ok=counts["ok"], failed=counts["failed"], calls=arena.base.stats.calls)
+            if progress is not None:
+                progress.session(calls)
 
     await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     return counts
@@ -387,45 +398,67 @@ def run(
     output = Path(output_file)
     output.parent.mkdir(parents=True, exist_ok=True)
     errors = output.with_name(output.stem + ".errors.jsonl")
-    todo, already = pending_sessions(patients, num_samples, output, settings.digest())
-    _seed_everything(seed)
-    print(f"[arena] {len(patients)} patients x {num_samples} samples: {already} done, {len(todo)} to run "
-          f"-> {output}", flush=True)
-    print("[arena] settings " + json.dumps(asdict(settings)), flush=True)
-    if not todo:
-        return {"sessions_ok": 0, "sessions_failed": 0, "skipped": already}
-    repair_torn_tail(output)  # every check passed: only now is the output touched
-    encoder = Encoder(encoder_model)
-
-    from mentalarena.backends import make_backend
-    common = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                  max_parallel=max(16, 4 * concurrency), device=device, dtype=dtype,
-                  max_batch_size=max_batch_size, max_context_tokens=max_context_tokens,
-                  prefix_cache_gb=prefix_cache_gb)
-    gate = Gate()
-    base = ModelClient(make_backend(base_model, backend, api_base, **common), gate, max_new_tokens,
-                       merge_system)
-    if judge_model is None or (judge_model == base_model and judge_backend == "auto" and judge_api_base == api_base):
-        judge = base
-    else:
-        judge = ModelClient(make_backend(judge_model, judge_backend, judge_api_base, **common), gate,
-                            max_new_tokens, merge_system)
-    arena = Arena(settings, prompts, base, judge, encoder, groups)
-    if errors.exists():
-        errors.unlink()  # the errors file reports the latest run only
-    started = time.time()
-    bar = _progress_bar(len(todo)) if progress else None
-    try:
-        counts = asyncio.run(run_all(arena, todo, output, errors, concurrency, bar))
-    finally:
-        if bar is not None:
-            bar.close()
-        base.close()
-        if judge is not base:
-            judge.close()
-    summary = _summary(counts, already, arena, time.time() - started, output, errors)
-    write_json_atomic(output.with_name(output.stem + ".summary.json"), summary)
+    base_route = route(base_model, backend, api_base)
+    judge = judge_route(base_route, judge_model, judge_backend, judge_api_base)
+    with OutputLock(output):  # before reading it: a live run on the same output may be writing it
+        todo, already = pending_sessions(patients, num_samples, output, settings.digest())
+        _seed_everything(seed)
+        print(f"[arena] {len(patients)} patients x {num_samples} samples: {already} done, {len(todo)} to run "
+              f"-> {output}", flush=True)
+        print("[arena] settings " + json.dumps(asdict(settings)), flush=True)
+        print("[arena] routes: " + describe_routes(base_route, judge), flush=True)
+        if not todo:
+            return {"sessions_ok": 0, "sessions_failed": 0, "skipped": already}
+        repair_torn_tail(output)  # every check passed: only now is the output touched
+        common = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                      max_parallel=max(16, 4 * concurrency), device=device, dtype=dtype,
+                      max_batch_size=max_batch_size, max_context_tokens=max_context_tokens,
+                      prefix_cache_gb=prefix_cache_gb)
+        clients = _clients([base_route] + ([judge] if judge else []), common, merge_system)
+        bar = None
+        try:
+            encoder = Encoder(encoder_model)
+            arena = Arena(settings, prompts, clients[0], clients[-1], encoder, groups)
+            if progress:
+                bar = SessionProgress(len(todo), expected_calls(settings))
+                for client in clients:
+                    client.on_reply = bar.reply
+            if errors.exists():
+                errors.unlink()  # the errors file reports the latest run only
+            started = time.time()
+            counts = asyncio.run(run_all(arena, todo, output, errors, concurrency, bar))
+        finally:
+            if bar is not None:
+                bar.close()
+            for client in clients:
+                client.close()
+        summary = _summary(counts, already, arena, time.time() - started, output, errors)
+        write_json_atomic(output.with_name(output.stem + ".summary.json"), summary)
     return summary
+
+
+def _clients(routes, common: dict, merge_system: bool) -> list[ModelClient]:
+    """One client per route (base, then judge if it has its own). Servers are reached first, so a
+    wrong address, key or model name stops the run in seconds, before any local model loads."""
+    from mentalarena.backends import make_backend
+
+    gate, built = Gate(), {}
+    try:
+        for r in sorted(routes, key=lambda r: r.kind != "openai"):
+            backend = checked(make_backend(r.model, r.kind, r.api_base, **common), "arena")
+            built[id(r)] = ModelClient(backend, gate, common["max_new_tokens"], merge_system)
+    except BaseException:
+        for client in built.values():
+            client.close()
+        raise
+    return [built[id(r)] for r in routes]
+
+
+def expected_calls(cfg: Settings) -> float:
+    """Calls a session makes, roughly (for the progress bar's first estimate): the fixed steps, plus
+    half of the decoder's extra rounds and of the tries, which stop early when they succeed."""
+    fixed = 2 + 2 * cfg.dialogue_rounds + 6 + 4 + 1  # principles, opening, dialogue, decoder, diagnosis, extraction
+    return fixed + cfg.max_decode_rounds * 8 / 2 + 2 * 3 * (1 + cfg.max_tries) / 2
 
 
 def _summary(counts, already, arena, wall, output, errors) -> dict:
@@ -444,11 +477,6 @@ def _summary(counts, already, arena, wall, output, errors) -> dict:
                "errors_file": str(errors) if counts["failed"] else None}
     print("[arena] summary " + json.dumps(summary), flush=True)
     return summary
-
-
-def _progress_bar(total: int):
-    from tqdm import tqdm
-    return tqdm(total=total, unit="session", dynamic_ncols=True, file=sys.stderr)
 
 
 def _seed_everything(seed: int) -> None:

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
+from .cli import public_url
 from .errors import InputError, ModelCallError
 
 
@@ -15,6 +16,7 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     truncated: bool = False  # the conversation was cut to fit the context window
+    endpoint: str | None = None  # the server that answered (remote backends), without credentials
 
 
 class ChatBackend:
@@ -32,8 +34,15 @@ class ChatBackend:
         """A rough count (4 characters a token) for backends without a tokenizer at hand."""
         return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
 
-    def generate(self, conversations: list[list[dict]]) -> list[Reply]:
+    def generate(self, conversations: list[list[dict]], seeds: list[int] | None = None) -> list[Reply]:
+        """One reply per conversation; `seeds` (one per conversation) fix each sampled reply on its
+        own, whatever else shares the batch."""
         raise NotImplementedError
+
+    def check(self) -> list[str]:
+        """Before any work: can this backend be used at all? Raises EndpointError if not; returns
+        notes for the start-up lines. Local backends have nothing to check."""
+        return []
 
     def stream(self, conversations: list[list[dict]], seeds: list[int] | None = None,
                chat: bool = True) -> Iterator[tuple[int, Reply | Exception]]:
@@ -44,7 +53,7 @@ class ChatBackend:
         for start in range(0, len(conversations), step):
             chunk = conversations[start:start + step]
             try:
-                replies = self.generate(chunk)
+                replies = self.generate(chunk, None if seeds is None else seeds[start:start + step])
             except ModelCallError as err:
                 replies = [err] * len(chunk)
             yield from enumerate(replies, start)
@@ -58,6 +67,69 @@ class ChatBackend:
 
 
 BACKENDS = ("auto", "embedded", "hf", "openai")
+
+
+def endpoint_list(api_base) -> list[str]:
+    """The servers of an --api_base: one URL, or several (replicas of one model) as a comma list."""
+    if not api_base:
+        return []
+    items = api_base if isinstance(api_base, (list, tuple)) else str(api_base).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one role's calls go: a local model, or an OpenAI-compatible API at `servers`
+    (none given: the OpenAI API itself, or OPENAI_BASE_URL)."""
+    model: str | None
+    kind: str
+    servers: tuple[str, ...] = ()
+
+    @property
+    def api_base(self) -> str | None:
+        return ",".join(self.servers) or None
+
+    def where(self) -> str:
+        if self.kind != "openai":
+            return "a local model in this process"
+        if self.servers:
+            return ", ".join(public_url(s) for s in self.servers)
+        default = public_url(os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1")
+        return f"the OpenAI API ({default})"
+
+
+def route(model: str | None, backend: str = "auto", api_base=None) -> Route:
+    kind = resolve_backend(model, backend, ",".join(endpoint_list(api_base)) or None)
+    return Route(model, kind, tuple(endpoint_list(api_base)) if kind == "openai" else ())
+
+
+def judge_route(base: Route, judge_model: str | None, judge_backend: str = "auto", judge_api_base=None) -> Route | None:
+    """Where a judge's calls go; None when the judge *is* the base model (same client, shared batches).
+
+    A judge naming the base model, with no other backend or server, is the base model. Any other
+    judge takes --judge_backend / --judge_api_base when given; without --judge_api_base a judge
+    served over the API goes where the base model is served (--api_base), never elsewhere by
+    itself: the OpenAI API is reached from a served base only when named (--judge_api_base
+    https://api.openai.com/v1). With no --api_base at all, the ordinary rule applies (gpt-4-turbo:
+    the OpenAI API; a path or org/name: a local model)."""
+    servers = endpoint_list(judge_api_base)
+    if judge_model in (None, base.model) and judge_backend in ("auto", base.kind) and \
+            (not servers or tuple(servers) == base.servers):
+        return None
+    if not servers and judge_backend in ("auto", "openai"):
+        servers = list(base.servers)
+    return route(judge_model or base.model, judge_backend, servers)
+
+
+def describe_routes(base: Route, judge: Route | None) -> str:
+    """The start-up line that says which server each role uses."""
+    line = f"base model {base.model or 'embedded'!r} -> {base.where()}"
+    if judge is None:
+        return line + "; judge -> the base model (same client, shared batches)"
+    line += f"; judge {judge.model!r} -> {judge.where()}"
+    if base.servers and judge.servers != base.servers:
+        line += " (not --api_base: the judge's calls and the data in them go there)"
+    return line
 
 
 def resolve_backend(model: str | None, backend: str = "auto", api_base: str | None = None) -> str:
@@ -88,10 +160,8 @@ def make_backend(model: str | None, backend: str = "auto", api_base: str | None 
         from .openai_backend import OpenAIBackend
         if not model:
             raise InputError("--backend openai needs --base_model (the served model name)")
-        backend_obj = OpenAIBackend(model, api_base=api_base, temperature=temperature,
-                                    max_new_tokens=max_new_tokens, max_parallel=max_parallel, seed=seed)
-        backend_obj.context_limit = max_context_tokens
-        return backend_obj
+        return OpenAIBackend(model, api_base=api_base, temperature=temperature, max_new_tokens=max_new_tokens,
+                             max_parallel=max_parallel, seed=seed, context_limit=max_context_tokens)
     from .hf_backend import EMBEDDED_GGUF, HFBackend, embedded_model_dir
     local = dict(temperature=temperature, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                  max_batch_size=max_batch_size, max_context_tokens=max_context_tokens, seed=seed,

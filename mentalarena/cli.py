@@ -34,6 +34,19 @@ def main(commands: dict[str, Callable], default: Callable, exit_code: Callable[[
     return exit_code(command, out)
 
 
+def checked(backend, tag: str):
+    """The backend, once its preflight passed (servers reached, key and model name accepted: see
+    `ChatBackend.check`); its notes are printed. A backend that fails it is closed."""
+    try:
+        notes = backend.check()
+    except BaseException:
+        backend.close()
+        raise
+    for note in notes:
+        print(f"[{tag}] {note}", file=sys.stderr, flush=True)
+    return backend
+
+
 def names(value) -> list[str]:
     """A comma list from the command line: fire turns "a,b" into a tuple but "t-sid,DR" into a string."""
     if value is None:
@@ -43,15 +56,27 @@ def names(value) -> list[str]:
 
 
 def public_url(url: str | None) -> str | None:
-    """A server address without any user:password part, fit for logs and state files."""
+    """A server address (or a comma list of them) without any user:password part, fit for logs,
+    results and state files."""
     if not url or "@" not in url:
         return url
+    if "," in url:
+        return ",".join(public_url(part.strip()) for part in url.split(","))
     parts = urlsplit(url)
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
+def public_settings(settings: dict) -> dict:
+    """Settings as they are printed and recorded: server addresses without credentials."""
+    return {**settings, "api_base": public_url(settings.get("api_base"))} if settings.get("api_base") else settings
+
+
 def settings_hash(obj) -> str:
-    """12 hex digits naming a settings dict; answers on file carry it so runs never mix."""
+    """12 hex digits naming a settings dict; answers on file carry it so runs never mix. Which
+    servers answer (`api_base`: one, or replicas) does not change the answers, so only whether the
+    model is served counts: a run may resume on more, fewer or other replicas."""
+    if isinstance(obj, dict) and obj.get("api_base"):
+        obj = {**obj, "api_base": "served"}
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -11,8 +11,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from typing import Callable
+
 from .backends import ChatBackend, Reply
 from .context import fit_messages, merge_system
+from .errors import ContextOverflow
+
+# A server that refuses a prompt as too long gets it again, cut shorter, this many times in all.
+OVERFLOW_ATTEMPTS = 3
 
 
 class Gate:
@@ -37,6 +43,7 @@ class CallStats:
     completion_tokens: int = 0
     truncated_calls: int = 0
     dropped_messages: int = 0
+    overflow_refits: int = 0  # calls sent again, cut shorter, after the server said they did not fit
     batches: int = 0
     busy_seconds: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
@@ -45,22 +52,28 @@ class CallStats:
         sizes = self.batch_sizes
         return {"calls": self.calls, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "truncated_calls": self.truncated_calls,
-                "dropped_messages": self.dropped_messages, "batches": self.batches,
+                "dropped_messages": self.dropped_messages, "overflow_refits": self.overflow_refits,
+                "batches": self.batches,
                 "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else 0.0,
                 "busy_seconds": round(self.busy_seconds, 2)}
 
 
 class ModelClient:
-    """`await chat(messages)`: fits the context, merges system text if asked, batches, counts."""
+    """`await chat(messages, seed)`: fits the context, merges system text if asked, batches, counts."""
 
     def __init__(self, backend: ChatBackend, gate: Gate, max_new_tokens: int,
-                 merge_system_prompt: bool = False, keep_first: int = 2, max_parallel: int = 16):
+                 merge_system_prompt: bool = False, keep_first: int = 2, max_parallel: int = 16,
+                 on_reply: Callable[[Reply], None] | None = None):
         self.backend, self.gate = backend, gate
         self.merge = merge_system_prompt
         self.keep_first = keep_first
         self.max_new_tokens = max_new_tokens
+        self.on_reply = on_reply  # e.g. the progress bar, called once per finished call
         self.stats = CallStats()
-        self._pending: list[tuple[list[dict], asyncio.Future]] = []
+        # What context overflows taught: the server's window, and how far to trust our token count
+        self.window: int | None = None
+        self.count_scale = 1.0
+        self._pending: list[tuple[list[dict], int | None, asyncio.Future]] = []
         self._dispatcher: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(max_workers=1 if backend.batched else max_parallel)
 
@@ -71,42 +84,67 @@ class ModelClient:
     def prepare(self, messages: list[dict]) -> tuple[list[dict], int]:
         """The messages actually sent, and how many history messages were dropped to fit."""
         messages = merge_system(messages) if self.merge else list(messages)
-        limit = getattr(self.backend, "context_limit", None)
+        limit = getattr(self.backend, "context_limit", None) or self.window
         if not limit:
             return messages, 0
-        budget = limit - self.max_new_tokens
+        budget = int((limit - self.max_new_tokens) * self.count_scale)
         return fit_messages(messages, self.backend.count_tokens, budget, self.keep_first)
 
-    async def chat(self, messages: list[dict]) -> Reply:
-        sent, dropped = self.prepare(messages)
-        self.gate.waiting += 1
-        self.gate.notify()
-        try:
-            if self.backend.batched:
-                reply = await self._queue(sent)
-            else:
-                (reply,) = await self._run([sent])
-        finally:
-            self.gate.waiting -= 1
+    async def chat(self, messages: list[dict], seed: int | None = None) -> Reply:
+        """One call. A prompt the server refuses as too long for its window is cut shorter (oldest
+        history first, as `prepare` cuts) and sent again."""
+        for attempt in range(OVERFLOW_ATTEMPTS):
+            sent, dropped = self.prepare(messages)
+            self.gate.waiting += 1
+            self.gate.notify()
+            try:
+                if self.backend.batched:
+                    reply = await self._queue(sent, seed)
+                else:
+                    (reply,) = await self._run([sent], [seed])
+                break
+            except ContextOverflow as overflow:
+                if attempt + 1 == OVERFLOW_ATTEMPTS:
+                    raise
+                self._learn(overflow, sent)
+            finally:
+                self.gate.waiting -= 1
         reply.truncated = reply.truncated or dropped > 0
         self.stats.calls += 1
         self.stats.prompt_tokens += reply.prompt_tokens
         self.stats.completion_tokens += reply.completion_tokens
         self.stats.truncated_calls += int(reply.truncated)
         self.stats.dropped_messages += dropped
+        if self.on_reply is not None:
+            self.on_reply(reply)
         return reply
 
-    async def _run(self, batch: list[list[dict]]) -> list[Reply]:
+    def _learn(self, overflow: ContextOverflow, sent: list[dict]) -> None:
+        """Take the window the server reported, and scale our token count by what it counted."""
+        self.stats.overflow_refits += 1
+        known = getattr(self.backend, "context_limit", None) or self.window
+        if overflow.window and not getattr(self.backend, "context_limit", None):
+            self.window = overflow.window
+        if known is None and self.window:
+            return  # the first cut uses the window just learned
+        if overflow.prompt_tokens:
+            ratio = self.backend.count_tokens(sent) / overflow.prompt_tokens
+            self.count_scale = min(self.count_scale * 0.9, 0.95 * ratio)
+        else:
+            self.count_scale *= 0.8
+
+    async def _run(self, batch: list[list[dict]], seeds: list[int | None]) -> list[Reply]:
         start = time.perf_counter()
-        replies = await asyncio.get_running_loop().run_in_executor(self._pool, self.backend.generate, batch)
+        seeds = None if all(s is None for s in seeds) else seeds
+        replies = await asyncio.get_running_loop().run_in_executor(self._pool, self.backend.generate, batch, seeds)
         self.stats.busy_seconds += time.perf_counter() - start
         self.stats.batches += 1
         self.stats.batch_sizes.append(len(batch))
         return replies
 
-    async def _queue(self, messages: list[dict]) -> Reply:
+    async def _queue(self, messages: list[dict], seed: int | None) -> Reply:
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((messages, future))
+        self._pending.append((messages, seed, future))
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch())
         return await future
@@ -124,13 +162,13 @@ class ModelClient:
                     pass
             batch, self._pending = self._pending, []
             try:
-                replies = await self._run([m for m, _ in batch])
+                replies = await self._run([m for m, _, _ in batch], [s for _, s, _ in batch])
             except Exception as exc:  # every waiting session sees the failure
-                for _, future in batch:
+                for _, _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), reply in zip(batch, replies):
+            for (_, _, future), reply in zip(batch, replies):
                 if not future.done():
                     future.set_result(reply)
 

@@ -1,8 +1,17 @@
-"""The two kinds of failure the scripts report to the user in one line."""
+"""The kinds of failure the scripts report to the user in one line."""
 
 
 class InputError(Exception):
     """Bad user input (file, row, field). The message is one line that names all three where known."""
+
+
+class EndpointError(InputError):
+    """A server named on the command line cannot be used (unreachable, key refused, model unknown),
+    found before any work starts. The message names the server, never its credentials."""
+
+
+class BusyError(InputError):
+    """Another live run is writing the same output."""
 
 
 def check_choice(flag: str, value: str, choices: tuple) -> None:
@@ -13,3 +22,12 @@ def check_choice(flag: str, value: str, choices: tuple) -> None:
 
 class ModelCallError(Exception):
     """A model call failed after all retries. The message never contains secrets."""
+
+
+class ContextOverflow(ModelCallError):
+    """The server refused a prompt longer than its context window. `prompt_tokens` and `window`
+    are the server's own counts where it gave them (llama.cpp does), else None."""
+
+    def __init__(self, message: str, prompt_tokens: int | None = None, window: int | None = None):
+        super().__init__(message)
+        self.prompt_tokens, self.window = prompt_tokens, window

@@ -22,6 +22,7 @@ import torch
 from .backends import ChatBackend, Reply
 from .batcher import ContinuousBatcher
 from .errors import InputError
+from .sampling import SeededSampler, row_generators, sample_rows
 
 log = logging.getLogger("mentalarena.hf")
 
@@ -142,16 +143,25 @@ class HFBackend(ChatBackend):
         return len(self.encode(messages))
 
     # ---- generation ---------------------------------------------------------------------
-    def generate(self, conversations: list[list[dict]]) -> list[Reply]:
+    def generate(self, conversations: list[list[dict]], seeds: list[int] | None = None) -> list[Reply]:
+        """One reply per conversation; `seeds` gives each its own sampling stream (without them,
+        seeds are drawn from the backend's generator: sampled, but not reproducible one by one)."""
         prompts = [torch.tensor(self.encode(c), dtype=torch.long) for c in conversations]
+        generators = self._generators(seeds, len(prompts))
         replies: list[Reply | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         with self._lock, torch.inference_mode():
             for start in range(0, len(order), self.max_batch_size):
                 chunk = order[start:start + self.max_batch_size]
-                for i, reply in zip(chunk, self._generate_batch([prompts[i] for i in chunk])):
+                batch = self._generate_batch([prompts[i] for i in chunk], [generators[i] for i in chunk])
+                for i, reply in zip(chunk, batch):
                     replies[i] = reply
         return replies
+
+    def _generators(self, seeds: list[int] | None, n: int) -> list[torch.Generator]:
+        if seeds is None:
+            seeds = torch.randint(0, 1 << 62, (n,), generator=self.generator).tolist()
+        return row_generators(seeds, self.device)
 
     def stream(self, conversations: list[list[dict]], seeds: list[int] | None = None,
                chat: bool = True) -> Iterator[tuple[int, Reply]]:
@@ -161,19 +171,17 @@ class HFBackend(ChatBackend):
         not depend on which others share its batch."""
         prompts = [self.encode(c) if chat else self.tokenizer(c, add_special_tokens=True)["input_ids"]
                    for c in conversations]
+        generators = self._generators(seeds, len(prompts))
         if not self.prefix_reuse:  # sliding-window / recurrent layers: plain batches through generate
             for start in range(0, len(prompts), self.max_batch_size):
                 chunk = [torch.tensor(p, dtype=torch.long) for p in prompts[start:start + self.max_batch_size]]
                 with self._lock, torch.inference_mode():
-                    replies = self._generate_plain(chunk)
+                    replies = self._generate_plain(chunk, generators[start:start + self.max_batch_size])
                 yield from enumerate(replies, start)
             return
-        generators = None
-        if seeds is not None and self.temperature > 0:
-            generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         batcher = ContinuousBatcher(
             self.model, self.eos_ids, decode=self._text,
-            sample=lambda logits, requests: self._sample(logits, generators and [generators[r] for r in requests]),
+            sample=lambda logits, requests: self._sample(logits, [generators[r] for r in requests]),
             slots=self.max_batch_size, max_new_tokens=self.max_new_tokens, context_limit=self.context_limit)
         with self._lock, torch.inference_mode():
             try:
@@ -181,9 +189,9 @@ class HFBackend(ChatBackend):
             finally:
                 self.prefilled_tokens += batcher.prefilled_tokens
 
-    def _generate_batch(self, prompts: list[torch.Tensor]) -> list[Reply]:
+    def _generate_batch(self, prompts: list[torch.Tensor], generators: list[torch.Generator]) -> list[Reply]:
         if not self.prefix_reuse:
-            return self._generate_plain(prompts)
+            return self._generate_plain(prompts, generators)
         hits = [self.cache.lookup(p) for p in prompts]
         # Feed at least the last prompt token so there are logits to sample from.
         reuse = [min(n, len(p) - 1) if kv is not None else 0 for (kv, n), p in zip(hits, prompts)]
@@ -194,7 +202,7 @@ class HFBackend(ChatBackend):
         start = time.perf_counter()
         logits, positions, mask = self._prefill(cache, mask, positions, suffixes)
         middle = time.perf_counter()
-        replies = self._decode(prompts, cache, mask, positions, logits)
+        replies = self._decode(prompts, cache, mask, positions, logits, generators)
         self.prefill_seconds += middle - start
         self.decode_seconds += time.perf_counter() - middle
         return replies
@@ -222,18 +230,19 @@ class HFBackend(ChatBackend):
                     layer.values[row, :, width - r:width] = v[:, :r]
         return cache, mask
 
-    def _generate_plain(self, prompts: list[torch.Tensor]) -> list[Reply]:
-        """transformers' own generate, for models whose caches are not plain full-attention layers."""
+    def _generate_plain(self, prompts: list[torch.Tensor], generators: list[torch.Generator]) -> list[Reply]:
+        """transformers' own generate, for models whose caches are not plain full-attention layers;
+        sampled through `SeededSampler`, so each row draws from its own generator as on the fast paths."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, p in enumerate(prompts):
             ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
-        sampling = ({"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
-                    if self.temperature > 0 else {"do_sample": False})
+        sampler = [SeededSampler(self.temperature, self.top_p, generators)] if self.temperature > 0 else []
         out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                   max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
-                                  eos_token_id=sorted(self.eos_ids), **sampling)
+                                  eos_token_id=sorted(self.eos_ids), do_sample=False, top_k=None, top_p=None,
+                                  temperature=None, logits_processor=sampler)
         replies = []
         for p, row in zip(prompts, out[:, width:].tolist()):
             tokens = [t for t in row if t != self.pad_id]
@@ -270,13 +279,13 @@ class HFBackend(ChatBackend):
                          use_cache=True, cache_position=torch.arange(past, past + ids.shape[1], device=self.device))
         return out.logits[:, -1, :].float(), positions + offsets[:, -1], mask
 
-    def _decode(self, prompts, cache, mask, positions, logits) -> list[Reply]:
+    def _decode(self, prompts, cache, mask, positions, logits, generators) -> list[Reply]:
         rows = list(range(len(prompts)))  # batch row -> request index, shrinks as rows finish
         generated: list[list[int]] = [[] for _ in prompts]
         replies: list[Reply | None] = [None] * len(prompts)
         ones = torch.ones(len(rows), 1, dtype=torch.long, device=self.device)
         while rows:
-            tokens = self._sample(logits)
+            tokens = self._sample(logits, [generators[r] for r in rows])
             done = []
             for row, (req, tok) in enumerate(zip(rows, tokens.tolist())):
                 if tok in self.eos_ids:
@@ -304,23 +313,8 @@ class HFBackend(ChatBackend):
             logits, positions, mask = self._forward(cache, mask, positions, tokens[:, None], ones)
         return replies
 
-    def _sample(self, logits: torch.Tensor, generators: list | None = None) -> torch.Tensor:
-        """Greedy at temperature 0; else one draw per row, from the row's own generator if given."""
-        if self.temperature <= 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_p, idx = probs.sort(dim=-1, descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p > self.top_p
-            probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
-        if generators is None:
-            return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
-        # Inverse-CDF with one uniform per row from the row's own generator: one batched search
-        # instead of a multinomial call per row (which cost a fifth of each decode step at 64 rows).
-        u = 1 - torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])  # in (0, 1]
-        cdf = probs.cumsum(-1)
-        picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1)
-        return picks.clamp(max=probs.shape[-1] - 1)
+    def _sample(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        return sample_rows(logits, self.temperature, self.top_p, generators)
 
     def _remember(self, prompt, generated, cache, mask, row) -> None:
         """Store the row's cache for prompt + reply (all but the last token were fed)."""

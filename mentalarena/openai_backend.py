@@ -1,7 +1,11 @@
-"""Chat backend for the OpenAI API and OpenAI-compatible local servers (vLLM, llama.cpp server, Ollama).
+"""Chat backend for the OpenAI API and OpenAI-compatible servers (vLLM, llama.cpp server, Ollama).
 
-All retrying happens in `OpenAIBackend._complete`; the SDK client is built with `max_retries=0` so that
+All retrying happens in `OpenAIBackend._complete`; the SDK clients are built with `max_retries=0` so that
 retries, backoff and their logging live in one place.
+
+Several endpoints (`api_base="URL1,URL2"`, replicas of one model) share the requests: each request goes
+to the endpoint with the fewest requests outstanding; an endpoint that fails `remove_after` times in a
+row leaves the rotation for `cooldown` seconds, and its requests are retried on the others at once.
 """
 from __future__ import annotations
 
@@ -14,19 +18,22 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import openai
 from openai import OpenAI
 from openai.types.chat import ChatCompletion
 
-from .backends import ChatBackend, Reply
-from .errors import InputError, ModelCallError
+from .backends import ChatBackend, Reply, endpoint_list
+from .cli import public_url
+from .errors import ContextOverflow, EndpointError, InputError, ModelCallError
 
 log = logging.getLogger("mentalarena.openai")
 
 # Local servers ignore the key, but the SDK refuses to build a client without one.
 LOCAL_PLACEHOLDER_KEY = "not-needed"
+OPENAI_API = "https://api.openai.com/v1"
 # 408 request timeout and 429 rate limit heal by waiting, as do 5xx; other 4xx mean the request is wrong.
 _RETRYABLE_4XX = {408, 429}
 # With tools, a null content is expected; without them it means the server sent a broken message.
@@ -35,10 +42,26 @@ _TOOL_FINISH_REASONS = {"tool_calls", "function_call"}
 _MAX_RETRY_AFTER_S = 600.0
 # Server-chosen error codes are quoted in messages only when they look like identifiers, never free text.
 _SAFE_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# vLLM states a context overflow only in its message: "maximum context length is 4096 tokens ...
+# (4900 in the messages, ...)" or "... your request has 4900 input tokens". Only the numbers are read.
+_VLLM_WINDOW = re.compile(r"maximum context length is (\d+)")
+_VLLM_PROMPT = re.compile(r"(\d+) (?:in the messages|input tokens)")
 
 
 class _MalformedResponse(Exception):
     """The server answered 200 but the body is not a usable chat completion."""
+
+
+@dataclass
+class Endpoint:
+    """One server of the rotation, with its own client and counters."""
+    shown: str                 # its address without credentials, for messages and summaries
+    client: OpenAI
+    outstanding: int = 0
+    in_a_row: int = 0          # failures since the last success
+    back_at: float = 0.0       # time.monotonic() when it rejoins the rotation
+    counts: dict = field(default_factory=lambda: {"requests": 0, "ok": 0, "errors": 0, "removed": 0,
+                                                  "prompt_tokens": 0, "completion_tokens": 0})
 
 
 class OpenAIBackend(ChatBackend):
@@ -46,10 +69,11 @@ class OpenAIBackend(ChatBackend):
 
     batched = False
 
-    def __init__(self, model: str, api_base: str | None = None, temperature: float = 0.8,
+    def __init__(self, model: str, api_base: str | list[str] | None = None, temperature: float = 0.8,
                  max_new_tokens: int = 256, max_retries: int = 8, timeout: float = 120.0,
                  max_parallel: int = 16, backoff_base: float = 1.0, backoff_max: float = 60.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, context_limit: int | None = None, remove_after: int = 3,
+                 cooldown: float = 30.0) -> None:
         self.model = model
         self.name = f"openai:{model}"
         self.api_base = api_base
@@ -59,24 +83,36 @@ class OpenAIBackend(ChatBackend):
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.seed = seed
-        # The key goes straight into the client and is not kept on self, so it cannot leak through repr/vars.
-        self._client = OpenAI(api_key=_api_key(api_base), base_url=api_base, max_retries=0, timeout=timeout)
+        self.context_limit = context_limit  # None: learned from the server by `check()` where it says
+        self.remove_after, self.cooldown = remove_after, cooldown
+        urls = endpoint_list(api_base) or [None]
+        key = _api_key(api_base)
+        # The key goes straight into the clients and is not kept on self, so it cannot leak through repr/vars.
+        self.endpoints = [Endpoint(public_url(url) or _default_base(), OpenAI(
+            api_key=key, base_url=url, max_retries=0, timeout=timeout)) for url in urls]
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="openai")
         self._stats_lock = threading.Lock()
         self.counters = {"requests": 0, "retries": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
     def __repr__(self) -> str:
-        return f"OpenAIBackend(model={self.model!r}, api_base={self.api_base!r})"
+        return f"OpenAIBackend(model={self.model!r}, endpoints={self.where!r})"
 
-    def generate(self, conversations: list[list[dict]]) -> list[Reply]:
+    @property
+    def where(self) -> str:
+        return ", ".join(e.shown for e in self.endpoints)
+
+    # ---- the interface --------------------------------------------------------------------
+    def generate(self, conversations: list[list[dict]], seeds: list[int] | None = None) -> list[Reply]:
+        seeds = seeds if seeds is not None else [self.seed] * len(conversations)
         if len(conversations) == 1:  # the common case (callers already run many threads): skip the pool hop
-            return [self._complete(conversations[0])]
-        return list(self._pool.map(self._complete, conversations))
+            return [self._complete(conversations[0], seeds[0])]
+        return list(self._pool.map(self._complete, conversations, seeds))
 
     def stream(self, conversations, seeds=None, chat=True):
         if not chat:
             raise InputError(f"{self.name}: raw-text prompting needs a local model; this backend takes chat messages")
-        futures = {self._pool.submit(self._complete, c): i for i, c in enumerate(conversations)}
+        seeds = seeds if seeds is not None else [self.seed] * len(conversations)
+        futures = {self._pool.submit(self._complete, c, s): i for i, (c, s) in enumerate(zip(conversations, seeds))}
         try:
             for future in as_completed(futures):
                 err = future.exception()
@@ -89,52 +125,158 @@ class OpenAIBackend(ChatBackend):
 
     def stats(self) -> dict:
         with self._stats_lock:
-            return {"http_" + k: v for k, v in self.counters.items()}
+            out: dict[str, Any] = {"http_" + k: v for k, v in self.counters.items()}
+            out["endpoints"] = {e.shown: dict(e.counts, in_rotation=e.back_at <= time.monotonic())
+                                for e in self.endpoints}
+            return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._client.close()
+        for endpoint in self.endpoints:
+            endpoint.client.close()
 
-    def _complete(self, conversation: list[dict]) -> Reply:
+    # ---- preflight ------------------------------------------------------------------------
+    def check(self, timeout: float = 10.0) -> list[str]:
+        """Reach every endpoint once before any work: the server answers, takes the key and serves
+        the model. Raises EndpointError (one line naming the server) otherwise; returns notes worth
+        showing. Learns the context window from servers that publish it (vLLM's `max_model_len`,
+        llama.cpp's `n_ctx`) unless one was given."""
+        notes, windows = [], []
+        for endpoint in self.endpoints:
+            client = endpoint.client.with_options(timeout=timeout, max_retries=0)
+            try:
+                listed = list(client.models.list().data)
+            except openai.NotFoundError:
+                listed = None  # a server without GET /models: the probe below decides
+            except (openai.OpenAIError, ValueError) as err:
+                raise EndpointError(_unusable(endpoint.shown, err)) from None
+            entry = next((m for m in listed or [] if self.model in (m.id, *(_extra(m, "aliases") or []))), None)
+            if entry is None:
+                self._probe(endpoint, client, listed)
+                if listed is not None:
+                    notes.append(f"{endpoint.shown} does not list model {self.model!r} but answered it "
+                                 f"(a server of one model, as llama.cpp's, answers to any name; it lists "
+                                 f"{_names(listed)})")
+                entry = listed[0] if listed and len(listed) == 1 else None
+            window = _window(entry)
+            if window:
+                windows.append(window)
+        if self.context_limit is None and windows:
+            self.context_limit = min(windows)
+            notes.append(f"{self.name}: context window {self.context_limit} tokens, as the server reports; "
+                         "longer conversations are cut (--max_context_tokens sets another)")
+        return notes
+
+    def _probe(self, endpoint: Endpoint, client: OpenAI, listed: list | None) -> None:
+        """One 1-token request: does the server answer this model name at all?"""
+        try:
+            client.chat.completions.create(model=self.model, max_tokens=1, temperature=0,
+                                           messages=[{"role": "user", "content": "Hi"}])
+        except openai.APIStatusError as err:
+            if err.status_code in (400, 404) and listed is not None:
+                raise EndpointError(f"{endpoint.shown}: no model {self.model!r} there (it serves "
+                                    f"{_names(listed)}); name one of those") from None
+            raise EndpointError(_unusable(endpoint.shown, err)) from None
+        except (openai.OpenAIError, ValueError) as err:
+            raise EndpointError(_unusable(endpoint.shown, err)) from None
+
+    # ---- one request, every retry ---------------------------------------------------------
+    def _complete(self, conversation: list[dict], seed: int | None = None) -> Reply:
         """One conversation, with every retry of this backend. Returns a Reply or raises ModelCallError."""
         messages = [dict(m) for m in conversation]  # the caller's dicts never reach the SDK
-        last_error = "none"
+        last_error, tried = "none", set()
+        endpoint = self.endpoints[0]
         for attempt in range(self.max_retries + 1):
-            self._count(requests=1)
+            endpoint = self._take(tried)
             try:
-                reply = self._request(messages)
+                reply = self._request(endpoint, messages, seed)
             except (openai.OpenAIError, _MalformedResponse) as err:
                 last_error = _describe(err)
+                self._give_back(endpoint, err)
+                overflow = _context_overflow(err)
+                if overflow is not None:  # the caller may cut the conversation and ask again
+                    raise ContextOverflow(f"{self.name} at {endpoint.shown}: the prompt does not fit the context "
+                                          f"window ({last_error})", *overflow) from err
                 if not _is_retryable(err):
                     self._count(failures=1)
-                    raise ModelCallError(f"{self.name}: request rejected ({last_error}); not retried") from err
+                    raise ModelCallError(f"{self.name} at {endpoint.shown}: request rejected ({last_error}); "
+                                         "not retried") from err
+                tried.add(id(endpoint))
                 if attempt < self.max_retries:
-                    self._sleep_before_retry(attempt, err, last_error)
+                    self._before_retry(attempt, err, endpoint, last_error, tried)
                 continue
-            self._count(prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens)
+            self._give_back(endpoint, None, reply)
             return reply
         self._count(failures=1)
-        raise ModelCallError(
-            f"{self.name}: gave up after {self.max_retries + 1} attempts; last error: {last_error}")
+        raise ModelCallError(f"{self.name}: gave up after {self.max_retries + 1} attempts; last error at "
+                             f"{endpoint.shown}: {last_error}")
 
-    def _request(self, messages: list[dict]) -> Reply:
+    def _request(self, endpoint: Endpoint, messages: list[dict], seed: int | None) -> Reply:
         options: dict[str, Any] = {"model": self.model, "messages": messages,
                                    "temperature": self.temperature, "max_tokens": self.max_new_tokens}
-        if self.seed is not None:
-            options["seed"] = self.seed
+        if seed is not None:
+            options["seed"] = seed
         try:
-            completion = self._client.chat.completions.create(**options)
+            completion = endpoint.client.chat.completions.create(**options)
         except ValueError as err:
             # The SDK lets a 200 body that is not JSON escape as a bare JSONDecodeError (a ValueError).
             raise _MalformedResponse(f"undecodable body: {type(err).__name__}") from err
-        return _parse(completion)
+        reply = _parse(completion)
+        reply.endpoint = endpoint.shown
+        return reply
 
-    def _sleep_before_retry(self, attempt: int, err: Exception, reason: str) -> None:
-        delay = _retry_after(err)
-        if delay is None:  # exponential backoff with jitter, so parallel callers don't retry in lockstep
-            delay = min(self.backoff_max, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
-        log.warning("%s: %s; retry %d/%d in %.2fs", self.name, reason, attempt + 1, self.max_retries, delay)
+    def _take(self, tried: set[int]) -> Endpoint:
+        """The endpoint for the next attempt: in the rotation and not yet tried since the last pause,
+        fewest requests outstanding first (then fewest sent); when every one is out of the
+        rotation, the one that returns first."""
+        with self._stats_lock:
+            now = time.monotonic()
+            ready = [e for e in self.endpoints if e.back_at <= now]
+            pool = [e for e in ready if id(e) not in tried] or ready
+            endpoint = (min(pool, key=lambda e: (e.outstanding, e.counts["requests"])) if pool
+                        else min(self.endpoints, key=lambda e: e.back_at))
+            endpoint.outstanding += 1
+            endpoint.counts["requests"] += 1
+            self.counters["requests"] += 1
+            return endpoint
+
+    def _give_back(self, endpoint: Endpoint, err: Exception | None, reply: Reply | None = None) -> None:
+        with self._stats_lock:
+            endpoint.outstanding -= 1
+            if err is None:
+                endpoint.in_a_row = 0
+                endpoint.counts["ok"] += 1
+                for key in ("prompt_tokens", "completion_tokens"):
+                    endpoint.counts[key] += getattr(reply, key)
+                    self.counters[key] += getattr(reply, key)
+                return
+            endpoint.counts["errors"] += 1
+            if not _server_fault(err):
+                return
+            endpoint.in_a_row += 1
+            if endpoint.in_a_row >= self.remove_after and endpoint.back_at <= time.monotonic() and len(self.endpoints) > 1:
+                endpoint.back_at = time.monotonic() + self.cooldown
+                endpoint.counts["removed"] += 1
+                log.warning("%s: %s left the rotation for %.0f s after %d failures in a row (last: %s); "
+                            "its requests go to the others", self.name, endpoint.shown, self.cooldown,
+                            endpoint.in_a_row, _describe(err))
+
+    def _before_retry(self, attempt: int, err: Exception, endpoint: Endpoint, reason: str, tried: set[int]) -> None:
+        """Another endpoint not yet tried: retry there at once. Otherwise wait (Retry-After, or
+        exponential backoff with jitter so parallel callers don't retry in lockstep) and start over."""
         self._count(retries=1)
+        with self._stats_lock:
+            untried = any(id(e) not in tried and e.back_at <= time.monotonic() for e in self.endpoints)
+        if untried:
+            log.warning("%s: %s at %s; retry %d/%d on another endpoint", self.name, reason, endpoint.shown,
+                        attempt + 1, self.max_retries)
+            return
+        delay = _retry_after(err)
+        if delay is None:
+            delay = min(self.backoff_max, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
+        log.warning("%s: %s at %s; retry %d/%d in %.2fs", self.name, reason, endpoint.shown, attempt + 1,
+                    self.max_retries, delay)
+        tried.clear()
         time.sleep(delay)
 
     def _count(self, **amounts: int) -> None:
@@ -143,14 +285,19 @@ class OpenAIBackend(ChatBackend):
                 self.counters[key] += amount
 
 
-def _api_key(api_base: str | None) -> str:
+def _api_key(api_base) -> str:
     key = os.environ.get("OPENAI_API_KEY")
     if key:
         return key
-    if api_base is None:
-        raise ModelCallError("OPENAI_API_KEY is not set: export it, or pass --api_base for a local "
-                             "OpenAI-compatible server")
+    if not api_base:
+        raise EndpointError(f"OPENAI_API_KEY is not set, and the OpenAI API ({_default_base()}) needs it: "
+                            "export it, or pass --api_base for an OpenAI-compatible server")
     return LOCAL_PLACEHOLDER_KEY
+
+
+def _default_base() -> str:
+    """Where the SDK sends requests when no --api_base is given (OPENAI_BASE_URL, else the OpenAI API)."""
+    return public_url(os.environ.get("OPENAI_BASE_URL") or OPENAI_API)
 
 
 def _parse(completion: object) -> Reply:
@@ -184,14 +331,94 @@ def _is_retryable(err: Exception) -> bool:
     return False
 
 
+def _server_fault(err: Exception) -> bool:
+    """A failure that says the endpoint is unwell (not a rate limit, not a bad request)."""
+    if isinstance(err, openai.APIStatusError):
+        return err.status_code >= 500
+    return isinstance(err, (_MalformedResponse, openai.APIConnectionError, openai.APIResponseValidationError))
+
+
+def _context_overflow(err: Exception) -> tuple[int | None, int | None] | None:
+    """(prompt tokens, window) when the server refused the prompt as longer than its context window
+    (each None where the server did not say); None for any other error."""
+    if not isinstance(err, openai.APIStatusError) or err.status_code not in (400, 413):
+        return None
+    body = err.body if isinstance(err.body, dict) else {}
+    if body.get("type") == "exceed_context_size_error":  # llama.cpp
+        return _int(body.get("n_prompt_tokens")), _int(body.get("n_ctx"))
+    if err.code == "context_length_exceeded":  # OpenAI
+        return None, None
+    message = str(body.get("message") or "")
+    window = _VLLM_WINDOW.search(message)
+    if window:
+        prompt = _VLLM_PROMPT.search(message)
+        return (int(prompt.group(1)) if prompt else None), int(window.group(1))
+    return None
+
+
+def _int(value) -> int | None:
+    return value if isinstance(value, int) else None
+
+
 def _describe(err: Exception) -> str:
-    """Short, secret-free error description: type, HTTP status and error code, never the server's text."""
+    """Short, secret-free error description: the cause class, HTTP status and error code, never the
+    server's text."""
     if isinstance(err, _MalformedResponse):
         return f"malformed response ({err})"
     if isinstance(err, openai.APIStatusError):
-        code = f" {err.code}" if err.code and _SAFE_CODE.match(err.code) else ""
+        code = f" {err.code}" if err.code and _SAFE_CODE.match(str(err.code)) else ""
         return f"HTTP {err.status_code} {type(err).__name__}{code}"
+    if isinstance(err, openai.APIConnectionError):
+        return _connection_cause(err)
     return type(err).__name__
+
+
+def _connection_cause(err: BaseException) -> str:
+    """What lies under an APIConnectionError: refused, no such host, timed out, dropped."""
+    if isinstance(err, openai.APITimeoutError):
+        return "timed out"
+    seen = err
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        if type(seen).__name__ == "gaierror":
+            return "host name not found"
+        if type(seen).__name__ in ("RemoteProtocolError", "ReadError") or isinstance(seen, ConnectionResetError):
+            return "connection dropped by the server"
+        if type(seen).__name__.endswith("Timeout") or isinstance(seen, TimeoutError):
+            return "timed out"
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror.lower()
+        seen = seen.__cause__ or seen.__context__
+    return f"connection error ({type(err).__name__})"
+
+
+def _unusable(shown: str, err: Exception) -> str:
+    """The preflight's one line: which server, and why it cannot be used."""
+    if isinstance(err, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        return (f"{shown}: the server refused the API key (HTTP {err.status_code}); export OPENAI_API_KEY "
+                "with a key it accepts")
+    if isinstance(err, openai.APIConnectionError):
+        return f"{shown}: server unreachable ({_connection_cause(err)}); is it running, and is the address right?"
+    return f"{shown}: the server cannot be used ({_describe(err)})"
+
+
+def _extra(model: object, key: str):
+    """A field a server adds to its model entries (vLLM's max_model_len, llama.cpp's meta)."""
+    extra = getattr(model, "model_extra", None) or {}
+    return extra.get(key, getattr(model, key, None))
+
+
+def _window(entry) -> int | None:
+    if entry is None:
+        return None
+    window = _extra(entry, "max_model_len") or (_extra(entry, "meta") or {}).get("n_ctx")
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def _names(listed: list) -> str:
+    shown = [repr(m.id) for m in listed[:5]]
+    return ", ".join(shown) + (f" and {len(listed) - 5} more" if len(listed) > 5 else "") if shown else "no models"
 
 
 def _retry_after(err: Exception) -> float | None:

@@ -19,7 +19,9 @@ from typing import Iterator
 import torch
 
 from .backends import ChatBackend, Reply
+from .cli import request_seed
 from .errors import InputError
+from .sampling import SeededSampler, row_generators
 
 log = logging.getLogger("mentalarena.seq2seq")
 
@@ -97,9 +99,8 @@ class Seq2SeqBackend(ChatBackend):
         config = copy.deepcopy(self.model.generation_config)
         config.update(num_beams=1, num_beam_groups=1, min_length=0, min_new_tokens=None, no_repeat_ngram_size=0,
                       repetition_penalty=1.0, length_penalty=1.0, early_stopping=False, max_length=None,
-                      max_new_tokens=self.max_new_tokens, top_k=None, do_sample=self.temperature > 0,
-                      temperature=self.temperature if self.temperature > 0 else None,
-                      top_p=self.top_p if self.temperature > 0 else None)
+                      max_new_tokens=self.max_new_tokens, top_k=None, do_sample=False, temperature=None,
+                      top_p=None)  # sampling, when asked, is done row by row by SeededSampler
         if config.pad_token_id is None:
             config.pad_token_id = self.tokenizer.pad_token_id
         return config
@@ -112,23 +113,25 @@ class Seq2SeqBackend(ChatBackend):
 
     def stream(self, conversations, seeds=None, chat: bool = True) -> Iterator[tuple[int, Reply]]:
         """(index, reply) per prompt, batch by batch in order of prompt length. Sampling (temperature
-        > 0) seeds once per batch from `seed`; per-request `seeds` are not honoured here."""
+        > 0) draws each row from its own seed (`seeds`, else derived from `seed` and the row's index)."""
         if chat:
             raise InputError(f"{self.name}: an encoder-decoder model reads raw text; use --prompting raw")
         lengths = [len(self.tokenizer(text, truncation=False, verbose=False)["input_ids"]) for text in conversations]
+        seeds = seeds if seeds is not None else [request_seed(self.seed, i) for i in range(len(conversations))]
         order = sorted(range(len(conversations)), key=lambda i: -lengths[i])
         for start in range(0, len(order), self.max_batch_size):
             chunk = order[start:start + self.max_batch_size]
             with self._lock, torch.inference_mode():
-                replies = self._generate_batch([conversations[i] for i in chunk], [lengths[i] for i in chunk])
+                replies = self._generate_batch([conversations[i] for i in chunk], [lengths[i] for i in chunk],
+                                               [seeds[i] for i in chunk])
             yield from zip(chunk, replies)
 
-    def _generate_batch(self, texts: list[str], lengths: list[int]) -> list[Reply]:
+    def _generate_batch(self, texts: list[str], lengths: list[int], seeds: list[int]) -> list[Reply]:
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=self.context_limit is not None,
                                max_length=self.context_limit).to(self.device)
-        if self.temperature > 0:
-            torch.manual_seed(self.seed)
-        out = self.model.generate(**batch, generation_config=self.generation_config)
+        sampler = ([SeededSampler(self.temperature, self.top_p, row_generators(seeds, self.device))]
+                   if self.temperature > 0 else [])
+        out = self.model.generate(**batch, generation_config=self.generation_config, logits_processor=sampler)
         special = set(self.tokenizer.all_special_ids)
         replies = []
         fed = batch["attention_mask"].sum(1).tolist()

@@ -27,6 +27,7 @@ class ScriptedBackend(ChatBackend):
         self.default = default
         self.name = name
         self.seen: list[list[dict]] = []
+        self.seeds: list[int | None] = []  # the seed each conversation came with, in `seen`'s order
         self.batches: list[int] = []
 
     def reply_for(self, messages: list[dict]) -> str:
@@ -36,11 +37,12 @@ class ScriptedBackend(ChatBackend):
                 return answer(messages) if callable(answer) else answer
         return self.default
 
-    def generate(self, conversations):
+    def generate(self, conversations, seeds=None):
         self.batches.append(len(conversations))
         out = []
-        for conv in conversations:
+        for i, conv in enumerate(conversations):
             self.seen.append([dict(m) for m in conv])
+            self.seeds.append(None if seeds is None else seeds[i])
             text = self.reply_for(conv)
             out.append(Reply(text, prompt_tokens=sum(len(m["content"]) for m in conv) // 4,
                              completion_tokens=len(text) // 4))

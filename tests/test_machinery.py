@@ -141,7 +141,7 @@ def test_requests_of_concurrent_sessions_are_batched():
 
 def test_backend_failure_reaches_every_waiting_session():
     class Broken(ScriptedBackend):
-        def generate(self, conversations):
+        def generate(self, conversations, seeds=None):
             raise RuntimeError("device lost")
 
     gate = Gate()

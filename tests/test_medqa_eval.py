@@ -37,11 +37,11 @@ class StreamingScripted(ScriptedBackend):
         self.fail = set(fail)
         self.asked: list[str] = []
 
-    def generate(self, conversations):
+    def generate(self, conversations, seeds=None):
         self.asked += [c[-1]["content"].split(":")[0] for c in conversations]
         if any(c[-1]["content"].split(":")[0] in self.fail for c in conversations):
             raise ModelCallError("scripted failure")
-        return super().generate(conversations)
+        return super().generate(conversations, seeds)
 
 
 @pytest.fixture()
@@ -53,7 +53,7 @@ def medqa_file(tmp_path):
 
 def evaluate(backend, data_file, out_dir, repeats=1, dataset="MedQA", **settings):
     job = ev._job(dataset, None, str(data_file), None, None)
-    s = ev._settings("scripted-model", "openai", None, None, 256, repeats, 0, False)
+    s = ev._settings("scripted-model", "openai", None, None, None, 256, repeats, 0, False)
     s.update(settings)
     return ev.evaluate(backend, job, Prompts(), s, out_dir, progress=False)
 
@@ -126,7 +126,7 @@ def test_report_is_one_table_per_scorer_with_published_numbers(medqa_file, tmp_p
     evaluate(StreamingScripted(ANSWERS), medqa_file, tmp_path)
     other = StreamingScripted([(q, "A") for q, _ in ANSWERS])
     job = ev._job("MedQA", None, str(medqa_file), None, None)
-    s = ev._settings("another/model", "openai", None, None, 256, 1, 0, False)
+    s = ev._settings("another/model", "openai", None, None, None, 256, 1, 0, False)
     ev.evaluate(other, job, Prompts(), s, tmp_path, progress=False)
     text = ev.report(str(tmp_path))
     assert "| scripted-model | 75.00 ± 0.00 (1 run) |" in text

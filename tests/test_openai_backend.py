@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import pytest
 
 from fake_openai import FakeOpenAI, Faults, echo_responder
-from mentalarena.errors import ModelCallError
+from mentalarena.errors import EndpointError, ModelCallError
 from mentalarena.openai_backend import OpenAIBackend, parse_retry_after
 
 SECRET = "sk-test-SECRET-123"
@@ -159,7 +159,7 @@ def test_client_errors_are_not_retried(server, make_backend, status, caplog):
 
 def test_missing_key_without_api_base_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
-    with pytest.raises(ModelCallError, match="OPENAI_API_KEY.*--api_base"):
+    with pytest.raises(EndpointError, match="OPENAI_API_KEY.*api.openai.com.*--api_base"):  # exit 2, one line
         OpenAIBackend("gpt-4o-mini")
 
 

@@ -35,10 +35,10 @@ class CountingBackend(ScriptedBackend):
             return "Treatment: CBT\nExplanation: it helps\nMedicine: sertraline\nExplanation: an SSRI"
         return f"R{n}"
 
-    def generate(self, conversations):
+    def generate(self, conversations, seeds=None):
         out = []
-        for conv in conversations:  # one at a time so the reply counter follows the call order
-            out += super().generate([conv])
+        for i, conv in enumerate(conversations):  # one at a time so the reply counter follows the call order
+            out += super().generate([conv], None if seeds is None else seeds[i:i + 1])
         return out
 
 
