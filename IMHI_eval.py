@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mentalarena import cli, imhi
-from mentalarena.backends import make_backend, resolve_backend
+from mentalarena.backends import endpoint_list, make_backend, resolve_backend
 from mentalarena.errors import InputError, check_choice
 from mentalarena.cli import answers_on_file, auto_dtype, model_tag, names, request_seed, settings_hash
 from mentalarena.jsonl import append_jsonl, write_json_atomic
@@ -478,6 +478,7 @@ def _checkpoint(flag: str, path: str | None, needed: bool) -> str | None:
 
 
 def _settings(model, backend, api_base, prompting, temperature, max_new_tokens, seed, dtype, device) -> dict:
+    api_base = ",".join(endpoint_list(api_base)) or None  # one server, or replicas as a comma list
     kind = _resolve_backend(model, backend, api_base)
     prompting = prompting or ("chat" if kind == "openai" else "raw")
     check_choice("prompting", prompting, ("raw", "chat"))

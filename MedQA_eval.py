@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from mentalarena import cli, qa
-from mentalarena.backends import make_backend, resolve_backend
+from mentalarena.backends import endpoint_list, make_backend, resolve_backend
 from mentalarena.errors import InputError, ModelCallError, check_choice
 from mentalarena.cli import answers_on_file, auto_dtype, model_tag, request_seed, settings_hash
 from mentalarena.jsonl import append_jsonl, read_jsonl, write_json_atomic
@@ -275,6 +275,7 @@ def _local_file(data_dir: str | None, dataset: str, subset: str | None) -> str |
 
 
 def _settings(model, backend, api_base, temperature, open_model, max_new_tokens, repeats, seed, with_context) -> dict:
+    api_base = ",".join(endpoint_list(api_base)) or None  # one server, or replicas as a comma list
     kind = resolve_backend(model, backend, api_base)
     if int(repeats) < 1:
         raise InputError(f"--repeats must be at least 1, not {repeats}")

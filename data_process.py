@@ -28,7 +28,8 @@ from mentalarena.cli import names, public_url
 from mentalarena.data import one_line
 from mentalarena.errors import InputError
 from mentalarena.jsonl import write_json_atomic
-from mentalarena.openai_backend import LOCAL_PLACEHOLDER_KEY
+from mentalarena.locks import OutputLock
+from mentalarena.openai_backend import LOCAL_PLACEHOLDER_KEY, connection_cause
 from mentalarena.sft import convert, write_rows
 
 CHAT_ROLES = {"system", "user", "assistant"}
@@ -79,27 +80,28 @@ def run(
         if not convert_only:
             raise InputError(message + " (--min_examples 0 skips this check for other servers)")
         print(f"warning: {message}", file=sys.stderr)
-    write_rows(finetune, rows)
-    problems = validate_chat_file(finetune)  # a guard on what is uploaded: the conversion should never fail it
-    if problems:
-        raise InputError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    print(f"[data_process] wrote {len(rows)} examples -> {finetune}", flush=True)
-    result = {"report": report.as_dict(), "finetune_file": str(finetune), "job_id": None, "status": None,
-              "fine_tuned_model": None}
-    if convert_only:
-        return result
+    with OutputLock(finetune):  # one writer of the file and its job record at a time
+        write_rows(finetune, rows)
+        problems = validate_chat_file(finetune)  # a guard on what is uploaded: the conversion should never fail it
+        if problems:
+            raise InputError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        print(f"[data_process] wrote {len(rows)} examples -> {finetune}", flush=True)
+        result = {"report": report.as_dict(), "finetune_file": str(finetune), "job_id": None, "status": None,
+                  "fine_tuned_model": None}
+        if convert_only:
+            return result
 
-    client = OpenAI(api_key=key, base_url=api_base, max_retries=5)
-    settings = {"data_sha256": hashlib.sha256(finetune.read_bytes()).hexdigest(), "api_base": public_url(api_base),
-                "base_model": base_model, "n_epochs": n_epochs, "suffix": suffix}
-    print(f"[data_process] job settings {json.dumps(settings)}", flush=True)
-    with _api(key) as step:
-        job, state = _job_for(client, settings, old_state, finetune, state_path, step)
-        if wait:
-            job = _wait(client, job, poll_seconds, state, state_path, step)
-    _print_job(job)
-    result.update(job_id=job.id, status=job.status, fine_tuned_model=job.fine_tuned_model)
-    return result
+        client = OpenAI(api_key=key, base_url=api_base, max_retries=5)
+        settings = {"data_sha256": hashlib.sha256(finetune.read_bytes()).hexdigest(), "api_base": public_url(api_base),
+                    "base_model": base_model, "n_epochs": n_epochs, "suffix": suffix}
+        print(f"[data_process] job settings {json.dumps(settings)}", flush=True)
+        with _api(key, public_url(api_base) or "OpenAI API") as step:
+            job, state = _job_for(client, settings, old_state, finetune, state_path, step)
+            if wait:
+                job = _wait(client, job, poll_seconds, state, state_path, step)
+        _print_job(job)
+        result.update(job_id=job.id, status=job.status, fine_tuned_model=job.fine_tuned_model)
+        return result
 
 
 def _job_for(client, settings: dict, old: dict, finetune: Path, state_path: Path, step: list[str]):
@@ -225,8 +227,9 @@ def _read_state(path: Path) -> dict:
 
 
 @contextmanager
-def _api(key: str) -> Iterator[list[str]]:
-    """Turns any SDK error into an APIFailure naming the step; the caller updates step[0] as it goes."""
+def _api(key: str, where: str) -> Iterator[list[str]]:
+    """Turns any SDK error into an APIFailure naming the server and the step; the caller updates
+    step[0] as it goes."""
     step = ["calling the API"]
     try:
         yield step
@@ -235,9 +238,11 @@ def _api(key: str) -> Iterator[list[str]]:
         code = f" {exc.code}" if exc.code else ""
         message = f": {body['message']}" if isinstance(body.get("message"), str) else ""
         detail = f"HTTP {exc.status_code} {type(exc).__name__}{code}{message}"
-        raise APIFailure(f"OpenAI API: {_redact(f'{step[0]}: {detail}', key)}") from None
+        raise APIFailure(f"{where}: {_redact(f'{step[0]}: {detail}', key)}") from None
+    except openai.APIConnectionError as exc:
+        raise APIFailure(f"{where}: {step[0]}: {connection_cause(exc)}") from None
     except openai.OpenAIError as exc:
-        raise APIFailure(f"OpenAI API: {_redact(f'{step[0]}: {type(exc).__name__}: {exc}', key)}") from None
+        raise APIFailure(f"{where}: {_redact(f'{step[0]}: {type(exc).__name__}: {exc}', key)}") from None
 
 
 def _redact(text: str, key: str) -> str:

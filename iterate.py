@@ -51,6 +51,7 @@ from mentalarena import cli
 from mentalarena.cli import names, public_url
 from mentalarena.errors import InputError, check_choice
 from mentalarena.jsonl import read_jsonl, write_json_atomic
+from mentalarena.locks import OutputLock
 
 ROOT = Path(__file__).resolve().parent
 BACKENDS = ("open", "openai")
@@ -167,9 +168,14 @@ def run(
     """Run (or resume) every step of every iteration; returns the summary rows and the exit status."""
     flags = dict(locals())
     plan = make_plan(**flags)
+    plan.work_dir.mkdir(parents=True, exist_ok=True)
+    with OutputLock(plan.state_file):  # one loop per work directory
+        return _run(plan, flags, restart)
+
+
+def _run(plan: Plan, flags: dict, restart: bool) -> dict:
     state = load_state(plan.state_file)
     check_recorded(plan, state, restart)
-    plan.work_dir.mkdir(parents=True, exist_ok=True)
     state["settings"] = {key: _portable(value, plan.work_dir) for key, value in flags.items()}
     _save(plan, state)
     print(f"[iterate] {plan.backend} backend, {len(plan.epochs)} iteration(s), epochs "

@@ -84,11 +84,17 @@ class ModelClient:
     def prepare(self, messages: list[dict]) -> tuple[list[dict], int]:
         """The messages actually sent, and how many history messages were dropped to fit."""
         messages = merge_system(messages) if self.merge else list(messages)
-        limit = getattr(self.backend, "context_limit", None) or self.window
+        limit = self.limit()
         if not limit:
             return messages, 0
         budget = int((limit - self.max_new_tokens) * self.count_scale)
         return fit_messages(messages, self.backend.count_tokens, budget, self.keep_first)
+
+    def limit(self) -> int | None:
+        """The context window: the backend's (given, or reported by its server), or a smaller one a
+        server revealed when it refused a prompt."""
+        known = [w for w in (getattr(self.backend, "context_limit", None), self.window) if w]
+        return min(known) if known else None
 
     async def chat(self, messages: list[dict], seed: int | None = None) -> Reply:
         """One call. A prompt the server refuses as too long for its window is cut shorter (oldest
@@ -105,7 +111,9 @@ class ModelClient:
                 break
             except ContextOverflow as overflow:
                 if attempt + 1 == OVERFLOW_ATTEMPTS:
-                    raise
+                    raise ContextOverflow(f"{overflow}; still too long after {attempt} cut(s) of the conversation "
+                                          "(--max_context_tokens sets the window to fit)",
+                                          overflow.prompt_tokens, overflow.window) from overflow
                 self._learn(overflow, sent)
             finally:
                 self.gate.waiting -= 1
@@ -120,17 +128,17 @@ class ModelClient:
         return reply
 
     def _learn(self, overflow: ContextOverflow, sent: list[dict]) -> None:
-        """Take the window the server reported, and scale our token count by what it counted."""
+        """Take the window the server reported, and trust our token count only as far as the
+        server's own count of the refused prompt allows."""
         self.stats.overflow_refits += 1
-        known = getattr(self.backend, "context_limit", None) or self.window
-        if overflow.window and not getattr(self.backend, "context_limit", None):
+        limit = self.limit()
+        if overflow.window and (limit is None or overflow.window < limit):
             self.window = overflow.window
-        if known is None and self.window:
-            return  # the first cut uses the window just learned
         if overflow.prompt_tokens:
             ratio = self.backend.count_tokens(sent) / overflow.prompt_tokens
-            self.count_scale = min(self.count_scale * 0.9, 0.95 * ratio)
-        else:
+            if ratio < 1:  # we counted fewer tokens than the server did
+                self.count_scale = min(self.count_scale, 0.95 * ratio)
+        elif not overflow.window:  # the server said nothing measurable: cut a fifth more
             self.count_scale *= 0.8
 
     async def _run(self, batch: list[list[dict]], seeds: list[int | None]) -> list[Reply]:

@@ -369,11 +369,11 @@ def _describe(err: Exception) -> str:
         code = f" {err.code}" if err.code and _SAFE_CODE.match(str(err.code)) else ""
         return f"HTTP {err.status_code} {type(err).__name__}{code}"
     if isinstance(err, openai.APIConnectionError):
-        return _connection_cause(err)
+        return connection_cause(err)
     return type(err).__name__
 
 
-def _connection_cause(err: BaseException) -> str:
+def connection_cause(err: BaseException) -> str:
     """What lies under an APIConnectionError: refused, no such host, timed out, dropped."""
     if isinstance(err, openai.APITimeoutError):
         return "timed out"
@@ -399,7 +399,7 @@ def _unusable(shown: str, err: Exception) -> str:
         return (f"{shown}: the server refused the API key (HTTP {err.status_code}); export OPENAI_API_KEY "
                 "with a key it accepts")
     if isinstance(err, openai.APIConnectionError):
-        return f"{shown}: server unreachable ({_connection_cause(err)}); is it running, and is the address right?"
+        return f"{shown}: server unreachable ({connection_cause(err)}); is it running, and is the address right?"
     return f"{shown}: the server cannot be used ({_describe(err)})"
 
 

@@ -49,6 +49,29 @@ class ScriptedBackend(ChatBackend):
         return out
 
 
+def embedded_tokenizer():
+    """The embedded SmolLM2 tokenizer, read offline from its GGUF file."""
+    from transformers import AutoTokenizer
+
+    from mentalarena.hf_backend import EMBEDDED_GGUF, embedded_model_dir
+    return AutoTokenizer.from_pretrained(embedded_model_dir(), gguf_file=EMBEDDED_GGUF)
+
+
+def make_tiny_llama(folder: Path, tokenizer, **config) -> str:
+    """A randomly initialised Llama of 2 layers, hidden size 32, with `tokenizer`, saved to `folder`:
+    a real model of the real architecture that runs in milliseconds on a CPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = {"max_position_embeddings": 2048, **config}
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **config)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def shared_data(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():

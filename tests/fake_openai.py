@@ -17,7 +17,12 @@ Fault kinds, consumed one per request (scripted ones first, then random ones at 
 Fine-tuning, as `data_process.py` uses it: `POST /v1/files` (multipart upload), `POST /v1/fine_tuning/jobs`,
 `GET /v1/fine_tuning/jobs/<id>`. Each job walks through `job_statuses` (copied when it is created), one step
 per retrieve; "succeeded" sets `fine_tuned_model`, "failed" sets an error. `ft_faults` (status kinds only)
-fail these requests; with `require_key`, a wrong key gets a 401 that quotes it back, as OpenAI's does.
+fail these requests; with `require_key`, a wrong key gets a 401 that quotes it back, as OpenAI's does (on
+every route: models, chat and fine-tuning).
+
+Models: `GET /v1/models` lists `model`. With `strict_model` (as vLLM), a chat request for any other model
+gets a 404; without it (as llama.cpp), any name is answered. `window` (tokens, counted as words) makes a
+longer prompt a 400 in llama.cpp's form (`exceed_context_size_error`, `n_prompt_tokens`, `n_ctx`).
 """
 from __future__ import annotations
 
@@ -75,7 +80,8 @@ class FakeOpenAI:
     def __init__(self, responder: Callable[[dict], str] = echo_responder, faults: Faults | None = None,
                  stall_seconds: float = 1.5, model: str = "fake-model",
                  job_statuses: Sequence[str] = ("validating_files", "queued", "running", "succeeded"),
-                 ft_faults: Faults | None = None, require_key: str | None = None) -> None:
+                 ft_faults: Faults | None = None, require_key: str | None = None, strict_model: bool = False,
+                 window: int | None = None) -> None:
         self.responder = responder
         self.faults = faults or Faults()
         self.stall_seconds = stall_seconds
@@ -85,6 +91,9 @@ class FakeOpenAI:
         self.job_statuses = list(job_statuses)
         self.ft_faults = ft_faults or Faults()
         self.require_key = require_key
+        self.strict_model = strict_model
+        self.window = window
+        self.model_lists = 0  # GET /v1/models requests
         self.uploads: list[dict] = []  # {"id", "filename", "purpose", "content": bytes}
         self.job_creates: list[dict] = []  # every job-creation body that made a job
         self.retrieves: list[str] = []  # job ids, one per retrieve
@@ -206,8 +215,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._fine_tuning(lambda: fake.retrieve_job(path.rsplit("/", 1)[1]))
         if path != "/v1/models":
             return self._send(404, {"error": {"message": "not found", "code": "not_found"}})
-        self._send(200, {"object": "list", "data": [
-            {"id": fake.model, "object": "model", "created": 0, "owned_by": "fake"}]})
+        fake.model_lists += 1
+        refused = fake.key_refused(self.headers.get("Authorization"))
+        if refused:
+            return self._send(401, refused)
+        entry = {"id": fake.model, "object": "model", "created": 0, "owned_by": "fake"}
+        if fake.window:
+            entry["max_model_len"] = fake.window
+        self._send(200, {"object": "list", "data": [entry]})
 
     def do_POST(self) -> None:
         fake: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
@@ -221,6 +236,18 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(404, {"error": {"message": "not found", "code": "not_found"}})
         request = json.loads(raw)
         fake.record(request, self.headers.get("Authorization"))
+        refused = fake.key_refused(self.headers.get("Authorization"))
+        if refused:
+            return self._send(401, refused)
+        if fake.strict_model and request.get("model") != fake.model:
+            return self._send(404, {"error": {"message": f"The model `{request.get('model')}` does not exist.",
+                                              "type": "NotFoundError", "param": None, "code": 404}})
+        prompt = sum(len(str(m.get("content", "")).split()) for m in request["messages"])
+        if fake.window and prompt > fake.window:
+            return self._send(400, {"error": {"code": 400, "message": f"request ({prompt} tokens) exceeds the "
+                                              f"available context size ({fake.window} tokens)",
+                                              "type": "exceed_context_size_error", "n_prompt_tokens": prompt,
+                                              "n_ctx": fake.window}})
         kind = fake.faults.next()
         if kind == "drop":
             self.close_connection = True

@@ -169,6 +169,8 @@ def test_kill_9_then_resume_writes_every_session_once(tmp_path, kill_after):
                     proc.kill()
                 proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL, first_log.read_text()
+        lock = output.with_name(output.name + ".lock")
+        assert lock.exists()  # the killed run could not remove its lock file: the resume must not mind
 
         # What the killed run left: whole lines (and possibly a torn one); add a torn line ourselves.
         raw = output.read_bytes()
@@ -184,6 +186,7 @@ def test_kill_9_then_resume_writes_every_session_once(tmp_path, kill_after):
         resume_requests = len(server.requests) - requests_before
 
     assert "incomplete last line" in result.stderr, explain(result)
+    assert not lock.exists()  # the finished run removed it
     after = output.read_bytes()
     assert after.startswith(kept), "records of the killed run were changed"
     rows = read_records(output)

@@ -130,7 +130,7 @@ def test_api_errors_are_one_line_and_exit_1(env, capsys):
     with FakeOpenAI(ft_faults=Faults(["400"])) as server:
         assert run(server) == 1
         err = capsys.readouterr().err.strip()
-        assert err == "error: OpenAI API: uploading ft.jsonl: HTTP 400 BadRequestError fake_400: injected 400"
+        assert err == f"error: {server.base_url}: uploading ft.jsonl: HTTP 400 BadRequestError fake_400: injected 400"
         assert not (env / "ft.jsonl.job.json").exists()
         assert run(server) == 0  # nothing was recorded, so the re-run simply does it all
 

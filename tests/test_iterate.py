@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import embedded_tokenizer, make_tiny_llama
 from fake_openai import FakeOpenAI
 from fire.parser import DefaultParseValue
 
@@ -335,22 +336,10 @@ def test_recorded_urls_lose_their_credentials(tmp_path):
 def test_one_iteration_of_the_real_stages_on_a_tiny_model(tmp_path):
     """Each stage's own CLI in its own process, on a randomly initialised 2-layer Llama with the
     embedded tokenizer: the loop reads back what the real stages write."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from mentalarena.hf_backend import EMBEDDED_GGUF, embedded_model_dir
-
-    tiny = tmp_path / "tiny"
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(), gguf_file=EMBEDDED_GGUF)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-                     ).save_pretrained(tiny)
-    tokenizer.save_pretrained(tiny)
+    tiny = make_tiny_llama(tmp_path / "tiny", embedded_tokenizer())
     work = tmp_path / "run"
     result = iterate.run(
-        work_dir=str(work), base_model=str(tiny), iterations=1, eval_base=False, limit=1, method="lora", max_steps=1,
+        work_dir=str(work), base_model=tiny, iterations=1, eval_base=False, limit=1, method="lora", max_steps=1,
         eval_limit=1, arena_args={"max_new_tokens": 8, "dialogue_rounds": 1, "max_decode_rounds": 0, "max_tries": 1,
                                   "progress": False},
         finetune_args={"lora_r": 8, "target_modules": "all-linear", "max_seq_length": 128},

@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import embedded_tokenizer, make_tiny_llama
 
 import arena_med
 import llama_finetune
@@ -44,26 +45,14 @@ def write_records(path, n=4):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    from mentalarena.hf_backend import EMBEDDED_GGUF, embedded_model_dir
-    return AutoTokenizer.from_pretrained(embedded_model_dir(), gguf_file=EMBEDDED_GGUF)
+    return embedded_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory, tokenizer):
-    """A randomly initialised Llama of 2 layers, hidden size 32, with the SmolLM2 tokenizer. Weights a
-    little larger than usual, so that a few LoRA steps move the (frozen) output layer's logits."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    """Weights a little larger than usual, so that a few LoRA steps move the (frozen) output layer's logits."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, max_position_embeddings=512,
+                           initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")
