@@ -446,7 +446,8 @@ def _clients(routes, common: dict, merge_system: bool) -> list[ModelClient]:
     try:
         for r in sorted(routes, key=lambda r: r.kind != "openai"):
             backend = checked(make_backend(r.model, r.kind, r.api_base, **common), "arena")
-            built[id(r)] = ModelClient(backend, gate, common["max_new_tokens"], merge_system)
+            built[id(r)] = ModelClient(backend, gate, common["max_new_tokens"], merge_system,
+                                       max_parallel=common["max_parallel"])
     except BaseException:
         for client in built.values():
             client.close()
@@ -476,6 +477,12 @@ def _summary(counts, already, arena, wall, output, errors) -> dict:
                "clients": clients, "output_file": str(output),
                "errors_file": str(errors) if counts["failed"] else None}
     print("[arena] summary " + json.dumps(summary), flush=True)
+    for role, stats in clients.items():
+        servers = stats.get("endpoints") or {}
+        if len(servers) > 1:
+            print(f"[arena] {role} endpoints: " + "; ".join(
+                f"{url} ok {c['ok']}, errors {c['errors']}" + (f", left the rotation {c['removed']}x" if c["removed"] else "")
+                for url, c in servers.items()), flush=True)
     return summary
 
 

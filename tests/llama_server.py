@@ -12,7 +12,6 @@ same server in the foreground.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -75,9 +74,17 @@ class LlamaServer:
     def __exit__(self, *exc_info) -> None:
         self.kill()
 
-    def props(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/props", timeout=5) as r:
-            return json.load(r)
+    def generated_tokens(self) -> int:
+        """Tokens the server has generated so far (its Prometheus counter); 0 when it is down."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return 0
+        for line in text.splitlines():
+            if line.startswith("llamacpp:tokens_predicted_total"):
+                return int(float(line.split()[-1]))
+        return 0
 
 
 def _serve(argv: list[str]) -> None:
@@ -99,6 +106,7 @@ def _serve(argv: list[str]) -> None:
     params.cpuparams.n_threads = args.threads
     params.cpuparams_batch.n_threads = args.threads
     params.endpoint_props = True
+    params.endpoint_metrics = True
     if args.api_key:
         params.api_keys = [args.api_key]
     server = xllamacpp.Server(params)  # serves from its own threads
