@@ -4,11 +4,32 @@ seed and not on which other requests share its batch (or on the concurrency that
 Every local engine samples through `sample_rows`: the continuous batcher, the prefix-reuse batches
 of self-play, and transformers' own `generate` (through `SeededSampler`, for models the fast paths
 cannot run and for encoder-decoders).
+
+The draw is a Gumbel-max race: each token's score plus its own Gumbel noise, the best wins, which
+is an exact draw from softmax(logits / temperature). The same logits computed in another batch
+shape differ in the last digits (about 5e-5 here, float32); a race flips only when the two best
+scores are that close. Inverse-CDF sampling (one uniform against the cumulative sum over the
+vocabulary), which this replaced, flips whenever the uniform falls among the many tiny steps of
+the tail, where those last digits add up: measured on the embedded model, 58 of 68,200 draws
+flipped between a row alone and the same row left-padded in a batch, against none with the race.
+
+The noise of token t at a step is a hash of (the row's key for that step, t): counter-based, so it
+is computed only for the tokens that can still win (those within the noise's range of the best
+score) and is the same whatever else is in the batch.
 """
 from __future__ import annotations
 
 import torch
 from transformers import LogitsProcessor
+
+# splitmix64's constants as signed 64-bit integers (torch has no unsigned 64-bit arithmetic)
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX_1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX_2 = 0x94D049BB133111EB - (1 << 64)
+_BITS = 23  # (n + 0.5) / 2^23 is exact in float32
+# The uniforms lie in [2^-24, 1 - 2^-24], so the Gumbel noise lies in [-2.81, 16.64]: a token whose
+# score is further than 19.45 below the best cannot win, whatever its noise.
+_NOISE_SPAN = 20.5
 
 
 def row_generators(seeds: list[int], device) -> list[torch.Generator]:
@@ -17,22 +38,37 @@ def row_generators(seeds: list[int], device) -> list[torch.Generator]:
 
 def sample_rows(logits: torch.Tensor, temperature: float, top_p: float,
                 generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row: greedy at temperature 0, else a draw from the row's own generator.
-
-    Inverse-CDF with one uniform per row: one batched search instead of a multinomial call per row
-    (which cost a fifth of each decode step at 64 rows), and each row's draws come only from its own
-    stream."""
+    """One token per row: greedy at temperature 0, else a Gumbel-max draw keyed by the row's own
+    generator (one 62-bit key per row and step)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    scores = logits.float() / temperature
     if top_p < 1.0:
+        probs = torch.softmax(scores, dim=-1)
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
-    u = 1 - torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators]).to(probs.device)  # (0, 1]
-    cdf = probs.cumsum(-1)
-    picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1)
-    return picks.clamp(max=probs.shape[-1] - 1)
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
+    keys = torch.cat([torch.randint(0, 1 << 62, (1,), generator=g, device=g.device) for g in generators])
+    keys = keys.to(scores.device)
+    contenders = scores >= scores.max(-1, keepdim=True).values - _NOISE_SPAN
+    if contenders.sum() * 2 > contenders.numel():  # a flat distribution: the whole table at once is cheaper
+        vocab = torch.arange(scores.shape[-1], device=scores.device)
+        return (scores + gumbel(keys[:, None], vocab[None, :])).argmax(-1)
+    rows, tokens = contenders.nonzero(as_tuple=True)
+    race = torch.full_like(scores, float("-inf"))
+    race[rows, tokens] = scores[rows, tokens] + gumbel(keys[rows], tokens)
+    return race.argmax(-1)
+
+
+def gumbel(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise for each (key, token) pair, from a splitmix64-style hash (arithmetic
+    shifts, as torch shifts signed integers: a fixed mixing all the same)."""
+    z = keys + tokens.to(torch.int64) * _GOLDEN
+    z = (z ^ (z >> 30)) * _MIX_1
+    z = (z ^ (z >> 27)) * _MIX_2
+    z = z ^ (z >> 31)
+    u = (((z >> (63 - _BITS)) & ((1 << _BITS) - 1)).float() + 0.5) / (1 << _BITS)
+    return -torch.log(-torch.log(u))
 
 
 class SeededSampler(LogitsProcessor):
