@@ -72,7 +72,7 @@ def run(
     # model
     model: str | None = None,          # None: the embedded SmolLM2-135M-Instruct; a path / org/name: hf or seq2seq; else OpenAI
     backend: str = "auto",            # auto | embedded | hf | seq2seq | openai (seq2seq: found from the config's is_encoder_decoder)
-    api_base: str | None = None,      # an OpenAI-compatible server (vLLM, ...); key from OPENAI_API_KEY
+    api_base: str | None = None,      # an OpenAI-compatible server (vLLM, ...), or replicas as a comma list; key from OPENAI_API_KEY
     # data
     test_dataset: str = "IMHI",       # IMHI | IMHI-completion | expert, a comma list of them, or all
     test_dir: str | None = None,      # IMHI CSVs, or a folder with test_instruction/, test_complete/, expert/; None: data/imhi_sample

@@ -64,7 +64,7 @@ def run(
     # model
     model: str | None = None,          # None: the embedded SmolLM2-135M-Instruct; a path / org/name: hf; else OpenAI
     backend: str = "auto",            # auto | embedded | hf | openai
-    api_base: str | None = None,      # an OpenAI-compatible server (vLLM, ...); key from OPENAI_API_KEY
+    api_base: str | None = None,      # an OpenAI-compatible server (vLLM, ...), or replicas as a comma list; key from OPENAI_API_KEY
     # data
     dataset: str = "PubMedQA",        # MedQA | MedMCQA | PubMedQA | MMLU (the reference's default)
     name: str | None = None,          # MedMCQA subject (e.g. Anatomy) or MMLU subset (e.g. college_medicine)

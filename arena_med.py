@@ -337,10 +337,10 @@ def run(
     # models
     base_model: str | None = None,     # None: the embedded SmolLM2-135M-Instruct; a path / org/name: hf; else OpenAI
     backend: str = "auto",             # auto | embedded | hf | openai (rule: mentalarena.backends.resolve_backend)
-    api_base: str | None = None,       # an OpenAI-compatible server (vLLM, llama.cpp, Ollama); key from OPENAI_API_KEY
+    api_base: str | None = None,       # an OpenAI-compatible server (vLLM, llama.cpp, Ollama), or replicas as a comma list
     judge_model: str | None = None,    # helper calls (paper: gpt-4-turbo-2024-04-09); None: the base model
     judge_backend: str = "auto",
-    judge_api_base: str | None = None,
+    judge_api_base: str | None = None,  # None: where the base model is served (rule: mentalarena.backends.judge_route)
     merge_system: bool = False,        # system text into the user turn, for templates without a system role
     encoder_model: str | None = None,  # sentence encoder; None: bundled all-MiniLM-L6-v2; bert-base-uncased = paper
     similarity_threshold: float | None = None,  # None: the encoder's calibrated value (0.9 for bert-base-uncased)

@@ -10,7 +10,6 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-
 from typing import Callable
 
 from .backends import ChatBackend, Reply

@@ -176,6 +176,9 @@ class OpenAIBackend(ChatBackend):
             if err.status_code in (400, 404) and listed is not None:
                 raise EndpointError(f"{endpoint.shown}: no model {self.model!r} there (it serves "
                                     f"{_names(listed)}); name one of those") from None
+            if err.status_code == 404:
+                raise EndpointError(f"{endpoint.shown}: no OpenAI-compatible API there (HTTP 404 on /models and "
+                                    "/chat/completions); the address usually ends in /v1") from None
             raise EndpointError(_unusable(endpoint.shown, err)) from None
         except (openai.OpenAIError, ValueError) as err:
             raise EndpointError(_unusable(endpoint.shown, err)) from None

@@ -98,7 +98,7 @@ def test_the_server_honours_seeds_samples_differ_and_a_rerun_is_identical(server
     prompt evaluated partly from its cache rounds differently from one evaluated whole. With one
     session at a time on a fresh server, both runs send the same requests in the same order. (With
     several sessions in flight, which cached prefix a request meets depends on timing: measured
-    here, 1 to 3 of a session's 22 replies then differ between two runs.)"""
+    here, 1 or 2 of a session's 22 replies then differ between two runs.)"""
     output, _ = selfplay
     first = {r["sample"]: r for r in records(output)}
     replies = [[c["reply"] for c in first[k]["transcript"]] for k in (0, 1)]

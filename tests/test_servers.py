@@ -222,6 +222,14 @@ def test_an_unknown_model_fails_in_seconds_listing_what_is_served(tmp_path, caps
     assert "OPENAI" not in line
 
 
+def test_an_address_without_the_api_path_is_named_as_such(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with FakeOpenAI() as server:
+        root = server.base_url.removesuffix("/v1")  # a common slip: the server, not its /v1 API
+        _fails_fast(arena_med.main, _arena_argv(root, tmp_path / "o.jsonl"), capsys, root,
+                    "no OpenAI-compatible API there", "ends in /v1")
+
+
 def test_a_server_that_answers_any_name_is_accepted_with_a_note(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     with FakeOpenAI(window=4096) as server:  # as llama.cpp: one model, any name, a published window
