@@ -146,8 +146,8 @@ class OpenAIBackend(ChatBackend):
             client = endpoint.client.with_options(timeout=timeout, max_retries=0)
             try:
                 listed = list(client.models.list().data)
-            except openai.NotFoundError:
-                listed = None  # a server without GET /models: the probe below decides
+            except (openai.NotFoundError, openai.PermissionDeniedError):
+                listed = None  # no GET /models there, or a key not allowed to list: the probe below decides
             except (openai.OpenAIError, ValueError) as err:
                 raise EndpointError(_unusable(endpoint.shown, err)) from None
             entry = next((m for m in listed or [] if self.model in (m.id, *(_extra(m, "aliases") or []))), None)

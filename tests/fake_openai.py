@@ -20,7 +20,8 @@ per retrieve; "succeeded" sets `fine_tuned_model`, "failed" sets an error. `ft_f
 fail these requests; with `require_key`, a wrong key gets a 401 that quotes it back, as OpenAI's does (on
 every route: models, chat and fine-tuning).
 
-Models: `GET /v1/models` lists `model`. With `strict_model` (as vLLM), a chat request for any other model
+Models: `GET /v1/models` lists `model` (a 403 with `models_forbidden`, as OpenAI gives a key restricted to
+chat). With `strict_model` (as vLLM), a chat request for any other model
 gets a 404; without it (as llama.cpp), any name is answered. `window` (tokens, counted as words) makes a
 longer prompt a 400 in llama.cpp's form (`exceed_context_size_error`, `n_prompt_tokens`, `n_ctx`).
 """
@@ -81,7 +82,7 @@ class FakeOpenAI:
                  stall_seconds: float = 1.5, model: str = "fake-model",
                  job_statuses: Sequence[str] = ("validating_files", "queued", "running", "succeeded"),
                  ft_faults: Faults | None = None, require_key: str | None = None, strict_model: bool = False,
-                 window: int | None = None) -> None:
+                 window: int | None = None, models_forbidden: bool = False) -> None:
         self.responder = responder
         self.faults = faults or Faults()
         self.stall_seconds = stall_seconds
@@ -93,6 +94,7 @@ class FakeOpenAI:
         self.require_key = require_key
         self.strict_model = strict_model
         self.window = window
+        self.models_forbidden = models_forbidden  # GET /v1/models answers 403, as for a restricted key
         self.model_lists = 0  # GET /v1/models requests
         self.uploads: list[dict] = []  # {"id", "filename", "purpose", "content": bytes}
         self.job_creates: list[dict] = []  # every job-creation body that made a job
@@ -219,6 +221,9 @@ class _Handler(BaseHTTPRequestHandler):
         refused = fake.key_refused(self.headers.get("Authorization"))
         if refused:
             return self._send(401, refused)
+        if fake.models_forbidden:
+            return self._send(403, {"error": {"message": "missing scope model.read", "type": "invalid_request_error",
+                                              "code": "insufficient_permissions"}})
         entry = {"id": fake.model, "object": "model", "created": 0, "owned_by": "fake"}
         if fake.window:
             entry["max_model_len"] = fake.window

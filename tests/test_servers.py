@@ -230,6 +230,14 @@ def test_an_address_without_the_api_path_is_named_as_such(tmp_path, capsys, monk
                     "no OpenAI-compatible API there", "ends in /v1")
 
 
+def test_a_key_that_may_not_list_models_passes_by_the_probe(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with FakeOpenAI(models_forbidden=True, strict_model=True) as server:
+        backend = OpenAIBackend("fake-model", api_base=server.base_url)
+        assert backend.check() == [] and len(server.requests) == 1  # one probe, answered
+        backend.close()
+
+
 def test_a_server_that_answers_any_name_is_accepted_with_a_note(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     with FakeOpenAI(window=4096) as server:  # as llama.cpp: one model, any name, a published window
