@@ -455,11 +455,11 @@ def _clients(routes, common: dict, merge_system: bool) -> list[ModelClient]:
     return [built[id(r)] for r in routes]
 
 
-def expected_calls(cfg: Settings) -> float:
-    """Calls a session makes, roughly (for the progress bar's first estimate): the fixed steps, plus
-    half of the decoder's extra rounds and of the tries, which stop early when they succeed."""
-    fixed = 2 + 2 * cfg.dialogue_rounds + 6 + 4 + 1  # principles, opening, dialogue, decoder, diagnosis, extraction
-    return fixed + cfg.max_decode_rounds * 8 / 2 + 2 * 3 * (1 + cfg.max_tries) / 2
+def expected_calls(cfg: Settings) -> int:
+    """The most calls a session can make (the progress bar's first estimate, refined as sessions
+    end): the fixed steps, every extra decoder round with both feedback calls, every try."""
+    fixed = 2 + 2 * cfg.dialogue_rounds + 7 + 4 + 1  # principles, opening, dialogue, decoder, diagnosis, extraction
+    return fixed + 9 * cfg.max_decode_rounds + 2 * 3 * cfg.max_tries
 
 
 def _summary(counts, already, arena, wall, output, errors) -> dict:

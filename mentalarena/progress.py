@@ -23,6 +23,8 @@ class Progress:
         self.calls += 1
         self.tokens += reply.completion_tokens
         if self.bar is not None:
+            if self.bar.n >= self.bar.total:  # an estimate ran short: keep a total (and an ETA) on show
+                self.bar.total = self.bar.n + 1
             self.bar.update(1)
             self._postfix()
 

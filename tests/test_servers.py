@@ -395,10 +395,23 @@ def test_the_progress_bar_moves_with_every_call_and_estimates_the_rest():
     assert bar.bar.total == 80 and "sessions=1/4" in bar.bar.postfix
     bar.session(None)  # a failed one
     assert "failed_sessions=1" in bar.bar.postfix
+    for _ in range(100):  # more calls than estimated: the total follows, the bar never runs past it
+        bar.reply(Reply("x"))
+    assert bar.bar.total >= bar.bar.n == 125
     bar.close()
     quiet = Progress(10, "x", enabled=False)
     quiet.reply(Reply("x"))
     assert quiet.calls == 1 and quiet.bar is None
+
+
+def test_the_first_estimate_is_the_most_calls_a_session_can_make():
+    """Every score unreadable (the judge never says a number): every decoder round runs and every try
+    is used, so this session makes the most calls the settings allow, and the estimate is that."""
+    backend = CountingBackend([0] * 20)
+    arena = make_arena(backend, max_tries=3, max_decode_rounds=2, dialogue_rounds=2)
+    arena.base.gate.active = 1
+    record = asyncio.run(arena_med.run_session(PATIENT, 0, arena))
+    assert record["calls"] == arena_med.expected_calls(arena.settings)
 
 
 def test_arena_progress_advances_before_any_session_ends(tmp_path, monkeypatch):
