@@ -61,13 +61,12 @@ class ModelClient:
     """`await chat(messages, seed)`: fits the context, merges system text if asked, batches, counts."""
 
     def __init__(self, backend: ChatBackend, gate: Gate, max_new_tokens: int,
-                 merge_system_prompt: bool = False, keep_first: int = 2, max_parallel: int = 16,
-                 on_reply: Callable[[Reply], None] | None = None):
+                 merge_system_prompt: bool = False, keep_first: int = 2, max_parallel: int = 16):
         self.backend, self.gate = backend, gate
         self.merge = merge_system_prompt
         self.keep_first = keep_first
         self.max_new_tokens = max_new_tokens
-        self.on_reply = on_reply  # e.g. the progress bar, called once per finished call
+        self.on_reply: Callable[[Reply], None] | None = None  # e.g. the progress bar, once per finished call
         self.stats = CallStats()
         # What context overflows taught: the server's window, and how far to trust our token count
         self.window: int | None = None

@@ -2,7 +2,7 @@
 
 The lock is the kernel's (`flock`), so it dies with its process: a run killed by `kill -9` leaves
 at most an unlocked file behind, and the next run takes it at once. The file also says who holds
-it (pid, host, start time, command), for the message a second run gets. A run that finishes
+it (pid, host, start time, script), for the message a second run gets. A run that finishes
 removes its lock file.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ class OutputLock:
             os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime(
-            "%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv[:1])}).encode())
+            "%Y-%m-%d %H:%M:%S"), "script": os.path.basename(sys.argv[0])}).encode())
         self._fd = fd
         return self
 
@@ -89,4 +89,5 @@ def _read_holder(fd: int) -> str:
         info = {}
     if not info:
         return "its process id is not recorded yet"
-    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
+    script = f", {info['script']}" if info.get("script") else ""
+    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}{script}"
