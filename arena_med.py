@@ -230,7 +230,9 @@ async def decode_symptoms(s: Session, principles: list[str], round_: int) -> dic
                                    "judge_principle_feedback",
                                    s.render("judge_principle_feedback", principles=truth["principles"],
                                             answer=answers["principles"])))
-    feedback = "\n".join(await asyncio.gather(*judge_calls))
+    # Empty or blank judge replies are no feedback: the reference concatenated them into "" and
+    # stopped; joining two blanks with a newline would force another round for nothing.
+    feedback = "\n".join(text for text in (r.strip() for r in await asyncio.gather(*judge_calls)) if text)
     return {"round": round_, "similarities": {k: round(v, 4) for k, v in sims.items()},
             "below_threshold": below, "feedback": feedback}
 

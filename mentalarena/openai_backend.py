@@ -317,7 +317,8 @@ def _parse(completion: object) -> Reply:
     if not isinstance(content, str):
         raise _MalformedResponse(f"message content is {type(content).__name__}")
     usage = completion.usage
-    return Reply(content, _token_count(usage, "prompt_tokens"), _token_count(usage, "completion_tokens"))
+    # Stripped as the reference stripped every reply, and as the local backends decode theirs.
+    return Reply(content.strip(), _token_count(usage, "prompt_tokens"), _token_count(usage, "completion_tokens"))
 
 
 def _token_count(usage: object, field: str) -> int:

@@ -26,6 +26,11 @@ THRESHOLDS: dict[str, float] = {
 }
 
 
+# Encoder scores differ in the 7th-8th decimal between batch shapes and thread counts; principle
+# groups are ranked on scores rounded to this many decimals so the order does not.
+SCORE_DECIMALS = 6
+
+
 def _bundled_path() -> str | None:
     # find_spec locates the package without importing it (its __init__ pulls in nothing we need).
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
@@ -137,13 +142,14 @@ def top_k_groups(
     for group_id, principles in groups.items():
         if not principles:
             raise InputError(f"principle group {group_id!r} has no principles")
-    principles = [p for group in groups.values() for p in group]
-    vectors = encoder.encode(principles + [text])
-    sims = vectors[:-1] @ vectors[-1]
-    scores: list[tuple[str, float]] = []
-    start = 0
-    for group_id, group in groups.items():
-        scores.append((group_id, float(sims[start : start + len(group)].max())))
-        start += len(group)
+    # One score per distinct text, each a dot product of two single rows: a matrix product would let
+    # BLAS sum identical rows in different orders (thread blocking), so equal principles in two
+    # groups could score 1e-8 apart and the "ties keep file order" promise would depend on threads.
+    distinct = list(dict.fromkeys(p for group in groups.values() for p in group))
+    vectors = encoder.encode(distinct + [text])
+    score_of = {p: float(np.dot(vectors[i], vectors[-1])) for i, p in enumerate(distinct)}
+    # Ranked on scores rounded to SCORE_DECIMALS: closer than that counts as a tie (file order wins).
+    best = [(group_id, max(round(score_of[p], SCORE_DECIMALS) for p in group))
+            for group_id, group in groups.items()]
     # sorted() is stable, so equal scores keep the groups' original order.
-    return sorted(scores, key=lambda item: -item[1])[: max(k, 0)]
+    return sorted(best, key=lambda item: -item[1])[: max(k, 0)]

@@ -176,3 +176,22 @@ def test_callers_messages_are_not_mutated(server, make_backend, count):
     snapshot = copy.deepcopy(convs)
     make_backend().generate(convs)
     assert convs == snapshot
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("  Sertraline.\n", "Sertraline."),
+        ("\n\nTreatment: CBT\nExplanation: helps\n  ", "Treatment: CBT\nExplanation: helps"),
+        ("   ", ""),
+        ("plain", "plain"),
+    ],
+)
+def test_replies_are_stripped_like_the_reference(content, expected):
+    with FakeOpenAI(responder=lambda request: content) as fake:
+        backend = OpenAIBackend("fake-model", api_base=fake.base_url, timeout=5.0, max_retries=0)
+        try:
+            [reply] = backend.generate([conversation(1)])
+        finally:
+            backend.close()
+    assert reply.text == expected

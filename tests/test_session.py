@@ -226,3 +226,26 @@ def test_an_edited_prompt_file_changes_what_the_run_sends(tmp_path):
         sent[label] = [m["content"] for conv in backend.seen for m in conv if m["role"] == "user"]
     assert any(c == "EDITED: ask one more question." for c in sent["edited"])
     assert not any("EDITED" in c for c in sent["stock"])
+
+
+@pytest.mark.parametrize(
+    ("judge_reply", "rounds", "feedback"),
+    [
+        ("", 0, ""),            # the reference: "" + "" == "", no further round
+        ("   \n\t", 0, ""),     # whitespace only is no feedback either
+        ("\n", 0, ""),
+        ("Ask about sleep.", 2, "Ask about sleep.\nAsk about sleep."),
+        ("  Ask about sleep.\n", 2, "Ask about sleep.\nAsk about sleep."),
+    ],
+)
+def test_blank_judge_feedback_is_no_feedback(judge_reply, rounds, feedback):
+    """Both feedback calls fire every round (FixedEncoder scores 0.1); blank replies end the decoder."""
+    patient = load_patients(DEFAULT_PATIENTS_FILE)[0]
+    backend = ScriptedBackend(rules=[("What should the doctor ask", judge_reply),
+                                     ("Rate this health state", "9")], default="text")
+    record = run_one(make_arena(backend, max_decode_rounds=2, max_tries=1), patient)
+    assert record["feedback_rounds"] == rounds
+    assert record["decoder"][0]["feedback"] == feedback
+    steps = [t["step"] for t in record["transcript"]]
+    assert ("decode.1.doctor" in steps) == (rounds > 0)
+    assert sum(s.endswith(".feedback") for s in steps) == rounds + 1

@@ -88,8 +88,43 @@ def test_top_k_groups_orders_by_best_principle_with_stable_ties(encoder: Encoder
     # "mixed" contains the text itself (score 1); the two family groups tie and keep dict order.
     assert [group for group, _ in ranked] == ["mixed", "family_a", "family_b"]
     assert ranked[0][1] == pytest.approx(1.0, abs=1e-5)
+    # The same principle text is scored once, so the tie is exact by design, whatever the threads.
     assert ranked[1][1] == ranked[2][1]
     assert len(top_k_groups(encoder, groups, text, k=10)) == 4
+
+
+class _StubEncoder:
+    """Unit vectors chosen so that cosine scores differ only below the ranking's precision."""
+
+    def __init__(self, scores: dict[str, float]) -> None:
+        self.scores = scores
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        rows = []
+        for t in texts:
+            s = self.scores.get(t, 1.0)
+            rows.append([s, np.sqrt(max(0.0, 1.0 - s * s))])
+        return np.asarray(rows, dtype=np.float64)
+
+
+@pytest.mark.parametrize(
+    ("scores", "expected"),
+    [
+        # 2e-8 apart: noise of batch shape / thread count, a tie, so file order decides.
+        ({"a": 0.50000001, "b": 0.50000003, "c": 0.2}, ["a", "b", "c"]),
+        ({"a": 0.50000003, "b": 0.50000001, "c": 0.2}, ["a", "b", "c"]),
+        # 1e-5 apart: a real difference, ranked by score.
+        ({"a": 0.50000, "b": 0.50001, "c": 0.2}, ["b", "a", "c"]),
+        ({"a": 0.1, "b": 0.2, "c": 0.3}, ["c", "b", "a"]),
+    ],
+)
+def test_top_k_groups_ties_below_precision_keep_file_order(
+    scores: dict[str, float], expected: list[str]
+) -> None:
+    groups = {name: [f"principle {name}"] for name in ("a", "b", "c")}
+    stub = _StubEncoder({f"principle {k}": v for k, v in scores.items()})
+    ranked = top_k_groups(stub, groups, "the text", k=3)  # type: ignore[arg-type]
+    assert [g for g, _ in ranked] == expected
 
 
 def test_threshold_for_known_and_unknown_encoders() -> None:
