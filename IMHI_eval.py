@@ -50,6 +50,9 @@ TEST_SETS = {
                "human_evaluation/test_instruction_expert"),
 }
 EXPLANATION_METRICS = ("bart", "rouge", "bleu", "bertscore")
+# The classifier labels scored against the goldens as each rule set reads them: `reference` with
+# label_inference.py's gold keywords (the MentaLLaMA paper's numbers), `fixed` with the fixed rules.
+CLASSIFIER_SCORES = {"reference": "classifier", "fixed": "classifier_fixed"}
 # The PyPI package each optional metric imports (module, package).
 METRIC_PACKAGES = {"rouge": ("rouge_score", "rouge-score"), "bleu": ("sacrebleu", "sacrebleu"),
                    "bertscore": ("bert_score", "bert-score")}
@@ -89,7 +92,7 @@ def run(
     device: str | None = None,
     # scoring
     rules: str = "reference,fixed",   # rule sets side by side: reference (faithful) and fixed (corrected)
-    label_model_dir: str | None = None,  # <dir>/<dataset>/: one MentalBERT sequence classifier per dataset
+    label_model_dir: str | None = None,  # <dir>/<dataset>/: one MentalBERT classifier per dataset; goldens read by each --rules set
     explanation_metrics: str | None = None,  # comma list of bart, rouge, bleu, bertscore; None: none
     bart_model: str | None = None,    # a local BART checkpoint for BART-score (the reference: bart-large-cnn + ParaBank2 weights)
     bertscore_model: str | None = None,  # a local BERT-style checkpoint for BERTScore
@@ -145,7 +148,9 @@ def report(output_dir: str = "outputs/imhi", output_file: str | None = None) -> 
     models = {str(r.get("model")) for r in rows}
     text = [f"# IMHI, {len(rows)} result files in {output_dir}", "",
             "Scores in %. `reference`: the reference's rules (faithful; rows whose golden they cannot read "
-            "are dropped); `fixed`: the corrected rules; `classifier`: the MentalBERT classifiers. "
+            "are dropped); `fixed`: the corrected rules; `classifier`: the MentalBERT classifiers' labels against the "
+            "goldens read as the reference's label_inference.py reads them (the MentaLLaMA paper's numbers; rows "
+            "whose golden it cannot read are dropped); `classifier_fixed`: the same labels, goldens read by the fixed rules. "
             "w-F1: weighted F1 (IMHI's main number); m-F1: macro F1 (micro F1 equals accuracy here and is "
             "kept in the results files); OOD: answers no rule reads, given the default label.", "",
             *_score_table(rows, show_model=len(models) > 1), ""]
@@ -267,7 +272,11 @@ class Scorers:
             for rules in self.rules:
                 out["scores"][rules] = _guarded(dataset, rules, lambda r=rules: imhi.score(dataset, goldens, generated, r))
             if self.classifiers:
-                out["scores"]["classifier"] = self._classifier_scores(dataset, goldens, generated)
+                predicted = self.classify(dataset, generated)
+                for rules in self.rules:  # the goldens read by each rule set, as the rule labels
+                    out["scores"][CLASSIFIER_SCORES[rules]] = _guarded(
+                        dataset, f"classifier ({rules} goldens)",
+                        lambda r=rules: imhi.classifier_score(dataset, goldens, predicted, r))
             out["majority_baseline"] = _guarded(dataset, "majority", lambda: imhi.majority_baseline(dataset, goldens))
         out["warnings"] = [str(w.message) for w in caught]
         for message in out["warnings"]:
@@ -277,21 +286,9 @@ class Scorers:
         return out
 
     # ---- classifier labels (the reference's label_inference.py)
-    def _classifier_scores(self, dataset: str, goldens: list[str], generated: list[str]) -> dict | None:
-        """The classifier reads only the generated text; golds are parsed by the fixed rules."""
-        predicted = self.classify(dataset, generated)
-        gold = [imhi.gold_label(dataset, g, "fixed") for g in goldens]
-        pairs = [(g, p) for g, p in zip(gold, predicted) if g is not None]
-        if len(pairs) < len(gold):
-            warnings.warn(f"{dataset}: {len(gold) - len(pairs)} golden(s) match no fixed gold rule; "
-                          "dropped from the classifier scores", stacklevel=2)
-        if not pairs:
-            return None
-        return {**imhi.metrics([g for g, _ in pairs], [p for _, p in pairs]), "ood": 0,
-                "dropped": len(gold) - len(pairs), "n": len(pairs)}
-
     def classify(self, dataset: str, texts: list[str]) -> list[int]:
-        """Rule label ids from `<label_model_dir>/<dataset>`: argmax over the first 512 tokens."""
+        """Rule label ids from `<label_model_dir>/<dataset>`: argmax over the first 512 tokens of the
+        generated text alone."""
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -531,7 +528,7 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 SCORE_COLUMNS = {"reference": ("acc", "w-F1", "m-F1", "OOD", "dropped"), "fixed": ("acc", "w-F1", "m-F1", "OOD"),
-                 "classifier": ("acc", "w-F1", "m-F1")}
+                 "classifier": ("acc", "w-F1", "m-F1", "dropped"), "classifier_fixed": ("acc", "w-F1", "m-F1")}
 _KEYS = {"acc": "accuracy", "w-F1": "weighted_f1", "m-F1": "macro_f1", "OOD": "ood", "dropped": "dropped"}
 
 

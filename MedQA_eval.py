@@ -55,8 +55,8 @@ LOCAL_FILES = {
     ("MedMCQA", None): ["medmcqa/psychosis.jsonl"],
     ("PubMedQA", None): ["pubmedqa/test_samples.jsonl"],
     ("MedMCQA", "*"): ["medmcqa/subjects/{s}.jsonl", "medmcqa/illnesses/{s}.jsonl"],
-    ("MMLU", "*"): ["mmlu/{s}_test.jsonl", "mmlu/{s}.jsonl"],
-}
+    ("MMLU", "*"): ["mmlu/{s}_test.jsonl", "mmlu/test/{s}_test.jsonl", "mmlu/{s}.jsonl"],
+}  # names matched regardless of case: the paper's data/ has MedQA/, MedMCQA/illnesses/, MMLU/test/
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -90,7 +90,8 @@ def run(
     job = _job(dataset, name, data_file, limit, cop_base)
     prompts = Prompts(prompt_dir)
     prompts.check(["qa_system", qa.benchmark(dataset).template])
-    settings = _settings(model, backend, api_base, temperature, open_model, max_new_tokens, repeats, seed, with_context)
+    settings = _settings(model, backend, api_base, temperature, open_model, max_new_tokens, repeats, seed, with_context,
+                         dtype, device)
     with ExitStack() as held:
         hold_all(held, [_samples_file(Path(output_dir), settings, job)])
         chat = _backend(settings, batch_size, dtype, device)
@@ -117,7 +118,8 @@ def suite(
     jobs = [_job(d, s, _local_file(data_dir, d, s), limit, None) for t in chosen for d, s in TABLES[t]]
     prompts = Prompts(prompt_dir)
     prompts.check(["qa_system", "qa_choice", "qa_decision"])
-    settings = _settings(model, backend, api_base, temperature, open_model, max_new_tokens, repeats, seed, with_context)
+    settings = _settings(model, backend, api_base, temperature, open_model, max_new_tokens, repeats, seed, with_context,
+                         dtype, device)
     results = {}
     with ExitStack() as held:
         hold_all(held, [_samples_file(Path(output_dir), settings, job) for job in jobs])
@@ -161,8 +163,11 @@ def evaluate(chat, job: dict, prompts: Prompts, settings: dict, output_dir: Path
     samples = _samples_file(output_dir, settings, job)
     out_dir = samples.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_hash = settings_hash({**settings, "data": job["source"], "limit": job["limit"],
-                      "templates": [prompts.template("qa_system"), prompts.template(qa.benchmark(job["dataset"]).template)]})
+    # What changes an answer is hashed; how many questions (--limit) and repeats are asked is not, so
+    # raising either tops up the same run (each answer's seed depends only on its question and repeat).
+    run_hash = settings_hash({**{k: v for k, v in settings.items() if k != "repeats"}, "data": job["source"],
+                              "templates": [prompts.template("qa_system"),
+                                            prompts.template(qa.benchmark(job["dataset"]).template)]})
     done = _answered(samples, run_hash, {i.id for i in items})
     todo = [(item, r) for item in items for r in range(settings["repeats"]) if (item.id, r) not in done]
     print(f"[eval] {job['dataset']}{'/' + job['subset'] if job['subset'] else ''}: {len(items)} questions "
@@ -266,15 +271,15 @@ def _local_file(data_dir: str | None, dataset: str, subset: str | None) -> str |
         return None
     patterns = LOCAL_FILES.get((dataset, subset)) or LOCAL_FILES.get((dataset, "*"), [])
     for pattern in patterns:
-        for path in (Path(data_dir) / pattern.format(s=subset), Path(data_dir) / pattern.format(s=subset).lower()):
-            if path.is_file():
-                return str(path)
+        if path := qa.find_ignoring_case(data_dir, pattern.format(s=subset)):
+            return str(path)
     if subset is None:
         raise InputError(f"{data_dir}: no {' or '.join(patterns)} (the paper's {dataset} subset is not on the hub)")
     return None  # a subject / subset file that is not there comes from the hub
 
 
-def _settings(model, backend, api_base, temperature, open_model, max_new_tokens, repeats, seed, with_context) -> dict:
+def _settings(model, backend, api_base, temperature, open_model, max_new_tokens, repeats, seed, with_context,
+              dtype=None, device=None) -> dict:
     api_base = ",".join(endpoint_list(api_base)) or None  # one server, or replicas as a comma list
     kind = resolve_backend(model, backend, api_base)
     if int(repeats) < 1:
@@ -287,7 +292,9 @@ def _settings(model, backend, api_base, temperature, open_model, max_new_tokens,
         print(f"[eval] temperature {temperature} ({why}); --temperature sets another", file=sys.stderr, flush=True)
     return {"model": model or "embedded:SmolLM2-135M-Instruct", "backend": kind, "api_base": api_base,
             "temperature": float(temperature), "max_new_tokens": int(max_new_tokens), "repeats": int(repeats),
-            "seed": int(seed), "with_context": bool(with_context)}
+            "seed": int(seed), "with_context": bool(with_context),
+            # local weights answer differently in another precision; a served model's is the server's
+            "dtype": None if kind == "openai" else auto_dtype(dtype, device)}
 
 
 def _backend(settings: dict, batch_size: int, dtype: str | None, device: str | None):
@@ -297,7 +304,7 @@ def _backend(settings: dict, batch_size: int, dtype: str | None, device: str | N
     chat = make_backend(model, settings["backend"], settings["api_base"], temperature=settings["temperature"],
                         max_new_tokens=settings["max_new_tokens"], seed=settings["seed"],
                         max_parallel=int(batch_size), max_batch_size=int(batch_size),
-                        dtype=auto_dtype(dtype, device), device=device, prefix_cache_gb=0)
+                        dtype=settings["dtype"], device=device, prefix_cache_gb=0)
     return cli.checked(chat, "eval")
 
 

@@ -19,8 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mentalarena.backends import describe_routes, judge_route, route
-from mentalarena.cli import checked, request_seed
+from mentalarena.backends import Reply, describe_routes, judge_route, require_credentials, route, runs_on
+from mentalarena.cli import auto_dtype, bool_words, checked, request_seed
 from mentalarena.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
 from mentalarena.dialogue import HISTORY_MODES, Conversation, fresh as fresh_messages
 from mentalarena.engine import Gate, ModelClient
@@ -34,6 +34,7 @@ from mentalarena.prompts import Prompts
 from mentalarena.similarity import BUNDLED_NAME, Encoder, threshold_for, top_k_groups
 
 log = logging.getLogger("mentalarena.arena")
+ILLNESS_PROMPTS = ("name", "reference")
 FEEDBACK_MODES = ("steer", "reference")  # steer: decoder feedback reaches the doctor (paper's intent)
 DECODER_ITEMS = ("intermediate_belief", "intermediate_belief_depression", "coping_strategies", "situation")
 
@@ -56,8 +57,19 @@ class Settings:
     history_mode: str = "reference"
     merge_system: bool = False
     extraction_parser: str = "robust"
+    illness_prompt: str = "name"
     seed: int = 0
     prompts_hash: str = ""
+    # None: the checkpoint's generation config (local models) or the server's default (APIs)
+    top_p: float | None = None
+    top_k: int | None = None
+    max_context_tokens: int | None = None
+    # where each role runs: "embedded" / "hf" / "openai-api" / "served" (which replicas answer does not count)
+    base_runs_on: str = "embedded"
+    judge_runs_on: str = "embedded"
+    dtype: str | None = None    # local weights' precision (None: no role runs locally)
+    patients_hash: str = ""     # the content of the whole patients file (so a larger --limit extends a run)
+    principles_hash: str = ""
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -152,8 +164,10 @@ async def run_session(patient: dict, sample: int, ctx: "Arena") -> dict:
     # 9. The patient reviews both (fresh, persona b); a fresh base call names the final illness.
     review = await s.fresh("diagnosis.review", "patient", "base", "patient_review",
                            s.render("patient_review", diagnosis_1=d1, diagnosis_2=d2), persona_b)
-    illness = await s.fresh("diagnosis.final", "assistant", "base", "final_illness",
-                            s.render("final_illness", review=review))
+    # "name": the illness name only; "reference": the reference's question (which one is more
+    # accurate), whose answers often read "Doctor 1's diagnosis ... is more accurate"
+    final = "final_illness" if cfg.illness_prompt == "name" else "final_illness_reference"
+    illness = await s.fresh("diagnosis.final", "assistant", "base", final, s.render(final, review=review))
 
     # 10. Try and reflect, for a treatment then for a medicine.
     treatment = await try_and_reflect(s, illness, persona_b, "treatment")
@@ -176,7 +190,7 @@ async def run_session(patient: dict, sample: int, ctx: "Arena") -> dict:
         "transcript": s.transcript, "calls": len(s.transcript),
         "truncated_calls": sum(t["truncated"] for t in s.transcript),
         "models": {"base": ctx.base.name, "judge": ctx.judge.name, "encoder": cfg.encoder},
-        "seed": cfg.seed, "settings": asdict(cfg), "settings_hash": cfg.digest(),
+        "seed": cfg.seed, "settings": {**asdict(cfg), "sampling": ctx.sampling}, "settings_hash": cfg.digest(),
         "elapsed_s": round(time.time() - started, 2),
     }
 
@@ -271,6 +285,9 @@ class Arena:
     def __init__(self, settings, prompts, base, judge, encoder, groups):
         self.settings, self.prompts, self.base, self.judge = settings, prompts, base, judge
         self.encoder, self.groups = encoder, groups
+        # the top-p / top-k each role's backend resolved (from flags, the checkpoint or the server)
+        self.sampling = {role: getattr(getattr(client, "backend", None), "sampling", None)
+                         for role, client in (("base", base), ("judge", judge))}
 
     def rank_groups(self, text: str, k: int) -> list[tuple[str, float]]:
         return top_k_groups(self.encoder, self.groups, text, k)
@@ -281,7 +298,7 @@ async def run_all(arena: Arena, todo: list[tuple[dict, int]], output: Path, erro
     """Keep `concurrency` sessions in flight; write each record whole as soon as it finishes."""
     queue = list(reversed(todo))
     gate = arena.base.gate
-    counts = {"ok": 0, "failed": 0}
+    counts = {"ok": 0, "failed": 0, "decoder": []}
 
     async def worker():
         while queue:
@@ -298,6 +315,7 @@ async def run_all(arena: Arena, todo: list[tuple[dict, int]], output: Path, erro
             else:
                 counts["ok"] += 1
                 append_jsonl(output, record)
+                counts["decoder"].append(record["decoder"])
                 calls = record["calls"]
             finally:
                 gate.active -= 1
@@ -307,6 +325,35 @@ async def run_all(arena: Arena, todo: list[tuple[dict, int]], output: Path, erro
 
     await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     return counts
+
+
+def content_hash(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+class _DryClient:
+    """Answers every call with "1" at once: a score that never reaches the target, a group number,
+    feedback that is never empty. So a dry session takes every branch and renders every template."""
+    name = "dry"
+
+    async def chat(self, messages, seed=None):
+        return Reply("1")
+
+
+class _DryEncoder:
+    name = "dry"
+
+    def similarities(self, pairs):
+        return [0.0] * len(pairs)  # below any threshold: every decoder round and feedback call happens
+
+
+def dry_run(settings: Settings, prompts: Prompts, groups: dict, patient: dict) -> None:
+    """One session on stand-ins, before any model loads, so that a prompt file with a slot the
+    session does not fill (or a broken brace) is one line now, not an error in every session."""
+    client = _DryClient()
+    arena = Arena(settings, prompts, client, client, _DryEncoder(), groups)
+    arena.rank_groups = lambda text, k: [(g, 0.0) for g in list(groups)[:max(k, 1)]]
+    asyncio.run(run_session(patient, 0, arena))
 
 
 def pending_sessions(patients: list[dict], num_samples: int, output: Path, settings_hash: str):
@@ -328,11 +375,16 @@ PROMPT_NAMES = [
     "doctor_continue", "doctor_feedback", "decode_intermediate_belief",
     "decode_intermediate_belief_depression", "decode_coping_strategies", "decode_situation",
     "decode_principles", "judge_cognitive_feedback", "judge_principle_feedback", "diagnosis_system",
-    "diagnosis_first", "diagnosis_second", "patient_review", "final_illness", "treatment_system",
+    "diagnosis_first", "diagnosis_second", "patient_review", "treatment_system",
     "treatment_first", "treatment_next", "medicine_first", "medicine_next", "patient_after_treatment",
     "patient_after_medicine", "judge_health_score", "extraction", "symptom", "decoder_truth_situation",
     "roles_opening",
 ]
+
+
+def prompt_names(illness_prompt: str) -> list[str]:
+    """The templates a run reads (and hashes): the common ones and the chosen final-illness question."""
+    return PROMPT_NAMES + ["final_illness" if illness_prompt == "name" else "final_illness_reference"]
 
 
 def run(
@@ -364,13 +416,17 @@ def run(
     feedback_mode: str = "steer",      # steer: decoder feedback reaches the doctor; reference: dropped
     history_mode: str = "reference",   # reference: the reference's shared message list; roles: role-separated
     extraction_parser: str = "robust",  # robust | reference (the reference's fixed-offset slicing)
+    illness_prompt: str = "name",      # name: the illness name only; reference: "which diagnosis is more accurate"
+    top_p: float | None = None,        # None: the checkpoint's generation config (as the reference's pipeline)
+    top_k: int | None = None,          #   or the server's default; 0 turns top-k off
     # running
     concurrency: int = 8,              # sessions in flight; their requests are batched together
     max_batch_size: int = 16,          # local backends: conversations per forward batch
-    max_context_tokens: int | None = None,  # None: the model's own limit (no truncation for API models)
+    max_context_tokens: int | None = None,  # None: the model's own window (local: its config; API: the
+                                            # server's report, else the known window of OpenAI's models)
     prefix_cache_gb: float = 8.0,      # local backends: memory for cached key/values of prompt prefixes (0: off)
     device: str | None = None,
-    dtype: str | None = None,
+    dtype: str | None = "auto",      # local weights: auto (bfloat16 where the device has it, else float32) | float32 | ...
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
@@ -378,17 +434,26 @@ def run(
     check_choice("feedback_mode", feedback_mode, FEEDBACK_MODES)
     check_choice("history_mode", history_mode, HISTORY_MODES)
     check_choice("extraction_parser", extraction_parser, ("robust", "reference"))
-    # Validate every input before any model loads.
-    patients = load_patients(patients_file or DEFAULT_PATIENTS_FILE)[:limit]
+    check_choice("illness_prompt", illness_prompt, ILLNESS_PROMPTS)
+    # Validate every input before any model loads or any file is touched.
+    dtype = auto_dtype(dtype, device)
+    all_patients = load_patients(patients_file or DEFAULT_PATIENTS_FILE)
+    patients = all_patients[:limit]
     groups = load_principles(principles_file or DEFAULT_PRINCIPLES_FILE)
     prompts = Prompts(prompt_dir)
-    prompts.check(PROMPT_NAMES)
+    names = prompt_names(illness_prompt)
+    prompts.check(names)
+    base_route = route(base_model, backend, api_base)
+    judge = judge_route(base_route, judge_model, judge_backend, judge_api_base)
+    for r in (base_route, judge):
+        if r is not None:
+            require_credentials(r)
     encoder_name = encoder_model or BUNDLED_NAME
     threshold = similarity_threshold if similarity_threshold is not None else threshold_for(encoder_name)
     if threshold is None:
         raise InputError(f"--encoder_model {encoder_model}: no calibrated threshold for this encoder; "
                          "pass --similarity_threshold (benchmarks/calibrate_threshold.py derives one)")
-    prompts_hash = hashlib.sha256("".join(prompts.template(n) for n in PROMPT_NAMES).encode()).hexdigest()[:16]
+    prompts_hash = hashlib.sha256("".join(prompts.template(n) for n in names).encode()).hexdigest()[:16]
     settings = Settings(
         base_model=base_model or "embedded", judge_model=judge_model or base_model or "embedded",
         encoder=encoder_name, similarity_threshold=threshold, temperature=temperature,
@@ -396,12 +461,16 @@ def run(
         num_principle_groups=num_principle_groups, max_decode_rounds=max_decode_rounds,
         max_tries=max_tries, target_score=target_score, feedback_mode=feedback_mode,
         history_mode=history_mode, merge_system=merge_system, extraction_parser=extraction_parser,
-        seed=seed, prompts_hash=prompts_hash)
+        illness_prompt=illness_prompt, seed=seed, prompts_hash=prompts_hash, top_p=top_p, top_k=top_k,
+        max_context_tokens=max_context_tokens, base_runs_on=runs_on(base_route),
+        judge_runs_on=runs_on(judge or base_route), patients_hash=content_hash(all_patients),
+        dtype=dtype if any(r is not None and r.kind != "openai" for r in (base_route, judge)) else None,
+        principles_hash=content_hash(groups))
+    if patients:
+        dry_run(settings, prompts, groups, patients[0])  # every template rendered, as a session would
     output = Path(output_file)
     output.parent.mkdir(parents=True, exist_ok=True)
     errors = output.with_name(output.stem + ".errors.jsonl")
-    base_route = route(base_model, backend, api_base)
-    judge = judge_route(base_route, judge_model, judge_backend, judge_api_base)
     with OutputLock(output):  # before reading it: a live run on the same output may be writing it
         todo, already = pending_sessions(patients, num_samples, output, settings.digest())
         _seed_everything(seed)
@@ -415,12 +484,13 @@ def run(
         common = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                       max_parallel=max(16, 4 * concurrency), device=device, dtype=dtype,
                       max_batch_size=max_batch_size, max_context_tokens=max_context_tokens,
-                      prefix_cache_gb=prefix_cache_gb)
+                      prefix_cache_gb=prefix_cache_gb, top_p=top_p, top_k=top_k)
         clients = _clients([base_route] + ([judge] if judge else []), common, merge_system)
         bar = None
         try:
             encoder = Encoder(encoder_model)
             arena = Arena(settings, prompts, clients[0], clients[-1], encoder, groups)
+            print("[arena] sampling: " + describe_sampling(arena.sampling, temperature), flush=True)
             if progress:
                 bar = SessionProgress(len(todo), expected_calls(settings))
                 for client in clients:
@@ -476,9 +546,12 @@ def _summary(counts, already, arena, wall, output, errors) -> dict:
                "prompt_tokens": sum(c["prompt_tokens"] for c in clients.values()),
                "completion_tokens": sum(c["completion_tokens"] for c in clients.values()),
                "truncated_calls": sum(c["truncated_calls"] for c in clients.values()),
+               "decoder": decoder_stats(counts["decoder"], arena.settings.max_decode_rounds,
+                                        arena.settings.similarity_threshold),
                "clients": clients, "output_file": str(output),
                "errors_file": str(errors) if counts["failed"] else None}
     print("[arena] summary " + json.dumps(summary), flush=True)
+    print("[arena] decoder: " + describe_decoder(summary["decoder"]), flush=True)
     for role, stats in clients.items():
         servers = stats.get("endpoints") or {}
         if len(servers) > 1:
@@ -486,6 +559,62 @@ def _summary(counts, already, arena, wall, output, errors) -> dict:
                 f"{url} ok {c['ok']}, errors {c['errors']}" + (f", left the rotation {c['removed']}x" if c["removed"] else "")
                 for url, c in servers.items()), flush=True)
     return summary
+
+
+def describe_sampling(sampling: dict, temperature: float) -> str:
+    """The start-up line: the temperature, top-p and top-k each role samples with, and their origin."""
+    parts = []
+    for role, used in sampling.items():
+        if role == "judge" and used is sampling.get("base"):
+            continue
+        if not used:
+            parts.append(f"{role}: backend defaults")
+            continue
+        cells = [f"{k} {used[k] if used[k] is not None else 'unset'} ({used['source'][k]})" for k in ("top_p", "top_k")]
+        parts.append(f"{role}: " + ", ".join(cells))
+    return f"temperature {temperature}; " + "; ".join(parts)
+
+
+def _quantiles(values: list[float]) -> dict:
+    import numpy as np
+    if not values:
+        return {"n": 0}
+    q = np.percentile(values, [10, 50, 90])
+    return {"n": len(values), "mean": round(float(np.mean(values)), 4), "p10": round(float(q[0]), 4),
+            "p50": round(float(q[1]), 4), "p90": round(float(q[2]), 4)}
+
+
+def decoder_stats(decoders: list[list[dict]], cap: int, threshold: float) -> dict:
+    """What the Symptom Decoder did in these sessions: how many feedback rounds each took (and how
+    many stopped only at the cap, feedback still pending), and each item's similarity to the
+    encoded truth in the first and in every round, with the share at or above the threshold."""
+    rounds = [len(d) - 1 for d in decoders]
+    capped = sum(len(d) - 1 == cap and bool(d[-1]["feedback"]) for d in decoders)
+    items = sorted({k for d in decoders for r in d for k in r["similarities"]})
+    per_item = {}
+    for item in items:
+        first = [d[0]["similarities"][item] for d in decoders if item in d[0]["similarities"]]
+        every = [r["similarities"][item] for d in decoders for r in d if item in r["similarities"]]
+        per_item[item] = {"first_round": _quantiles(first), "all_rounds": _quantiles(every),
+                          "pass_share_first_round": round(sum(v >= threshold for v in first) / len(first), 4)
+                          if first else None}
+    return {"sessions": len(decoders), "threshold": threshold, "cap": cap,
+            "feedback_rounds": {str(n): rounds.count(n) for n in range(cap + 1)},
+            "mean_feedback_rounds": round(sum(rounds) / len(rounds), 3) if rounds else None,
+            "stopped_at_cap": capped, "stopped_at_cap_share": round(capped / len(rounds), 4) if rounds else None,
+            "all_items_passed_first_round": sum(not d[0]["below_threshold"] for d in decoders),
+            "similarity": per_item}
+
+
+def describe_decoder(stats: dict) -> str:
+    if not stats["sessions"]:
+        return "no sessions"
+    hist = ", ".join(f"{k}: {v}" for k, v in stats["feedback_rounds"].items())
+    items = "; ".join(f"{k} {v['first_round']['p50']:.2f} ({100 * v['pass_share_first_round']:.0f}% pass)"
+                      for k, v in stats["similarity"].items())
+    return (f"feedback rounds per session {{{hist}}}, {stats['stopped_at_cap']} of {stats['sessions']} "
+            f"stopped at the cap of {stats['cap']} with feedback pending; first-round median similarity "
+            f"(threshold {stats['threshold']}): {items}")
 
 
 def _seed_everything(seed: int) -> None:
@@ -499,6 +628,7 @@ def _seed_everything(seed: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     import fire
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = bool_words(run, list(sys.argv[1:] if argv is None else argv))  # --progress false, as written
     try:
         summary = fire.Fire(run, command=argv, serialize=lambda _: None)
     except InputError as exc:

@@ -66,7 +66,7 @@ WORK = "<work_dir>"  # how state.json writes paths inside --work_dir, so the fol
 RUNNING_KEYS = frozenset({"progress", "concurrency", "max_batch_size", "prefix_cache_gb", "batch_size", "device",
                           "logging_steps", "save_steps", "save_total_limit", "gradient_checkpointing", "resume",
                           "poll_seconds"})
-IMHI_RULE_PREFERENCE = ("classifier", "fixed", "reference")  # the summary's w-F1: the paper's labels first
+IMHI_RULE_PREFERENCE = ("classifier", "classifier_fixed", "fixed", "reference")  # the summary's w-F1: the paper's labels first
 
 
 @dataclass
@@ -299,14 +299,15 @@ def _openai_model(folder: Path, work_dir: Path) -> dict:
     if job.get("status") != "succeeded" or not job.get("fine_tuned_model"):
         raise StepFailed(f"finetune: job {job.get('job_id')} ended {job.get('status')} without a fine-tuned model")
     return {"model": job["fine_tuned_model"], "job_id": job.get("job_id"),
-            "examples": len(data.read_text(encoding="utf-8").splitlines())}
+            "examples": sum(1 for line in data.read_text(encoding="utf-8").split("\n") if line.strip())}
 
 
 def _qa_scores(folder: Path, work_dir: Path) -> dict:
     sets = {r["benchmark"]: {k: r.get(k) for k in ("accuracy", "accuracy_std", "accuracy_reference", "n", "repeats",
                                                      "source")}
             for r in _results(folder / "eval" / "qa", "eval_qa")}
-    return {"accuracy": _mean(s["accuracy"] for s in sets.values()), "sets": sets}
+    return {"accuracy": _mean(s["accuracy"] for s in sets.values()),
+            "accuracy_reference": _mean(s["accuracy_reference"] for s in sets.values()), "sets": sets}
 
 
 def _imhi_scores(folder: Path, work_dir: Path) -> dict:
@@ -482,30 +483,38 @@ def summary_rows(plan: Plan, state: dict) -> list[dict]:
                      "epochs": (done(k, "finetune").get("epochs") or plan.epochs[k - 1]) if k else None,
                      "records": done(k, "generate").get("records"),
                      "train_loss": done(k, "finetune").get("train_loss"), "qa_accuracy": qa.get("accuracy"),
+                     "qa_accuracy_reference": qa.get("accuracy_reference"),
                      "imhi_weighted_f1": imhi.get("weighted_f1"), "imhi_rules": imhi.get("rules"),
                      "qa": {name: s["accuracy"] for name, s in qa.get("sets", {}).items()},
+                     "qa_reference": {name: s.get("accuracy_reference") for name, s in qa.get("sets", {}).items()},
                      "imhi": {name: s.get(imhi.get("rules")) for name, s in imhi.get("sets", {}).items()}})
     return rows
 
 
 def summary_markdown(plan: Plan, rows: list[dict]) -> str:
-    header = ["iteration", "model", "epochs", "records", "train loss", "QA acc", "IMHI w-F1"]
+    header = ["iteration", "model", "epochs", "records", "train loss", "QA acc", "QA acc (rule R)", "IMHI w-F1"]
     lines = [f"# MentalArena iterations in {plan.work_dir}", "",
              f"{plan.backend} backend; starting model {plan.base_model or 'embedded'}; evaluations: "
              f"{', '.join(plan.evals).replace('eval_', '') or 'none'}. Scores in %; – : not done (yet).", "",
              _md_row(header), _md_row(["---"] * len(header))]
     for r in rows:
         lines.append(_md_row([r["iteration"], r["model"], r["epochs"], r["records"], _fmt(r["train_loss"], 4),
-                              _fmt(r["qa_accuracy"]), _fmt(r["imhi_weighted_f1"])]))
+                              _fmt(r["qa_accuracy"]), _fmt(r["qa_accuracy_reference"]), _fmt(r["imhi_weighted_f1"])]))
     rules = next((r["imhi_rules"] for r in rows if r["imhi_rules"]), None)
-    notes = (["QA acc: the mean over the QA sets of `accuracy` (robust answer extraction, MedQA_eval.py)."]
-             if any(r["qa"] for r in rows) else [])
+    notes = (["QA acc: the mean over the QA sets of `accuracy` (robust answer extraction, MedQA_eval.py); "
+              "QA acc (rule R): of `accuracy_reference`, the reference's own scorer, which the paper's numbers "
+              "come from."] if any(r["qa"] for r in rows) else [])
     notes += [f"IMHI w-F1: the mean over the IMHI sets of the weighted F1 with the `{rules}` labels (IMHI_eval.py)."
               ] if rules else []
-    sets = list(dict.fromkeys([*(s for r in rows for s in r["qa"]), *(s for r in rows for s in r["imhi"])]))
-    if sets:
-        lines += ["", *notes, "", "## Per set", "", _md_row(["iteration", *sets]), _md_row(["---"] * (len(sets) + 1))]
-        lines += [_md_row([r["iteration"], *(_fmt({**r["qa"], **r["imhi"]}.get(s)) for s in sets)]) for r in rows]
+    # (title, row field, set): each QA set's robust score with its rule-R score beside it, then IMHI
+    columns = [c for q in dict.fromkeys(s for r in rows for s in r["qa"])
+               for c in ((q, "qa", q), (f"{q} (rule R)", "qa_reference", q))]
+    columns += [(s, "imhi", s) for s in dict.fromkeys(s for r in rows for s in r["imhi"])]
+    if columns:
+        lines += ["", *notes, "", "## Per set", "", _md_row(["iteration", *(t for t, _, _ in columns)]),
+                  _md_row(["---"] * (len(columns) + 1))]
+        lines += [_md_row([r["iteration"], *(_fmt(r[field].get(s)) for _, field, s in columns)])
+                  for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -33,9 +33,10 @@ def measure(label: str, out_dir: Path, **flags) -> dict:
 
 
 def main(sessions: int = 8, baseline_sessions: int = 2, concurrency: int = 8, max_new_tokens: int = 64,
-         dialogue_rounds: int = 4, max_decode_rounds: int = 1, max_tries: int = 2, seed: int = 0):
+         dialogue_rounds: int = 4, max_decode_rounds: int = 1, max_tries: int = 2, seed: int = 0,
+         dtype: str = "auto"):
     settings = dict(max_new_tokens=max_new_tokens, dialogue_rounds=dialogue_rounds,
-                    max_decode_rounds=max_decode_rounds, max_tries=max_tries, seed=seed)
+                    max_decode_rounds=max_decode_rounds, max_tries=max_tries, seed=seed, dtype=dtype)
     print("[bench] settings " + json.dumps(settings), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

@@ -50,7 +50,8 @@ def _core_beliefs(p: dict) -> str:
 
 def _thought_block(p: dict) -> str:
     # The same text the decoder compares the doctor's situation answer against.
-    return f"Automatic Thoughts: {p['auto_thought']}\nEmotions: {', '.join(p['emotion'])}\nBehavior: {p['behavior']}"
+    # The emotions joined with "; ", as arena_med.profile_slots joins them for the decoder's truth.
+    return f"Automatic Thoughts: {p['auto_thought']}\nEmotions: {'; '.join(p['emotion'])}\nBehavior: {p['behavior']}"
 
 
 # Each kind: (field A of a profile, field B of a profile); matched = A_i vs B_i, unmatched = A_i vs B_j.
@@ -76,6 +77,32 @@ def load_profiles(path: str) -> list[dict]:
 def _person(p: dict) -> str:
     # Profile ids are "<person>-<variant>".
     return str(p["id"]).split("-")[0]
+
+
+def session_minima(encoder, profiles: list[dict], partners: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per profile, the lowest matched similarity over the item kinds (a doctor whose every answer
+    is as close as a related same-patient statement), and the same for unmatched partners (a
+    doctor describing someone else). The decoder asks for feedback when *any* item fails, so a
+    session passes at threshold t exactly when its minimum reaches t."""
+    rng = random.Random(seed)
+    kinds = list(PAIR_KINDS.values())
+    same, other = [], []
+    for p in profiles:
+        rows = [(a(p).strip(), b(p).strip()) for a, b in kinds]
+        same.append([r for r in rows if r[0] and r[1]])
+        strangers = [q for q in profiles if _person(q) != _person(p)]
+        for q in rng.sample(strangers, min(partners, len(strangers))):
+            pairs = [(a(p).strip(), b(q).strip()) for a, b in kinds]
+            other.append([r for r in pairs if r[0] and r[1]])
+
+    def minima(groups):
+        flat = encoder.similarities([pair for g in groups for pair in g])
+        out, start = [], 0
+        for g in groups:
+            out.append(min(flat[start:start + len(g)]))
+            start += len(g)
+        return np.array(out)
+    return minima(same), minima(other)
 
 
 def build_pairs(profiles: list[dict], partners: int, seed: int) -> tuple[dict, dict]:
@@ -152,7 +179,19 @@ def main(patients_file: str, encoder_model: str | None = None, partners: int = 5
     print(f"  median of matched         {np.median(pos):.4f}   (chosen rule)")
     print(f"  max balanced accuracy     {ba_t:.3f}   (balanced accuracy {ba:.3f})")
     print(f"  equal error rate          {eer_t:.3f}   (error rate {eer:.3f})")
-    print(f"chosen threshold: {chosen:.2f}   (THRESHOLDS currently has: {threshold_for(encoder.name)})")
+    print(f"per-item rule (median of matched pairs): {chosen:.2f}")
+
+    # The decoder's verdict is per session: feedback when any item fails. A per-item median passes a
+    # matched-quality doctor on each item half the time, so on all of them rarely.
+    same, other = session_minima(encoder, profiles, partners, seed)
+    session = round(float(np.median(same)), 2)
+    print("session verdict (every item must pass), share of sessions passing:")
+    print(f"  {'threshold':<34}{'matched doctor':>15}{'unrelated doctor':>18}")
+    for label, t in (("per-item median (the old rule)", chosen), ("median of per-session minima", session),
+                     ("paper's bert value", 0.9)):
+        print(f"  {label + f' {t:.2f}':<34}{(same >= t).mean():>15.3f}{(other >= t).mean():>18.3f}")
+    print(f"chosen threshold: {session:.2f}   (median over profiles of the lowest matched item similarity; "
+          f"THRESHOLDS currently has: {threshold_for(encoder.name)})")
 
 
 if __name__ == "__main__":

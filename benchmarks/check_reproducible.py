@@ -12,7 +12,6 @@ serving: llama.cpp's prompt cache, for one, makes them depend on timing).
 """
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -22,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import arena_med  # noqa: E402
 from mentalarena.cli import names  # noqa: E402
+from mentalarena.jsonl import read_jsonl  # noqa: E402
 
 
 def replies(path: Path) -> dict:
     """(patient, sample) -> the replies of the session, in call order."""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    rows = read_jsonl(path)  # lines end at "\n" only: a reply may hold U+2028
     return {(r["patient_id"], r["sample"]): [c["reply"] for c in r["transcript"]] for r in rows}
 
 

@@ -5,6 +5,7 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Iterator
+from urllib.parse import urlsplit
 
 from .cli import public_url
 from .errors import InputError, ModelCallError
@@ -29,6 +30,8 @@ class ChatBackend:
     name: str = "backend"
     batched: bool = False
     context_limit: int | None = None  # tokens; None: never truncate
+    # top_p / top_k actually used, and where each came from (flag, generation_config, ...)
+    sampling: dict | None = None
 
     def count_tokens(self, messages: list[dict]) -> int:
         """A rough count (4 characters a token) for backends without a tokenizer at hand."""
@@ -103,6 +106,22 @@ def route(model: str | None, backend: str = "auto", api_base=None) -> Route:
     return Route(model, kind, tuple(endpoint_list(api_base)) if kind == "openai" else ())
 
 
+def runs_on(r: Route) -> str:
+    """Where a role runs, as far as it shapes the replies: a local model ("embedded", "hf"), the
+    OpenAI API, or a model served elsewhere ("served": which replicas answer does not count)."""
+    if r.kind != "openai":
+        return r.kind
+    return "served" if r.servers else "openai-api"
+
+
+def require_credentials(r: Route) -> None:
+    """The OpenAI API needs a key: its absence is bad input, found before anything loads."""
+    official = not r.servers or any(urlsplit(s).hostname == "api.openai.com" for s in r.servers)
+    if r.kind == "openai" and official and not os.environ.get("OPENAI_API_KEY"):
+        raise InputError(f"model {r.model!r} goes to {r.where()}, which needs OPENAI_API_KEY: export it, "
+                         "or pass --api_base for an OpenAI-compatible server")
+
+
 def judge_route(base: Route, judge_model: str | None, judge_backend: str = "auto", judge_api_base=None) -> Route | None:
     """Where a judge's calls go; None when the judge *is* the base model (same client, shared batches).
 
@@ -153,7 +172,8 @@ def resolve_backend(model: str | None, backend: str = "auto", api_base: str | No
 def make_backend(model: str | None, backend: str = "auto", api_base: str | None = None, *,
                  temperature: float, max_new_tokens: int, seed: int, max_parallel: int = 16,
                  device: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
-                 max_context_tokens: int | None = None, prefix_cache_gb: float = 8.0) -> ChatBackend:
+                 max_context_tokens: int | None = None, prefix_cache_gb: float = 8.0,
+                 top_p: float | None = None, top_k: int | None = None) -> ChatBackend:
     """Build the backend for one model; heavy imports happen only for the backend chosen."""
     kind = resolve_backend(model, backend, api_base)
     if kind == "openai":
@@ -161,11 +181,12 @@ def make_backend(model: str | None, backend: str = "auto", api_base: str | None 
         if not model:
             raise InputError("--backend openai needs --base_model (the served model name)")
         return OpenAIBackend(model, api_base=api_base, temperature=temperature, max_new_tokens=max_new_tokens,
-                             max_parallel=max_parallel, seed=seed, context_limit=max_context_tokens)
+                             max_parallel=max_parallel, seed=seed, context_limit=max_context_tokens,
+                             top_p=top_p, top_k=top_k)
     from .hf_backend import EMBEDDED_GGUF, HFBackend, embedded_model_dir
     local = dict(temperature=temperature, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                  max_batch_size=max_batch_size, max_context_tokens=max_context_tokens, seed=seed,
-                 prefix_cache_gb=prefix_cache_gb)
+                 prefix_cache_gb=prefix_cache_gb, top_p=top_p, top_k=top_k)
     if kind == "embedded":
         return HFBackend(embedded_model_dir(), gguf_file=EMBEDDED_GGUF,
                          name="embedded:SmolLM2-135M-Instruct", **local)

@@ -157,8 +157,8 @@ class ContinuousBatcher:
         kernel rather than an explicit mask), then copied into its slot."""
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         extra = {"logits_to_keep": 1} if self.keep_last else {}
-        out = self.model(input_ids=ids, past_key_values=DynamicCache(config=self.model.config), use_cache=True, **extra)
-        cache.restore(slot, [(layer.keys[0], layer.values[0]) for layer in out.past_key_values.layers])
+        out = self.model(input_ids=ids, cache=DynamicCache(config=self.model.config), use_cache=True, **extra)
+        cache.restore(slot, [(layer.keys[0], layer.values[0]) for layer in out.cache.layers])
         self.prefilled_tokens += len(prompt)
         return out.logits[:, -1, :].float()
 
@@ -170,7 +170,7 @@ class ContinuousBatcher:
         columns = torch.arange(cache.seen, device=self.device)
         mask = torch.zeros(len(rows), 1, 1, cache.seen, dtype=self.dtype, device=self.device)
         mask.masked_fill_(columns[None, None, None, :] > lengths[:, None, None, None], torch.finfo(self.dtype).min)
-        out = self.model(input_ids=tokens[:, None].to(self.device), attention_mask=mask, past_key_values=cache,
+        out = self.model(input_ids=tokens[:, None].to(self.device), attention_mask=mask, cache=cache,
                          position_ids=lengths[:, None], use_cache=True)
         for r in rows:
             r.length += 1

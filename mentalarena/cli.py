@@ -23,6 +23,7 @@ def main(commands: dict[str, Callable], default: Callable, exit_code: Callable[[
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     command = commands[argv.pop(0)] if argv and argv[0] in commands else default
+    argv = bool_words(command, argv)
     try:
         out = fire.Fire(command, command=argv, serialize=lambda _: None)
     except InputError as exc:
@@ -32,6 +33,24 @@ def main(commands: dict[str, Callable], default: Callable, exit_code: Callable[[
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return exit_code(command, out)
+
+
+def bool_words(command: Callable, argv: list[str]) -> list[str]:
+    """fire knows only True/False: `--resume false` (as documented) arrives as the string 'false',
+    which is truthy. For the command's bool flags, true/false in any case become True/False."""
+    import inspect
+    flags = {name for name, p in inspect.signature(command).parameters.items()
+             if str(p.annotation).split(" |")[0] in ("bool", str(bool))}
+    out = []
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if eq and name.startswith("--") and name[2:].replace("-", "_") in flags and value.lower() in ("true", "false"):
+            arg = f"{name}={value.capitalize()}"
+        elif (not eq and i and arg.lower() in ("true", "false") and argv[i - 1].startswith("--")
+              and argv[i - 1][2:].replace("-", "_") in flags):
+            arg = arg.capitalize()
+        out.append(arg)
+    return out
 
 
 def checked(backend, tag: str):
@@ -96,9 +115,11 @@ def model_tag(model: str) -> str:
 def auto_dtype(dtype: str | None, device: str | None) -> str | None:
     """`auto`: bfloat16 where it is fast (CUDA, or CPUs with native bf16); else float32, as the
     reference loaded its weights (`--dtype float32` reproduces that anywhere)."""
-    if dtype not in (None, "auto"):
-        return dtype
     import torch
+    if dtype not in (None, "auto"):
+        if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+            raise InputError(f"--dtype must be auto or a torch dtype name (float32, bfloat16, float16), not {dtype!r}")
+        return dtype
     if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         return "bfloat16"
     return "bfloat16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"

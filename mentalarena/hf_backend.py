@@ -22,11 +22,14 @@ import torch
 from .backends import ChatBackend, Reply
 from .batcher import ContinuousBatcher
 from .errors import InputError
-from .sampling import SeededSampler, row_generators, sample_rows
+from .sampling import SeededSampler, checkpoint_sampling, row_generators, sample_rows
 
 log = logging.getLogger("mentalarena.hf")
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The first transformers with the `cache=` argument (and output field) the engine uses; it also
+# relies on StaticLayer.lazy_initialization(keys, values) and its `cumulative_length` tensor.
+MIN_TRANSFORMERS = (5, 24)
 # A plain layout for models without a chat template (base checkpoints such as Meta-Llama-3-8B).
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
@@ -103,12 +106,13 @@ class HFBackend(ChatBackend):
     batched = True
 
     def __init__(self, model_name_or_path: str, gguf_file: str | None = None,
-                 temperature: float = 0.8, max_new_tokens: int = 256, top_p: float = 1.0,
+                 temperature: float = 0.8, max_new_tokens: int = 256, top_p: float | None = None,
+                 top_k: int | None = None,
                  device: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
                  max_context_tokens: int | None = None, prefix_cache_gb: float = 8.0,
                  attention_budget: int = 1 << 27, seed: int = 0, name: str | None = None):
         self.name = name or f"hf:{model_name_or_path}"
-        self.temperature, self.top_p = temperature, top_p
+        self.temperature = temperature
         self.max_new_tokens, self.max_batch_size = max_new_tokens, max_batch_size
         self.attention_budget = attention_budget
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,6 +120,9 @@ class HFBackend(ChatBackend):
         config = self.model.config.get_text_config()
         self.context_limit = max_context_tokens or getattr(config, "max_position_embeddings", None)
         self.eos_ids = _eos_ids(self.tokenizer, self.model)
+        # None: the checkpoint's generation config, as the reference's pipeline inherited it
+        self.sampling = checkpoint_sampling(self.model.generation_config, top_p, top_k)
+        self.top_p, self.top_k = self.sampling["top_p"], self.sampling["top_k"]
         self.pad_id = self.tokenizer.pad_token_id
         self.cache = PrefixCache(_cache_budget_tokens(self.model, prefix_cache_gb), slack=max_new_tokens + 64)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -238,7 +245,7 @@ class HFBackend(ChatBackend):
         mask = torch.zeros_like(ids)
         for row, p in enumerate(prompts):
             ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
-        sampler = [SeededSampler(self.temperature, self.top_p, generators)] if self.temperature > 0 else []
+        sampler = [SeededSampler(self.temperature, self.top_p, generators, self.top_k)] if self.temperature > 0 else []
         out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                   max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
                                   eos_token_id=sorted(self.eos_ids), do_sample=False, top_k=None, top_p=None,
@@ -275,7 +282,7 @@ class HFBackend(ChatBackend):
         pos = (positions[:, None] + offsets - 1).clamp(min=0)
         past = mask.shape[1]
         mask = torch.cat([mask, new_mask], dim=1)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
                          use_cache=True, cache_position=torch.arange(past, past + ids.shape[1], device=self.device))
         return out.logits[:, -1, :].float(), positions + offsets[:, -1], mask
 
@@ -314,7 +321,7 @@ class HFBackend(ChatBackend):
         return replies
 
     def _sample(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        return sample_rows(logits, self.temperature, self.top_p, generators)
+        return sample_rows(logits, self.temperature, self.top_p, generators, self.top_k)
 
     def _remember(self, prompt, generated, cache, mask, row) -> None:
         """Store the row's cache for prompt + reply (all but the last token were fed)."""
@@ -362,9 +369,21 @@ def recorded_gguf(folder: str | Path) -> str | None:
     return json.loads(path.read_text(encoding="utf-8")).get("base_gguf_file")
 
 
+def check_transformers() -> None:
+    """An older transformers would ignore the `cache=` argument or miss the cache internals used here."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__).release[:2] < MIN_TRANSFORMERS:
+        floor = ".".join(map(str, MIN_TRANSFORMERS))
+        raise InputError(f"the local engine needs transformers>={floor}, found {transformers.__version__}: "
+                         "pip install -r requirements.txt")
+
+
 def _load(path: str, gguf_file: str | None, device: str, dtype: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_transformers()
     adapter = Path(path, "adapter_config.json")
     base = path
     if adapter.is_file():  # a LoRA adapter folder: load its base, then merge for plain-speed decoding
@@ -372,14 +391,19 @@ def _load(path: str, gguf_file: str | None, device: str, dtype: str | None):
         gguf_file = gguf_file or recorded_gguf(path)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     kwargs = {"dtype": torch_dtype}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
     if device == "cuda":
         kwargs["device_map"] = "auto"
     try:
+        if gguf_file:  # dequantized once, then read from the user cache (gguf_cache.py)
+            from .gguf_cache import dense_folder
+            dense = dense_folder(base, gguf_file)
+            if dense is not None:
+                base, gguf_file = str(dense), None
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
         # a fine-tuned adapter folder usually carries its tokenizer; otherwise the base model's
-        has_tokenizer = not adapter.is_file() or Path(path, "tokenizer_config.json").is_file()
-        source = path if has_tokenizer else base  # a GGUF file holds the tokenizer of its base only
+        own_tokenizer = adapter.is_file() and Path(path, "tokenizer_config.json").is_file()
+        source = path if own_tokenizer else base  # a GGUF file holds the tokenizer of its base only
         tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file and source == base else {}))
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     except OSError as exc:

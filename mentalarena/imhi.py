@@ -9,6 +9,9 @@ Two rule sets turn a golden or a generated answer into a label id:
   grouped in tiers: full label phrases first, then short keywords; inside a tier the earliest match
   in the text wins (the longest one at equal start). Where the label is stated, see `_fixed_label`.
 Both give an unreadable response the dataset's default label and count it as out-of-domain (OOD).
+The MentalBERT classifier labels are scored against goldens read by either set; `reference` there
+means the gold keywords of `label_inference.py`, which differ from `--rule_calculate`'s.
+Metrics come from `sklearn.metrics`, averaged as MentaLLaMA averages them.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from sklearn.metrics import accuracy_score, f1_score
 
 from .errors import InputError
 
@@ -130,6 +135,20 @@ CLASSIFIER_LABELS: dict[str, dict[int, int]] = {
     "swmh": {0: 2, 1: 1, 2: 3, 3: 4, 4: 0},  # depression, suicide, anxiety, bipolar, no mental
     "t-sid": {0: 2, 1: 1, 2: 3, 3: 0},       # depression, suicide, ptsd, control
 }
+# The gold keywords of `label_inference.py --calculate`, checking order: the classifier numbers of the
+# MentaLLaMA paper read goldens with these, which differ from `--rule_calculate`'s (`ref_gold`): they fit
+# the instruction wording ("no causes", "emotion turmoil"), so completion goldens "none" and
+# "emotional turmoil" match nothing. Kept on purpose for faithfulness.
+CLASSIFIER_GOLD: dict[str, tuple[tuple[str, int], ...]] = {
+    "CAMS": (("no causes", 0), ("bias or abuse", 1), ("jobs and career", 2), ("medication", 3),
+             ("relationship", 4), ("alienation", 5)),
+    "DR": _YES_NO, "dreaddit": _YES_NO, "Irf": _YES_NO, "loneliness": _YES_NO, "MultiWD": _YES_NO,
+    "SAD": (("school", 0), ("financial problem", 1), ("family issues", 2), ("social relationships", 3),
+            ("work", 4), ("health issues", 5), ("emotion turmoil", 6), ("everyday decision making", 7),
+            ("other", 8)),
+    "swmh": _SWMH_KEYS,
+    "t-sid": (("depression", 2), ("suicide or self-harm", 1), ("ptsd", 3), ("no mental", 0)),
+}
 
 
 def _rules(dataset: str) -> DatasetRules:
@@ -199,6 +218,15 @@ def gold_label(dataset: str, text: str, rules: str = "fixed") -> int | None:
     return _fixed_label(_tiers(dataset, rules), text)
 
 
+def classifier_gold_label(dataset: str, text: str, rules: str = "fixed") -> int | None:
+    """The label of a golden for the classifier scores: `reference` reads it as `label_inference.py`
+    does (`CLASSIFIER_GOLD`), `fixed` as `gold_label`; None when the rule set cannot read it."""
+    if rules == "reference":
+        _rules(dataset)  # an unknown name fails as everywhere else
+        return _reference_label(CLASSIFIER_GOLD[dataset], text)
+    return gold_label(dataset, text, rules)
+
+
 def _tiers(dataset: str, rules: str) -> list[list[tuple[int, re.Pattern]]]:
     if rules not in RULES:
         raise ValueError(f"unknown rule set {rules!r} (known: {', '.join(RULES)})")
@@ -211,23 +239,26 @@ def _tiers(dataset: str, rules: str) -> list[list[tuple[int, re.Pattern]]]:
 def _label_rows(dataset: str, goldens: list[str], responses: list[str], rules: str) -> LabelResult:
     if len(goldens) != len(responses):
         raise ValueError(f"{dataset}: {len(goldens)} goldens but {len(responses)} responses")
-    result, dropped_rows = LabelResult([], [], 0, 0), []
-    for row, (golden, response) in enumerate(zip(goldens, responses), start=1):
-        pred = response_label(dataset, response, rules)
-        # OOD is counted before the golden is read, so it includes dropped rows: the reference's
-        # swmh branch (the one that drops rather than crashes) counts them this way.
-        result.ood += pred is None
-        gold = gold_label(dataset, golden, rules)
-        if gold is None:
+    return _paired(dataset, [gold_label(dataset, g, rules) for g in goldens],
+                   [response_label(dataset, r, rules) for r in responses], f"{rules} gold keyword")
+
+
+def _paired(dataset: str, gold: list[int | None], pred: list[int | None], what: str) -> LabelResult:
+    """Rows whose golden was read, an unread prediction given the default label. OOD is counted
+    over every row, dropped ones included: the reference's swmh branch (the one that drops rather
+    than crashes) counts them this way."""
+    result, dropped_rows = LabelResult([], [], sum(p is None for p in pred), 0), []
+    for row, (g, p) in enumerate(zip(gold, pred), start=1):
+        if g is None:
             dropped_rows.append(row)
             continue
-        result.gold.append(gold)
-        result.pred.append(_rules(dataset).default if pred is None else pred)
+        result.gold.append(g)
+        result.pred.append(_rules(dataset).default if p is None else p)
     result.dropped = len(dropped_rows)
     if dropped_rows:
         shown = ", ".join(map(str, dropped_rows[:5])) + (", ..." if len(dropped_rows) > 5 else "")
-        warnings.warn(f"{dataset}: {len(dropped_rows)} golden(s) match no {rules} gold keyword "
-                      f"(rows {shown}); dropped from both label lists", stacklevel=3)
+        warnings.warn(f"{dataset}: {len(dropped_rows)} golden(s) match no {what} "
+                      f"(rows {shown}); dropped from both label lists", stacklevel=4)
     return result
 
 
@@ -245,34 +276,18 @@ def fixed_labels(dataset: str, goldens: list[str], responses: list[str]) -> Labe
 
 # ---------------------------------------------------------------- metrics
 
-def _f1_per_label(gold: list[int], pred: list[int], labels: list[int]) -> list[float]:
-    """F1 = 2 TP / (|predicted| + |gold|), 0 when both are 0 (sklearn's zero_division=0)."""
-    scores = []
-    for label in labels:
-        hits = sum(g == p == label for g, p in zip(gold, pred))
-        total = gold.count(label) + pred.count(label)
-        scores.append(2 * hits / total if total else 0.0)
-    return scores
-
-
 def metrics(gold: list[int], pred: list[int]) -> dict:
-    """Accuracy and weighted / micro / macro F1 over the labels present in either list (sklearn's
-    semantics), as percentages rounded to 2 decimals like the reference."""
+    """Accuracy and weighted / micro / macro F1 from `sklearn.metrics`, as the reference computes
+    them (labels: those in either list), in percent rounded to 2 decimals like the reference."""
     if len(gold) != len(pred):
         raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
     if not gold:
         raise ValueError("nothing to score: the label lists are empty")
-    labels = sorted(set(gold) | set(pred))
-    f1 = _f1_per_label(gold, pred, labels)
-    support = [gold.count(label) for label in labels]
-    correct = sum(g == p for g, p in zip(gold, pred))
-    values = {
-        "accuracy": correct / len(gold),
-        "weighted_f1": sum(f * s for f, s in zip(f1, support)) / sum(support),
-        "micro_f1": 2 * correct / (2 * len(gold)),  # single-label: micro P = micro R = accuracy
-        "macro_f1": sum(f1) / len(f1),
-    }
-    return {name: round(value * 100, 2) for name, value in values.items()}
+    # zero_division=0: the value sklearn's default ("warn") gives, without the warning
+    values = {"accuracy": accuracy_score(gold, pred)} | {
+        f"{average}_f1": f1_score(gold, pred, average=average, zero_division=0)
+        for average in ("weighted", "micro", "macro")}
+    return {name: round(float(value) * 100, 2) for name, value in values.items()}
 
 
 def score(dataset: str, goldens: list[str], responses: list[str], rules: str = "fixed") -> dict:
@@ -282,6 +297,21 @@ def score(dataset: str, goldens: list[str], responses: list[str], rules: str = "
         raise ValueError(f"unknown rule set {rules!r} (known: {', '.join(RULES)})")
     labeler = reference_labels if rules == "reference" else fixed_labels
     result = labeler(dataset, goldens, responses)
+    return {**metrics(result.gold, result.pred), "ood": result.ood, "dropped": result.dropped,
+            "n": len(result.gold)}
+
+
+def classifier_score(dataset: str, goldens: list[str], predicted: list[int], rules: str = "reference") -> dict:
+    """Metrics of classifier labels (rule label ids, see `CLASSIFIER_LABELS`) against the goldens read
+    by one rule set (`classifier_gold_label`); a golden it cannot read is dropped and counted, where
+    `label_inference.py` misaligned its lists (swmh: dropped the prediction). The classifier always
+    answers, so `ood` is 0."""
+    if rules not in RULES:
+        raise ValueError(f"unknown rule set {rules!r} (known: {', '.join(RULES)})")
+    if len(goldens) != len(predicted):
+        raise ValueError(f"{dataset}: {len(goldens)} goldens but {len(predicted)} predictions")
+    what = "label_inference.py gold keyword" if rules == "reference" else "fixed gold rule"
+    result = _paired(dataset, [classifier_gold_label(dataset, g, rules) for g in goldens], list(predicted), what)
     return {**metrics(result.gold, result.pred), "ood": result.ood, "dropped": result.dropped,
             "n": len(result.gold)}
 

@@ -10,11 +10,20 @@ from .errors import InputError
 
 log = logging.getLogger("mentalarena.jsonl")
 
+# Characters that str.splitlines() (and many JSONL readers) take for line ends although JSON keeps
+# them raw inside strings; the ASCII ones (\x0b, \x0c, \x1c-\x1e) json.dumps always escapes.
+_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def dumps_line(row) -> str:
+    """One JSONL line without its newline: UTF-8 text, the Unicode line breaks escaped."""
+    return json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS)
+
 
 def append_jsonl(path: str | Path, row: dict) -> None:
     """Append one row with a single write, then flush and fsync, so a kill leaves no half rows behind
-    except possibly a torn final line, which `read_jsonl(..., repair=True)` removes."""
-    data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    except possibly a torn final line, which `repair_torn_tail` removes."""
+    data = (dumps_line(row) + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         view = memoryview(data)
@@ -29,7 +38,8 @@ def read_jsonl(path: str | Path, allow_torn_tail: bool = False) -> list[dict]:
     """Rows of a JSONL file ([] if absent); any bad line is an error naming its number.
 
     A final line without its newline is a write cut short by a kill: with `allow_torn_tail` it is
-    ignored (not removed: see `repair_torn_tail`), otherwise it is an error."""
+    ignored (not removed: see `repair_torn_tail`), otherwise it is an error. Lines end at "\n" only:
+    a string may hold U+2028, U+0085, ... raw (files of older runs, other tools)."""
     path = Path(path)
     if not path.exists():
         return []
@@ -39,7 +49,7 @@ def read_jsonl(path: str | Path, allow_torn_tail: bool = False) -> list[dict]:
         line = raw.count(b"\n") + 1
         raise InputError(f"{path}: line {line} is incomplete")
     rows = []
-    for number, line in enumerate(raw[:complete].decode("utf-8").splitlines(), 1):
+    for number, line in enumerate(raw[:complete].decode("utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

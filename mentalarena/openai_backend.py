@@ -34,6 +34,24 @@ log = logging.getLogger("mentalarena.openai")
 # Local servers ignore the key, but the SDK refuses to build a client without one.
 LOCAL_PLACEHOLDER_KEY = "not-needed"
 OPENAI_API = "https://api.openai.com/v1"
+# Context windows (prompt + reply, tokens) of OpenAI's chat models, as OpenAI's model pages give
+# them; a name takes the entry of its longest matching prefix, a fine-tuned "ft:<base>:org::id" that
+# of its base. Used when neither --max_context_tokens nor the server says otherwise.
+KNOWN_WINDOWS = {
+    "gpt-3.5-turbo": 16385, "gpt-3.5-turbo-0613": 4096, "gpt-3.5-turbo-0301": 4096,
+    "gpt-3.5-turbo-instruct": 4096, "gpt-4": 8192, "gpt-4-32k": 32768, "gpt-4-turbo": 128000,
+    "gpt-4-1106": 128000, "gpt-4-0125": 128000, "gpt-4o": 128000, "gpt-4.1": 1047576,
+    "gpt-4.5": 128000, "gpt-5": 400000, "o1": 200000, "o1-mini": 128000, "o3": 200000, "o4-mini": 200000,
+}
+
+
+def known_window(model: str) -> int | None:
+    """The context window of an OpenAI model by name (KNOWN_WINDOWS), or None."""
+    name = model.split(":")[1] if model.startswith("ft:") and model.count(":") >= 1 else model
+    matches = [k for k in KNOWN_WINDOWS if name == k or name.startswith(k + "-")]
+    return KNOWN_WINDOWS[max(matches, key=len)] if matches else None
+
+
 # 408 request timeout and 429 rate limit heal by waiting, as do 5xx; other 4xx mean the request is wrong.
 _RETRYABLE_4XX = {408, 429}
 # With tools, a null content is expected; without them it means the server sent a broken message.
@@ -45,7 +63,7 @@ _SAFE_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # vLLM states a context overflow only in its message: "maximum context length is 4096 tokens ...
 # (4900 in the messages, ...)" or "... your request has 4900 input tokens". Only the numbers are read.
 _VLLM_WINDOW = re.compile(r"maximum context length is (\d+)")
-_VLLM_PROMPT = re.compile(r"(\d+) (?:in the messages|input tokens)")
+_VLLM_PROMPT = re.compile(r"(\d+) (?:in the messages|input tokens)|messages resulted in (\d+) tokens")
 
 
 class _MalformedResponse(Exception):
@@ -73,7 +91,7 @@ class OpenAIBackend(ChatBackend):
                  max_new_tokens: int = 256, max_retries: int = 8, timeout: float = 120.0,
                  max_parallel: int = 16, backoff_base: float = 1.0, backoff_max: float = 60.0,
                  seed: int | None = None, context_limit: int | None = None, remove_after: int = 3,
-                 cooldown: float = 30.0) -> None:
+                 cooldown: float = 30.0, top_p: float | None = None, top_k: int | None = None) -> None:
         self.model = model
         self.name = f"openai:{model}"
         self.api_base = api_base
@@ -83,6 +101,12 @@ class OpenAIBackend(ChatBackend):
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.seed = seed
+        # None: not sent, the server's default applies (OpenAI: top_p 1; vLLM: the checkpoint's
+        # generation config). top_k is not an OpenAI API parameter: sent only when asked for.
+        self.top_p, self.top_k = top_p, top_k
+        self.sampling = {"top_p": top_p, "top_k": top_k,
+                         "source": {k: "flag" if v is not None else "server_default"
+                                    for k, v in (("top_p", top_p), ("top_k", top_k))}}
         self.context_limit = context_limit  # None: learned from the server by `check()` where it says
         self.remove_after, self.cooldown = remove_after, cooldown
         urls = endpoint_list(api_base) or [None]
@@ -165,6 +189,10 @@ class OpenAIBackend(ChatBackend):
             self.context_limit = min(windows)
             notes.append(f"{self.name}: context window {self.context_limit} tokens, as the server reports; "
                          "longer conversations are cut (--max_context_tokens sets another)")
+        elif self.context_limit is None and known_window(self.model):
+            self.context_limit = known_window(self.model)
+            notes.append(f"{self.name}: context window {self.context_limit} tokens, OpenAI's published window "
+                         "for this model; longer conversations are cut (--max_context_tokens sets another)")
         return notes
 
     def _probe(self, endpoint: Endpoint, client: OpenAI, listed: list | None) -> None:
@@ -219,6 +247,10 @@ class OpenAIBackend(ChatBackend):
                                    "temperature": self.temperature, "max_tokens": self.max_new_tokens}
         if seed is not None:
             options["seed"] = seed
+        if self.top_p is not None:
+            options["top_p"] = self.top_p
+        if self.top_k is not None:  # vLLM, llama.cpp and SGLang read it from the body
+            options["extra_body"] = {"top_k": self.top_k}
         try:
             completion = endpoint.client.chat.completions.create(**options)
         except ValueError as err:
@@ -350,14 +382,18 @@ def _context_overflow(err: Exception) -> tuple[int | None, int | None] | None:
     body = err.body if isinstance(err.body, dict) else {}
     if body.get("type") == "exceed_context_size_error":  # llama.cpp
         return _int(body.get("n_prompt_tokens")), _int(body.get("n_ctx"))
-    if err.code == "context_length_exceeded":  # OpenAI
-        return None, None
     message = str(body.get("message") or "")
     window = _VLLM_WINDOW.search(message)
+    prompt = _VLLM_PROMPT.search(message)
+    if err.code == "context_length_exceeded":  # OpenAI: "... is 16385 tokens. However, your messages resulted in 17000 tokens"
+        return (_first_group(prompt)), (int(window.group(1)) if window else None)
     if window:
-        prompt = _VLLM_PROMPT.search(message)
-        return (int(prompt.group(1)) if prompt else None), int(window.group(1))
+        return _first_group(prompt), int(window.group(1))
     return None
+
+
+def _first_group(match) -> int | None:
+    return int(next(g for g in match.groups() if g)) if match else None
 
 
 def _int(value) -> int | None:

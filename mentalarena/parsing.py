@@ -63,6 +63,9 @@ _HEADER = re.compile(r"^([^:：]{1,60})[:：]\s*(.*)$")
 _LABEL_WORD = r"(?:treatments?|medicines?|medications?|explanations?)"
 _DASH_LABEL = re.compile(rf"^({_LABEL_WORD})\s+[-–—]\s+(.*)$", re.IGNORECASE)
 _BARE_LABEL = re.compile(rf"^({_LABEL_WORD})\.?$", re.IGNORECASE)
+# The reference's output block writes "Explanation" without a colon, so a judge copying it may put
+# the text on the same line: "Explanation It helps ...". Capitalised, at the start of a line only.
+_WORD_LABEL = re.compile(r"^(Explanation)\s+(\S.*)$")
 # Labels later in a line must be capitalised and followed by a colon: lower-case "medicine:" inside
 # a sentence is prose, "... Explanation: ..." after a value is a second field on the same line.
 _INLINE_LABEL = re.compile(
@@ -104,7 +107,7 @@ def _clean_value(value: str) -> str:
 
 def _leading_label(line: str) -> tuple[str | None, str]:
     """(kind, rest of the line) when the line starts with a label, else (None, line)."""
-    for pattern in (_HEADER, _DASH_LABEL):
+    for pattern in (_HEADER, _DASH_LABEL, _WORD_LABEL):
         match = pattern.match(line)
         if match:
             kind = _label_kind(match.group(1))

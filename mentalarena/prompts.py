@@ -29,7 +29,11 @@ class Prompts:
         return self._cache[name]
 
     def slots(self, name: str) -> set[str]:
-        return {field for _, field, _, _ in string.Formatter().parse(self.template(name)) if field}
+        try:
+            return {field for _, field, _, _ in string.Formatter().parse(self.template(name)) if field}
+        except ValueError as exc:
+            raise InputError(f"{self.dir / (name + '.txt')}: bad template ({exc}); "
+                             "write literal braces as {{ and }}") from exc
 
     def render(self, name: str, /, **values) -> str:
         missing = self.slots(name) - values.keys()

@@ -243,7 +243,7 @@ def _numbered_json_rows(path: Path) -> list[tuple[int, Any]]:
             raise InputError(f"{path}: expected a JSON list of rows")
         return list(enumerate(data, 1))
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # "\n" only: a string may hold U+2028 raw
         if line.strip():
             try:
                 rows.append((number, json.loads(line)))
@@ -263,6 +263,23 @@ def _numbered_table_rows(path: Path) -> list[tuple[int, Any]]:
     import pyarrow.parquet  # lazily: only Parquet files need it
 
     return list(enumerate(pyarrow.parquet.read_table(path).to_pylist(), 1))
+
+
+def find_ignoring_case(root: str | Path, relative: str) -> Path | None:
+    """The file `root/relative` with every name below `root` matched regardless of case (the paper's
+    data/ has MedQA/, MMLU/, ...), None when there is none. Two entries that differ only by case
+    are refused rather than picked by listing order."""
+    path = Path(root)
+    for part in Path(relative).parts:
+        if not path.is_dir():
+            return None
+        found = sorted(p for p in path.iterdir() if p.name.lower() == part.lower())
+        if len(found) > 1:
+            raise InputError(f"{' and '.join(map(str, found))} differ only by case; keep one of them")
+        if not found:
+            return None
+        path = found[0]
+    return path if path.is_file() else None
 
 
 def _read_rows(path: Path) -> list[tuple[int, Any]]:

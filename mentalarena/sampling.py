@@ -36,18 +36,56 @@ def row_generators(seeds: list[int], device) -> list[torch.Generator]:
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
-def sample_rows(logits: torch.Tensor, temperature: float, top_p: float,
-                generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row: greedy at temperature 0, else a Gumbel-max draw keyed by the row's own
-    generator (one 62-bit key per row and step)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    scores = logits.float() / temperature
+def checkpoint_sampling(generation_config, top_p: float | None = None, top_k: int | None = None) -> dict:
+    """The top-p / top-k a transformers pipeline called with only a temperature would use: the
+    checkpoint's generation config, and transformers' own defaults (top_p 1.0, top_k 50) for what it
+    leaves unset. Explicit values (--top_p, --top_k) win. top_k 0 means no top-k filter."""
+    from transformers import GenerationConfig
+
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", lambda: {})()
+    used, source = {}, {}
+    for name, given, fallback in (("top_p", top_p, 1.0), ("top_k", top_k, 50)):
+        value = given
+        source[name] = "flag"
+        if value is None:
+            value = getattr(generation_config, name, None) if generation_config is not None else None
+            source[name] = "generation_config"
+        if value is None:
+            value = getattr(GenerationConfig(), name, None)  # transformers 4.x keeps defaults here
+            value = defaults.get(name, fallback) if value is None else value
+            source[name] = "transformers_default"
+        used[name] = value
+    if not 0.0 < float(used["top_p"]) <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {used['top_p']}")
+    if int(used["top_k"]) < 0:
+        raise ValueError(f"top_k must be >= 0 (0: off), got {used['top_k']}")
+    return {"top_p": float(used["top_p"]), "top_k": int(used["top_k"]), "source": source}
+
+
+def filter_scores(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """transformers' sampling warpers, in its order (temperature already applied): top-k keeps the
+    k best scores (ties with the k-th kept), then top-p keeps the smallest set of the best tokens
+    whose probability under the remaining scores reaches top_p (at least one token)."""
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p < 1.0:
         probs = torch.softmax(scores, dim=-1)
         sorted_p, idx = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        drop[..., 0] = False
         scores = scores.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
+    return scores
+
+
+def sample_rows(logits: torch.Tensor, temperature: float, top_p: float,
+                generators: list[torch.Generator], top_k: int = 0) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else a Gumbel-max draw keyed by the row's own
+    generator (one 62-bit key per row and step) among the tokens top-k and top-p leave."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    scores = filter_scores(logits.float() / temperature, top_k, top_p)
     keys = torch.cat([torch.randint(0, 1 << 62, (1,), generator=g, device=g.device) for g in generators])
     keys = keys.to(scores.device)
     contenders = scores >= scores.max(-1, keepdim=True).values - _NOISE_SPAN
@@ -76,10 +114,10 @@ class SeededSampler(LogitsProcessor):
     drawn from that row's own generator, so greedy search takes it. transformers' own sampling
     draws from one global generator for the whole batch, which would tie a reply to its batch."""
 
-    def __init__(self, temperature: float, top_p: float, generators: list[torch.Generator]):
-        self.temperature, self.top_p, self.generators = temperature, top_p, generators
+    def __init__(self, temperature: float, top_p: float, generators: list[torch.Generator], top_k: int = 0):
+        self.temperature, self.top_p, self.top_k, self.generators = temperature, top_p, top_k, generators
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        picks = sample_rows(scores, self.temperature, self.top_p, self.generators)
+        picks = sample_rows(scores, self.temperature, self.top_p, self.generators, self.top_k)
         only = torch.full_like(scores, float("-inf"))
         return only.scatter_(-1, picks[:, None], 0.0)

@@ -21,7 +21,7 @@ import torch
 from .backends import ChatBackend, Reply
 from .cli import request_seed
 from .errors import InputError
-from .sampling import SeededSampler, row_generators
+from .sampling import SeededSampler, checkpoint_sampling, row_generators
 
 log = logging.getLogger("mentalarena.seq2seq")
 
@@ -74,7 +74,7 @@ class Seq2SeqBackend(ChatBackend):
     batched = True
 
     def __init__(self, model_name_or_path: str, temperature: float = 0.0, max_new_tokens: int | None = None,
-                 top_p: float = 1.0, device: str | None = None, dtype: str | None = None,
+                 top_p: float | None = None, top_k: int | None = None, device: str | None = None, dtype: str | None = None,
                  max_batch_size: int = 16, seed: int = 0, name: str | None = None):
         self.name = name or f"seq2seq:{model_name_or_path}"
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,7 +87,9 @@ class Seq2SeqBackend(ChatBackend):
         # encoder side: the position table and the tokenizer's own limit (a huge sentinel when unset)
         limits = [x for x in (limit, getattr(self.tokenizer, "model_max_length", None)) if x and x < 1 << 30]
         self.context_limit = min(limits) if limits else None
-        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self.temperature, self.seed = temperature, seed
+        self.sampling = checkpoint_sampling(self.model.generation_config, top_p, top_k)
+        self.top_p, self.top_k = self.sampling["top_p"], self.sampling["top_k"]
         self.max_batch_size = max_batch_size
         self.generation_config = self._greedy_or_sampling()
         self._lock = threading.Lock()
@@ -129,7 +131,8 @@ class Seq2SeqBackend(ChatBackend):
     def _generate_batch(self, texts: list[str], lengths: list[int], seeds: list[int]) -> list[Reply]:
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=self.context_limit is not None,
                                max_length=self.context_limit).to(self.device)
-        sampler = ([SeededSampler(self.temperature, self.top_p, row_generators(seeds, self.device))]
+        sampler = ([SeededSampler(self.temperature, self.top_p, row_generators(seeds, self.device),
+                                  self.top_k)]
                    if self.temperature > 0 else [])
         out = self.model.generate(**batch, generation_config=self.generation_config, logits_processor=sampler)
         special = set(self.tokenizer.all_special_ids)

@@ -166,7 +166,8 @@ def load_tokenizer(base: str, gguf_file: str | None):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base, **({"gguf_file": gguf_file} if gguf_file else {}))
+        source, gguf_file = _dense_copy(base, gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as exc:
         raise InputError(f"--base_model {base}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from exc
     if tokenizer.pad_token_id is None:
@@ -204,6 +205,7 @@ def dense_model(base: str, gguf_file: str | None, **kwargs):
     train it or to save it: the weights are dense, so the marker goes."""
     from transformers import AutoModelForCausalLM
 
+    source, gguf_file = _dense_copy(base, gguf_file)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
         try:
@@ -211,12 +213,25 @@ def dense_model(base: str, gguf_file: str | None, **kwargs):
             kwargs["quantization_config"] = GgufConfig(dequantize=True)
         except ImportError:
             pass  # transformers 4 always unpacks GGUF weights, with no quantizer
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    # the base's own name, not the cache folder's: peft records it in the adapter's config
+    model.config.name_or_path = model.name_or_path = base
     if gguf_file and getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
         if "quantization_config" in vars(model.config):
             delattr(model.config, "quantization_config")
     return model
+
+
+def _dense_copy(base: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """A GGUF base as the dense copy the model cache keeps (converted on first use, gguf_cache.py);
+    unchanged when there is no GGUF file or the cache is off or cannot be written."""
+    if gguf_file:
+        from .gguf_cache import dense_folder
+        folder = dense_folder(base, gguf_file)
+        if folder is not None:
+            return str(folder), None
+    return base, gguf_file
 
 
 def add_lora(model, method: str, r: int, alpha: int, dropout: float, target_modules: list[str] | None,

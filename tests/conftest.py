@@ -17,6 +17,21 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one; run them where one is lent)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Dense copies of GGUF models (mentalarena/gguf_cache.py) go to a folder of this test session,
+    never the user's cache: the embedded model is converted once per session, then read back.
+    Subprocesses inherit the variable. Removed at the end (it holds ~0.5 GB)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("model-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MENTALARENA_CACHE", str(folder))
+    yield folder
+    patch.undo()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 class ScriptedBackend(ChatBackend):
     """Answers by rules on the last user message; records every conversation it was sent."""
 
@@ -70,6 +85,46 @@ def make_tiny_llama(folder: Path, tokenizer, **config) -> str:
                                  eos_token_id=tokenizer.eos_token_id, **config)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def reply_token_ids(monkeypatch, backend) -> dict[str, list[tuple[int, ...]]]:
+    """The token ids behind each reply text a local HFBackend decodes (through its `_text`), for
+    comparisons that a text cannot carry. Each text maps to the distinct id sequences that gave it."""
+    seen: dict[str, list[tuple[int, ...]]] = {}
+    decode = backend._text
+
+    def text(ids):
+        out = decode(ids)
+        key = tuple(int(t) for t in ids)
+        if key not in seen.setdefault(out, []):
+            seen[out].append(key)
+        return out
+
+    monkeypatch.setattr(backend, "_text", text)
+    return seen
+
+
+def assert_same_up_to_a_tie(got: list, want: list, scores, tol: float = 1e-3, end=()) -> None:
+    """`got` and `want`: the greedy tokens of one prompt decoded in two batch shapes, each followed by
+    None where it stopped on an end token (one of `end`). The same logits computed in another batch
+    shape differ in their last digits (float32: about 1e-5 here), so two greedy decodes may part where
+    the best two choices were tied to within that: `scores(step)` are the logits `want`'s token at
+    `step` was chosen from, and wherever the two part, both choices must score within `tol` of each
+    other there. Anything after the parting may differ; a parting that is no tie fails."""
+    def value(row, token):
+        return float(max(row[e] for e in end)) if token is None else float(row[token])
+
+    for step, (a, b) in enumerate(zip(got, want)):
+        if a == b:
+            if a is None:
+                return
+            continue
+        row = scores(step)
+        gap = abs(value(row, a) - value(row, b))
+        assert gap <= tol, (f"step {step}: token {a} against {b}, whose logits are {gap:.2e} apart: no tie, "
+                            f"a real difference (got {got}, want {want})")
+        return
+    assert len(got) == len(want), f"one decode stops early without an end token: got {got}, want {want}"
 
 
 def shared_data(*parts: str) -> Path:

@@ -20,10 +20,15 @@ per retrieve; "succeeded" sets `fine_tuned_model`, "failed" sets an error. `ft_f
 fail these requests; with `require_key`, a wrong key gets a 401 that quotes it back, as OpenAI's does (on
 every route: models, chat and fine-tuning).
 
+Keys in error bodies: with `echo_key`, every error this server sends (injected statuses, 404s, the window's
+400, the HTML error page) quotes the request's whole Authorization header in its message, as some servers
+and proxies do; a client that prints the server's text then prints the key.
+
 Models: `GET /v1/models` lists `model` (a 403 with `models_forbidden`, as OpenAI gives a key restricted to
 chat). With `strict_model` (as vLLM), a chat request for any other model
 gets a 404; without it (as llama.cpp), any name is answered. `window` (tokens, counted as words) makes a
-longer prompt a 400 in llama.cpp's form (`exceed_context_size_error`, `n_prompt_tokens`, `n_ctx`).
+longer prompt a 400 in llama.cpp's form (`exceed_context_size_error`, `n_prompt_tokens`, `n_ctx`), or with
+`window_style="openai"` in OpenAI's (`context_length_exceeded`, the numbers only in the message, no window listed).
 """
 from __future__ import annotations
 
@@ -82,7 +87,8 @@ class FakeOpenAI:
                  stall_seconds: float = 1.5, model: str = "fake-model",
                  job_statuses: Sequence[str] = ("validating_files", "queued", "running", "succeeded"),
                  ft_faults: Faults | None = None, require_key: str | None = None, strict_model: bool = False,
-                 window: int | None = None, models_forbidden: bool = False) -> None:
+                 window: int | None = None, models_forbidden: bool = False, echo_key: bool = False,
+                 window_style: str = "llama.cpp") -> None:
         self.responder = responder
         self.faults = faults or Faults()
         self.stall_seconds = stall_seconds
@@ -94,7 +100,11 @@ class FakeOpenAI:
         self.require_key = require_key
         self.strict_model = strict_model
         self.window = window
+        # "llama.cpp": its 400 and n_ctx; "openai": OpenAI's context_length_exceeded, no window listed
+        self.window_style = window_style
         self.models_forbidden = models_forbidden  # GET /v1/models answers 403, as for a restricted key
+        self.echo_key = echo_key  # error bodies quote the Authorization header they came with
+        self.echoed = 0  # error bodies sent that quoted one (a test's proof that a leak was on offer)
         self.model_lists = 0  # GET /v1/models requests
         self.uploads: list[dict] = []  # {"id", "filename", "purpose", "content": bytes}
         self.job_creates: list[dict] = []  # every job-creation body that made a job
@@ -216,16 +226,17 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/v1/fine_tuning/jobs/"):
             return self._fine_tuning(lambda: fake.retrieve_job(path.rsplit("/", 1)[1]))
         if path != "/v1/models":
-            return self._send(404, {"error": {"message": "not found", "code": "not_found"}})
+            return self._send(404, {"error": {"message": "not found" + self._echo(), "code": "not_found"}})
         fake.model_lists += 1
         refused = fake.key_refused(self.headers.get("Authorization"))
         if refused:
             return self._send(401, refused)
         if fake.models_forbidden:
-            return self._send(403, {"error": {"message": "missing scope model.read", "type": "invalid_request_error",
+            return self._send(403, {"error": {"message": "missing scope model.read" + self._echo(),
+                                              "type": "invalid_request_error",
                                               "code": "insufficient_permissions"}})
         entry = {"id": fake.model, "object": "model", "created": 0, "owned_by": "fake"}
-        if fake.window:
+        if fake.window and fake.window_style != "openai":
             entry["max_model_len"] = fake.window
         self._send(200, {"object": "list", "data": [entry]})
 
@@ -238,19 +249,25 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/v1/fine_tuning/jobs":
             return self._fine_tuning(lambda: fake.create_job(json.loads(raw)))
         if path != "/v1/chat/completions":
-            return self._send(404, {"error": {"message": "not found", "code": "not_found"}})
+            return self._send(404, {"error": {"message": "not found" + self._echo(), "code": "not_found"}})
         request = json.loads(raw)
         fake.record(request, self.headers.get("Authorization"))
         refused = fake.key_refused(self.headers.get("Authorization"))
         if refused:
             return self._send(401, refused)
         if fake.strict_model and request.get("model") != fake.model:
-            return self._send(404, {"error": {"message": f"The model `{request.get('model')}` does not exist.",
+            return self._send(404, {"error": {"message": f"The model `{request.get('model')}` does not exist."
+                                              + self._echo(),
                                               "type": "NotFoundError", "param": None, "code": 404}})
         prompt = sum(len(str(m.get("content", "")).split()) for m in request["messages"])
+        if fake.window and prompt > fake.window and fake.window_style == "openai":
+            return self._send(400, {"error": {
+                "message": f"This model's maximum context length is {fake.window} tokens. However, your messages "
+                           f"resulted in {prompt} tokens. Please reduce the length of the messages." + self._echo(),
+                "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}})
         if fake.window and prompt > fake.window:
             return self._send(400, {"error": {"code": 400, "message": f"request ({prompt} tokens) exceeds the "
-                                              f"available context size ({fake.window} tokens)",
+                                              f"available context size ({fake.window} tokens)" + self._echo(),
                                               "type": "exceed_context_size_error", "n_prompt_tokens": prompt,
                                               "n_ctx": fake.window}})
         kind = fake.faults.next()
@@ -264,7 +281,8 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "malformed":
             return self._send_raw(200, b'{"id": "chatcmpl-x", "choices": [', "application/json")
         if kind == "html":
-            return self._send_raw(200, b"<html><body>502 Bad Gateway</body></html>", "text/html")
+            page = f"<html><body>502 Bad Gateway{self._echo()}</body></html>"
+            return self._send_raw(200, page.encode(), "text/html")
         if kind == "empty_choices":
             return self._send(200, fake.completion(request, "", choices=False))
         if kind == "null_content":
@@ -291,9 +309,19 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_status_fault(kind)
         self._send(*answer())
 
+    def _echo(self) -> str:
+        """With `echo_key`: the request's Authorization header, for an error message to quote."""
+        fake: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
+        if not fake.echo_key:
+            return ""
+        with fake._lock:
+            fake.echoed += 1
+        return f" (request had Authorization: {self.headers.get('Authorization')})"
+
     def _send_status_fault(self, kind: str) -> None:
         status, _, retry_after = kind.partition(":")
-        body = {"error": {"message": f"injected {status}", "type": "fake_error", "code": f"fake_{status}"}}
+        body = {"error": {"message": f"injected {status}{self._echo()}", "type": "fake_error",
+                          "code": f"fake_{status}"}}
         self._send(int(status), body, {"Retry-After": retry_after} if retry_after else {})
 
     def _send(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:

@@ -297,7 +297,7 @@ def _unknown_feedback_mode(tmp_path: Path) -> tuple[list[str], list[str]]:
 def _principles_missing_column(tmp_path: Path) -> tuple[list[str], list[str]]:
     path = tmp_path / "my_principles.csv"
     path.write_text("CreatorID,Text\n0,Be vague at first.\n", encoding="utf-8")
-    return ["--principles_file", str(path)], ["my_principles.csv", "line 1", "Principles"]
+    return ["--principles_file", str(path)], ["my_principles.csv: line 1 (header)", 'column "Principles"']
 
 
 @pytest.mark.parametrize("case", [_patients_without_coping, _unknown_feedback_mode, _principles_missing_column],
@@ -343,11 +343,71 @@ def test_output_made_with_other_settings_is_refused(tmp_path, capsys, monkeypatc
     # the error is one line, and the last (the test below checks that it is the only one)
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and captured.err.rstrip("\n").endswith(errors[0]), captured.err
-    assert "out.jsonl" in errors[0] and "line 1" in errors[0] and "other settings" in errors[0]
+    assert f"{output}: line 1: made with other settings" in errors[0]
     assert "--output_file" in errors[0]
     assert "Traceback" not in captured.err
     assert output.read_bytes() == before
     assert not errors_file.exists()
+
+
+def _other_patients(tmp_path: Path) -> list[str]:
+    entries = json.loads(json.dumps(PATIENTS))
+    entries[-1]["situation"] += " (edited)"  # a profile the run never reaches (--limit 1) still counts
+    path = tmp_path / "edited_patients.json"
+    path.write_text(json.dumps(entries), encoding="utf-8")
+    return ["--patients_file", str(path)]
+
+
+def _other_principles(tmp_path: Path) -> list[str]:
+    from mentalarena.data import DEFAULT_PRINCIPLES_FILE
+    path = tmp_path / "edited_principles.csv"
+    path.write_text(Path(DEFAULT_PRINCIPLES_FILE).read_text(encoding="utf-8") + '99,"Mention the weather."\n',
+                    encoding="utf-8")
+    return ["--principles_file", str(path)]
+
+
+@pytest.mark.parametrize("change", [
+    lambda tmp: ["--max_context_tokens", "4000"],
+    lambda tmp: ["--top_p", "0.9"],
+    lambda tmp: ["--top_k", "40"],
+    lambda tmp: ["--illness_prompt", "reference"],
+    lambda tmp: ["--judge_backend", "embedded"],  # the same judge name, now a local model
+    _other_patients,
+    _other_principles,
+], ids=["max_context_tokens", "top_p", "top_k", "illness_prompt", "judge-runs-locally", "patients-content",
+        "principles-content"])
+def test_what_shapes_a_session_is_in_the_hash_and_more_of_the_same_extends(tmp_path, capsys, monkeypatch, change):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    output = tmp_path / "out.jsonl"
+    with FakeOpenAI(responder=make_responder()) as server:
+        args = ["--base_model", "fake-model", "--api_base", server.base_url, "--output_file", str(output),
+                "--max_tries", "1", "--max_decode_rounds", "0", "--dialogue_rounds", "1", "--progress", "false"]
+        assert arena_med.main(args + ["--limit", "1"]) == 0
+        before, requests = output.read_bytes(), len(server.requests)
+        capsys.readouterr()
+        assert arena_med.main(args + ["--limit", "1"] + change(tmp_path)) == 2
+        assert f"{output}: line 1: made with other settings" in capsys.readouterr().err
+        assert output.read_bytes() == before and len(server.requests) == requests
+        # more of the same: a larger --limit and another sample per patient extend the output
+        assert arena_med.main(args + ["--limit", "2", "--num_samples", "2"]) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted((r["patient_id"], r["sample"]) for r in rows) == sorted(
+        (p, k) for p in ALL_IDS[:2] for k in range(2))
+    assert len({r["settings_hash"] for r in rows}) == 1
+
+
+def test_a_local_run_in_another_dtype_is_refused(tmp_path, capsys):
+    from conftest import embedded_tokenizer, make_tiny_llama
+    tiny = make_tiny_llama(tmp_path / "tiny", embedded_tokenizer(), max_position_embeddings=4096)
+    output = tmp_path / "out.jsonl"
+    args = ["--base_model", tiny, "--output_file", str(output), "--limit", "1", "--max_new_tokens", "4",
+            "--max_tries", "1", "--max_decode_rounds", "0", "--dialogue_rounds", "1", "--progress", "false"]
+    assert arena_med.main(args + ["--dtype", "float32"]) == 0
+    before = output.read_bytes()
+    assert json.loads(before.decode().splitlines()[0])["settings"]["dtype"] == "float32"
+    capsys.readouterr()
+    assert arena_med.main(args + ["--dtype", "bfloat16"]) == 2
+    assert "made with other settings" in capsys.readouterr().err and output.read_bytes() == before
 
 
 def test_output_with_other_settings_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
@@ -366,6 +426,71 @@ def test_output_with_other_settings_is_refused_before_any_model_loads(tmp_path, 
     assert len(captured.err.splitlines()) == 1, captured.err
 
 
+def _prompt_dir_with(tmp_path: Path, name: str, text: str) -> Path:
+    import shutil
+
+    from mentalarena.prompts import PROMPT_DIR
+    folder = tmp_path / "my_prompts"
+    shutil.copytree(PROMPT_DIR, folder)
+    (folder / f"{name}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("template", "text", "expected"),
+    [
+        # used only from the second try on, and only in steer mode after a decoder round: still found
+        ("treatment_next", "Try another one for {illness} and {severity}.", ["treatment_next.txt", "{severity}"]),
+        ("doctor_feedback", "{doctor_system}\nJudge says: {feedback} {mood}", ["doctor_feedback.txt", "{mood}"]),
+        ("final_illness", "Which one? {review} {}", ["final_illness.txt", "bad template"]),
+        ("symptom", "History: {history} {unclosed", ["symptom.txt", "bad template"]),
+    ],
+    ids=["slot-used-late", "slot-in-feedback", "positional-slot", "unclosed-brace"],
+)
+def test_prompt_with_unknown_slot_is_refused_before_anything_loads(tmp_path, capsys, monkeypatch, template,
+                                                                   text, expected):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    import mentalarena.backends as backends
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a backend was built before the prompts were checked")
+    monkeypatch.setattr(backends, "make_backend", no_model)
+    monkeypatch.setattr(arena_med, "Encoder", no_model)
+    prompts = _prompt_dir_with(tmp_path, template, text)
+    output = tmp_path / "run" / "out.jsonl"
+    code = arena_med.main(["--output_file", str(output), "--prompt_dir", str(prompts), "--progress", "False"])
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    for part in expected:
+        assert part in lines[0], (part, lines[0])
+    assert not output.parent.exists()  # not even the folder or the lock file
+
+
+def test_missing_api_key_is_one_line_before_anything_is_touched(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    import mentalarena.backends as backends
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a backend was built without a key")
+    monkeypatch.setattr(backends, "make_backend", no_model)
+    monkeypatch.setattr(arena_med, "Encoder", no_model)
+    output = tmp_path / "out.jsonl"
+    output.write_bytes(TORN_OUTPUT)
+    for args in (["--base_model", "gpt-3.5-turbo"],
+                 ["--base_model", "fake-model", "--api_base", "http://127.0.0.1:9/v1",
+                  "--judge_model", "gpt-4-turbo", "--judge_api_base", "https://api.openai.com/v1"]):
+        code = arena_med.main([*args, "--output_file", str(output), "--progress", "False"])
+        captured = capsys.readouterr()
+        assert code == 2
+        lines = captured.err.splitlines()
+        assert len(lines) == 1 and "OPENAI_API_KEY" in lines[0] and lines[0].startswith("error: "), captured.err
+        assert "Traceback" not in captured.out + captured.err
+    assert output.read_bytes() == TORN_OUTPUT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no lock, summary or errors file
+
+
 # ---------------------------------------------------------------- 5. secrets
 
 def test_api_key_reaches_the_server_and_nothing_else(tmp_path):
@@ -375,11 +500,14 @@ def test_api_key_reaches_the_server_and_nothing_else(tmp_path):
     # one patient's requests are refused (401, not retried): the error path must not leak either
     faults = RequestFaults(lambda request: "401" if mentions(request, rejected["name"]) else None,
                            rate=0.15, kinds=("500:0", "429:0", "malformed"), seed=3)
-    with RoutedFakeOpenAI(responder=make_responder(), faults=faults) as server:
+    # and every error body quotes the Authorization header back, as some servers and proxies do
+    with RoutedFakeOpenAI(responder=make_responder(), faults=faults, echo_key=True) as server:
         result = run_cli(command(server.base_url, output, "--limit", "3"), cli_env(OPENAI_API_KEY=secret))
         headers = list(server.auth_headers)
     assert result.returncode == 1, explain(result)
     assert headers and all(h == f"Bearer {secret}" for h in headers)
+    # the key was offered back in every error body: each injected status (401, 500, 429), not the malformed 200s
+    assert server.echoed == sum(kind != "malformed" for kind in faults.injected) > 0
 
     assert secret not in result.stdout and secret not in result.stderr
     assert "SECRET" not in result.stdout + result.stderr

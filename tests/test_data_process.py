@@ -117,9 +117,14 @@ def test_the_key_never_leaks(env, capsys):
         assert run(server, "--wait", "--api_key", KEY) == 0
         with FakeOpenAI(require_key="sk-another-key-entirely") as refusing:  # quotes the key it got in its 401
             assert run(refusing) == 1
+        # takes the key, but its 400 quotes the whole Authorization header back (the message is printed)
+        with FakeOpenAI(ft_faults=Faults(["400"]), echo_key=True) as echoing:
+            assert run(echoing) == 1
+            assert echoing.echoed == 1 and echoing.uploads == []
     out, err = capsys.readouterr()
     assert "--api_key puts the key in your shell history" in err
     assert "HTTP 401 AuthenticationError invalid_api_key" in err
+    assert "uploading ft.jsonl: HTTP 400 BadRequestError fake_400: injected 400 (request had Authorization: Bearer " in err
     written = b"".join(p.read_bytes() for p in env.rglob("*") if p.is_file())
     for text in (out, err, written.decode()):
         assert KEY not in text and KEY[8:20] not in text

@@ -4,11 +4,12 @@ a tiny BART (seq2seq generation and BART-score), the text metrics, and one run o
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
 import torch
-from conftest import ROOT, ScriptedBackend, shared_data
+from conftest import ROOT, ScriptedBackend, assert_same_up_to_a_tie, embedded_tokenizer, make_tiny_llama, shared_data
 
 import IMHI_eval as ev
 from mentalarena import imhi
@@ -203,6 +204,41 @@ def test_all_test_sets_from_one_command(scripted, tmp_path):
     assert "| IMHI-completion | t-sid | 1 |" in report and "| expert | swmh | 1 |" in report
 
 
+def test_a_local_answer_may_run_until_prompt_and_answer_fill_2048_tokens(tmp_path, monkeypatch):
+    """The reference's generate(max_length=2048) on a causal model: prompt + answer <= 2048 tokens, so a
+    row of L prompt tokens may get exactly 2048 - L new ones. A tiny Llama of 4096 positions (its own
+    limit is not the one met) that never ends on its own (EOS taken away), and two long raw prompts."""
+    import csv
+
+    tokenizer = embedded_tokenizer()
+    model = make_tiny_llama(tmp_path / "tiny", tokenizer, max_position_embeddings=4096)
+    head, tail = "Consider this post: ", " Question: Does the poster suffer from stress?"
+    queries = [head + "word " * n + tail for n in (1990, 2030)]
+    lengths = [len(tokenizer(q, add_special_tokens=True)["input_ids"]) for q in queries]
+    assert 1990 < lengths[0] < lengths[1] < 2048  # so each answer gets a different, small budget
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    with open(test_dir / "dreaddit.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["query", "gpt-3.5-turbo"])
+        writer.writerows([q, "Yes, the poster suffers from stress. Reasoning: long."] for q in queries)
+    real = ev._backend
+
+    def never_ending(settings, batch_size, device):  # the window, not an EOS, must end each answer
+        chat = real(settings, batch_size, device)
+        chat.eos_ids = set()
+        return chat
+
+    monkeypatch.setattr(ev, "_backend", never_ending)
+    (result,) = ev.run(model=model, test_dir=str(test_dir), batch_size=2, dtype="float32", device="cpu",
+                       output_dir=str(tmp_path / "out"), progress=False)
+    assert result["complete"] and result["settings"]["max_new_tokens"] is None  # the reference's default
+    samples = read_jsonl(next((tmp_path / "out").rglob("dreaddit.samples.jsonl")))
+    by_row = {s["row"]: s for s in samples}
+    assert [by_row[i]["prompt_tokens"] for i in (0, 1)] == lengths
+    assert [by_row[i]["completion_tokens"] for i in (0, 1)] == [2048 - n for n in lengths]
+
+
 @pytest.mark.parametrize("make, argv, needle", [
     (lambda d: (d / "DR.csv").write_text("query,answer\nq,yes\n"), ["--test_dir", "{d}"], 'column "gpt-3.5-turbo" is missing'),
     (lambda d: (d / "DR.csv").write_text("goldens,text\nyes.,yes\n"), ["--generated_dir", "{d}"], 'column "generated_text"'),
@@ -271,6 +307,34 @@ def test_classifier_labels_follow_the_reference_id_order(tmp_path):
     assert "classifier w-F1" in report and "| 50.00 | 33.33 | 22.22 |" in report
 
 
+# Completion wording "none" is unread by label_inference.py's gold keywords ("no causes"): dropped there.
+CAMS = [("none. Reasoning: a", "none"), ("This post shows no causes of depression. Reasoning: b", "none"),
+        ("jobs and career. Reasoning: c", "the poster"), ("medication. Reasoning: d", "no")]
+
+
+def test_classifier_goldens_are_read_by_each_rule_set(tmp_path):
+    classifiers = tmp_path / "classifiers"
+    _tiny_bert(classifiers / "CAMS", 6, always=0)  # "none"
+    folder = _generated_dir(tmp_path / "answers", {"CAMS": CAMS})
+    assert _main("--generated_dir", folder, "--output_dir", tmp_path / "out", "--label_model_dir", classifiers) == 0
+    results = _results(tmp_path / "out", "CAMS")
+    # reference goldens 0, 2, 3 (row 1 dropped), all predicted 0: F1 of 0 is 2*1/(1+3) -> weighted and macro 0.5/3
+    assert results["scores"]["classifier"] == {
+        "accuracy": 33.33, "weighted_f1": 16.67, "micro_f1": 33.33, "macro_f1": 16.67, "ood": 0, "dropped": 1, "n": 3}
+    # fixed goldens 0, 0, 2, 3: F1 of 0 is 2*2/(2+4) -> weighted 2/3*2/4, macro 2/3/3
+    assert results["scores"]["classifier_fixed"] == {
+        "accuracy": 50.0, "weighted_f1": 33.33, "micro_f1": 50.0, "macro_f1": 22.22, "ood": 0, "dropped": 0, "n": 4}
+    assert "CAMS: 1 golden(s) match no label_inference.py gold keyword (rows 1); dropped from both label lists" \
+        in results["warnings"]
+    report = (tmp_path / "out" / "answers" / "report.md").read_text()
+    assert "| classifier acc | classifier w-F1 | classifier m-F1 | classifier dropped | classifier_fixed acc |" in report
+    assert "| 33.33 | 16.67 | 16.67 | 1 | 50.00 | 33.33 | 22.22 |" in report
+    for rules, keys in (("reference", {"reference", "classifier"}), ("fixed", {"fixed", "classifier_fixed"})):
+        out = tmp_path / f"out-{rules}"
+        assert _main("--generated_dir", folder, "--output_dir", out, "--label_model_dir", classifiers, "--rules", rules) == 0
+        assert set(_results(out, "CAMS")["scores"]) == keys
+
+
 def test_classifier_with_the_wrong_number_of_labels(tmp_path, capsys):
     _tiny_bert(tmp_path / "classifiers" / "dreaddit", 3)
     folder = _generated_dir(tmp_path / "answers", {"dreaddit": DREADDIT})
@@ -319,11 +383,46 @@ def _yes_sayer(tiny_bart, folder):
     return folder
 
 
-def test_seq2seq_batches_like_single_rows_and_keeps_the_whole_answer(tiny_bart, tmp_path):
+def _decoded_rows(monkeypatch, backend) -> dict[str, list[list[int]]]:
+    """The decoder's output rows (start token, answer, EOS; a batch's padding after it dropped) behind
+    each answer text of a Seq2SeqBackend, each distinct row once."""
+    rows: dict[str, list[list[int]]] = {}
+    decode, pad = backend.tokenizer.decode, backend.tokenizer.pad_token_id
+
+    def recording(ids, *args, **kwargs):
+        text = decode(ids, *args, **kwargs)
+        row = list(ids)
+        while len(row) > 1 and row[-1] == pad:
+            row.pop()
+        if row not in rows.setdefault(text.strip(), []):
+            rows[text.strip()].append(row)
+        return text
+
+    monkeypatch.setattr(backend.tokenizer, "decode", recording)
+    return rows
+
+
+def test_seq2seq_batches_like_single_rows_and_keeps_the_whole_answer(tiny_bart, tmp_path, monkeypatch):
     texts = ["Consider this post: the poster feels tired. Question: Does it?" * 5, "yes", "the post shows no causes"]
     batched = Seq2SeqBackend(str(tiny_bart), max_new_tokens=6, max_batch_size=3, dtype="float32")
     single = Seq2SeqBackend(str(tiny_bart), max_new_tokens=6, max_batch_size=1, dtype="float32")
-    assert dict(batched.stream(texts, chat=False)) == dict(single.stream(texts, chat=False))
+    rows_batched, rows_single = _decoded_rows(monkeypatch, batched), _decoded_rows(monkeypatch, single)
+    got, want = dict(batched.stream(texts, chat=False)), dict(single.stream(texts, chat=False))
+    eos = single.model.config.eos_token_id
+
+    def answer(row):  # the tokens after the decoder's start token, None for the EOS that ends them
+        tokens = [None if t == eos else t for t in row[1:]]
+        return tokens[:tokens.index(None) + 1] if None in tokens else tokens
+
+    for i, text in enumerate(texts):
+        # what the encoder read does not depend on the batch ...
+        assert (got[i].prompt_tokens, got[i].truncated) == (want[i].prompt_tokens, want[i].truncated)
+        # ... nor, up to a tie (right-padded encoder inputs round differently), what the decoder wrote
+        [row_got], [row_want] = rows_batched[got[i].text], rows_single[want[i].text]
+        encoded = single.tokenizer([text], return_tensors="pt", truncation=True, max_length=single.context_limit)
+        with torch.no_grad():  # the logits each step of the single row chose from, teacher-forced
+            logits = single.model(**encoded, decoder_input_ids=torch.tensor([row_want[:-1]])).logits[0]
+        assert_same_up_to_a_tie(answer(row_got), answer(row_want), logits.__getitem__, end=(eos,))
     replies = dict(batched.stream(texts, chat=False))
     assert replies[0].truncated and replies[0].prompt_tokens == 96 and not replies[1].truncated
     saying_yes = Seq2SeqBackend(_yes_sayer(tiny_bart, tmp_path / "yes"), max_new_tokens=4, dtype="float32")
@@ -367,20 +466,37 @@ def test_bart_score_is_the_mean_log_likelihood_of_the_golden_given_the_answer(ti
 
 # ---------------------------------------------------------------------------------- text metrics
 def test_rouge_and_bleu(tmp_path):
-    pytest.importorskip("rouge_score", reason="optional: pip install rouge-score")
-    pytest.importorskip("sacrebleu", reason="optional: pip install sacrebleu")
-    pairs = [("the poster is happy today", "the poster is sad"), ("no stress here", "no stress here")]
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    # (golden, generated); the answer of pair 1 is one word short, so BLEU's brevity penalty counts too
+    pairs = [("the poster is very happy today", "the poster is very sad"),
+             ("no stress here at all", "no stress here at all")]
+    goldens, generated = [g for g, _ in pairs], [a for _, a in pairs]
     folder = _generated_dir(tmp_path / "answers", {"DR": pairs})
     assert _main("--generated_dir", folder, "--output_dir", tmp_path / "out", "--explanation_metrics", "rouge,bleu") == 0
-    # pair 1: 3 shared unigrams of 4 / 5 -> F 2/3; bigrams 2 of 3 / 4 -> F 4/7; LCS 3 -> 2/3; pair 2: 1
-    assert _results(tmp_path / "out", "DR")["explanations"] == pytest.approx(
-        {"n": 2, "rouge1": 83.33, "rouge2": 78.57, "rougeL": 83.33, "bleu": ev.bleu(*zip(*pairs))})
+    got = _results(tmp_path / "out", "DR")["explanations"]
+    # ROUGE, by hand: pair 1 shares 4 unigrams of 5 / 6 -> F 8/11; 3 bigrams of 4 / 5 -> F 2/3; LCS 4 -> 8/11;
+    # pair 2 is 1 throughout; the mean over pairs, x100
+    assert got == pytest.approx({"n": 2, "rouge1": 86.36, "rouge2": 83.33, "rougeL": 86.36, "bleu": 75.79})
+    # ... and by rouge-score itself, called here
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    scores = [scorer.score(g, a) for g, a in pairs]
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert got[key] == pytest.approx(100 * sum(s[key].fmeasure for s in scores) / 2, abs=0.005)
+    # BLEU, by hand: corpus n-gram precisions 9/10, 7/8, 5/6, 3/4 (the answers' 10 words against 11),
+    # brevity penalty exp(1 - 11/10) -> 75.79 ...
+    by_hand = 100 * (9 / 10 * 7 / 8 * 5 / 6 * 3 / 4) ** 0.25 * math.exp(1 - 11 / 10)
+    assert got["bleu"] == pytest.approx(by_hand, abs=0.005)
+    # ... and by sacrebleu itself (13a tokens, 4-grams, no smoothing: `evaluate`'s "bleu")
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(generated, [goldens], smooth_method="none").score,
+                                        abs=0.005)
     assert ev.bleu(["no stress here at all"], ["no stress here at all"]) == 100.0
     assert ev.bleu(["no stress here at all"], ["completely different words said"]) == 0.0
 
 
 def test_bertscore_with_a_local_model(tmp_path):
-    pytest.importorskip("bert_score", reason="optional: pip install bert-score")
+    import bert_score  # noqa: F401  - in requirements-test.txt: a broken install fails here, never skips
     model = _tiny_bert(tmp_path / "tiny-bert", 2)
     folder = _generated_dir(tmp_path / "answers", {"DR": [("yes the poster", "yes the poster"), ("no stress", "")]})
     assert _main("--generated_dir", folder, "--output_dir", tmp_path / "out", "--explanation_metrics", "bertscore",

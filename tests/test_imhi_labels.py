@@ -6,6 +6,7 @@ import random
 import warnings
 
 import pytest
+import sklearn.metrics
 from conftest import ROOT, shared_data
 
 from mentalarena import imhi
@@ -235,6 +236,49 @@ def test_classifier_ids_follow_label_inference_names():
         assert [labels[imhi.CLASSIFIER_LABELS[name][i]] for i in range(len(names))] == names
 
 
+@pytest.mark.parametrize("name,golden,reference,fixed", [
+    # label_inference.py's gold keywords fit the instruction wording, unlike --rule_calculate's
+    ("CAMS", "This post shows no causes of depression. Reasoning: x", 0, 0),
+    ("CAMS", "none. Reasoning: x", None, 0),                        # completion wording: unread
+    ("SAD", "This post shows the stress cause is emotion turmoil. Reasoning: x", 6, 6),
+    ("SAD", "emotional turmoil. Reasoning: x", None, 6),
+    ("SAD", "This post shows other stress causes. Reasoning: x", 8, 8),
+    ("t-sid", "This post shows no mental disorders. Reasoning: x", 0, 0),
+    ("t-sid", "suicide or self-harm tendency, not depression. Reasoning: x", 2, 1),  # depression checked first
+    ("dreaddit", "No, the poster does not suffer from stress. Reasoning: yes", 0, 0),
+])
+def test_classifier_gold_keywords_follow_label_inference(name, golden, reference, fixed):
+    assert imhi.classifier_gold_label(name, golden, "reference") == reference
+    assert imhi.classifier_gold_label(name, golden, "fixed") == fixed
+
+
+def test_classifier_score_reads_goldens_by_the_rule_set():
+    goldens = ["none. Reasoning: a", "This post shows no causes of depression. Reasoning: b",
+               "jobs and career. Reasoning: c", "medication. Reasoning: d"]
+    with pytest.warns(UserWarning, match=r"CAMS: 1 golden\(s\) match no label_inference.py gold keyword \(rows 1\)"):
+        reference = imhi.classifier_score("CAMS", goldens, [0, 0, 0, 0], "reference")
+    # gold 0, 2, 3 all predicted 0: F1 of 0 is 2*1/(1+3), weighted 0.5/3, macro 0.5/3
+    assert reference == {"accuracy": 33.33, "weighted_f1": 16.67, "micro_f1": 33.33, "macro_f1": 16.67,
+                         "ood": 0, "dropped": 1, "n": 3}
+    # gold 0, 0, 2, 3: F1 of 0 is 2*2/(2+4), weighted 2/3*2/4, macro 2/3/3
+    assert imhi.classifier_score("CAMS", goldens, [0, 0, 0, 0], "fixed") == {
+        "accuracy": 50.0, "weighted_f1": 33.33, "micro_f1": 50.0, "macro_f1": 22.22, "ood": 0, "dropped": 0, "n": 4}
+    with pytest.raises(ValueError, match="4 goldens but 3 predictions"):
+        imhi.classifier_score("CAMS", goldens, [0, 0, 0], "fixed")
+
+
+@pytest.mark.parametrize("folder,name", SHARED_FILES)
+def test_label_inference_gold_keywords_on_the_shared_goldens(folder, name):
+    # on the sets label_inference.py was written for it agrees with the fixed rules everywhere; on the
+    # completion set it cannot read CAMS "none" (107 rows) and SAD "emotional turmoil" (66 rows)
+    goldens = _goldens(folder, name)
+    reference = [imhi.classifier_gold_label(name, g, "reference") for g in goldens]
+    fixed = [imhi.gold_label(name, g, "fixed") for g in goldens]
+    unread = {("test_complete", "CAMS"): 107, ("test_complete", "SAD"): 66}.get((folder, name), 0)
+    assert reference.count(None) == unread
+    assert all(r == f for r, f in zip(reference, fixed) if r is not None)
+
+
 # ---------------------------------------------------------------- metrics
 
 def test_metrics_hand_computed():
@@ -259,7 +303,7 @@ def test_metrics_errors():
 
 
 def test_metrics_agree_with_sklearn():
-    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    # the reference's own expressions (label_inference.py, IMHI.py): default zero_division, x100, 2 decimals
     rng = random.Random(0)
     for _ in range(300):
         n, k = rng.randint(1, 40), rng.randint(1, 9)
@@ -267,12 +311,12 @@ def test_metrics_agree_with_sklearn():
         pred = [rng.randrange(k) if rng.random() < 0.8 else gold[i] for i in range(n)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            expected = {"accuracy": sklearn_metrics.accuracy_score(gold, pred)} | {
-                f"{avg}_f1": sklearn_metrics.f1_score(gold, pred, average=avg)
+            expected = {"accuracy": round(sklearn.metrics.accuracy_score(gold, pred) * 100, 2)} | {
+                f"{avg}_f1": round(sklearn.metrics.f1_score(gold, pred, average=avg) * 100, 2)
                 for avg in ("weighted", "micro", "macro")}
-        ours = imhi.metrics(gold, pred)
-        for key, value in expected.items():
-            assert abs(ours[key] - value * 100) <= 0.005 + 1e-9, (key, gold, pred)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no UndefinedMetricWarning leaks into the results' warnings
+            assert imhi.metrics(gold, pred) == expected, (gold, pred)
 
 
 def test_majority_baseline():
@@ -346,7 +390,7 @@ def test_generated_csv_round_trip(tmp_path):
 
 
 def test_generated_csv_reads_back_in_pandas(tmp_path):
-    pandas = pytest.importorskip("pandas")
+    import pandas  # installed with `datasets` (requirements.txt): a broken install fails here, never skips
     path = tmp_path / "DR.csv"
     imhi.write_generated_csv(path, ["yes."] * len(TRICKY), TRICKY)
     frame = pandas.read_csv(path, keep_default_na=False)  # pandas' default reads "" as NaN

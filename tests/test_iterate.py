@@ -88,7 +88,10 @@ def fake_medqa(args: dict) -> None:
     k = _iteration(Path(args["output_dir"]).parent.parent)
     for name in sets:
         accuracy = 40.0 + 10 * k + {"MedQA": 0, "MedMCQA": 1, "PubMedQA": 2}[name]
-        (out / f"{name}.results.json").write_text(json.dumps({"benchmark": name, "accuracy": accuracy, "n": 4}))
+        # rule R (the reference's scorer); iteration 0 stands for a results file without it
+        reference = {"accuracy_reference": 10.0 + 5 * k + {"MedQA": 0, "MedMCQA": 1, "PubMedQA": 4}[name]} if k else {}
+        (out / f"{name}.results.json").write_text(json.dumps({"benchmark": name, "accuracy": accuracy, "n": 4,
+                                                              **reference}))
 
 
 def fake_imhi(args: dict) -> None:
@@ -155,15 +158,20 @@ def test_steps_run_in_order_and_each_model_feeds_the_next(tmp_path, stages, caps
     assert state["steps"]["1/generate"]["calls"][0]["args"]["output_file"] == "<work_dir>/iter1/records.jsonl"
 
     rows = [line for line in (work / "summary.md").read_text().splitlines() if line.startswith("| ")]
-    assert rows[:5] == ["| iteration | model | epochs | records | train loss | QA acc | IMHI w-F1 |",
-                        "| --- | --- | --- | --- | --- | --- | --- |",
-                        "| 0 | embedded | – | – | – | 41.00 | 20.50 |",
-                        "| 1 | iter1/model/merged | 4 | 2 | 2.5000 | 51.00 | 21.50 |",
-                        "| 2 | iter2/model/merged | 5 | 2 | 2.0000 | 61.00 | 22.50 |"]
-    assert "| 2 | 60.00 | 62.00 | 22.00 | 23.00 |" in rows  # per set: MedQA, PubMedQA, IMHI/CAMS, IMHI/dreaddit
+    assert rows[:5] == ["| iteration | model | epochs | records | train loss | QA acc | QA acc (rule R) | IMHI w-F1 |",
+                        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+                        "| 0 | embedded | – | – | – | 41.00 | – | 20.50 |",
+                        "| 1 | iter1/model/merged | 4 | 2 | 2.5000 | 51.00 | 17.00 | 21.50 |",
+                        "| 2 | iter2/model/merged | 5 | 2 | 2.0000 | 61.00 | 22.00 | 22.50 |"]
+    # per set: each QA set with its rule-R score beside it, then the IMHI sets
+    assert rows[5:7] == ["| iteration | MedQA | MedQA (rule R) | PubMedQA | PubMedQA (rule R) | IMHI/CAMS | IMHI/dreaddit |",
+                         "| --- | --- | --- | --- | --- | --- | --- |"]
+    assert rows[7:] == ["| 0 | 40.00 | – | 42.00 | – | 20.00 | 21.00 |", "| 1 | 50.00 | 15.00 | 52.00 | 19.00 | 21.00 | 22.00 |",
+                        "| 2 | 60.00 | 20.00 | 62.00 | 24.00 | 22.00 | 23.00 |"]
+    assert state["steps"]["2/eval_qa"]["outputs"]["accuracy_reference"] == 22.0
     out = capsys.readouterr().out
     assert "[iterate] iteration 1/2 finetune: llama_finetune.py --method=lora" in out
-    assert "| 2 | iter2/model/merged | 5 | 2 | 2.0000 | 61.00 | 22.50 |" in out
+    assert "| 2 | iter2/model/merged | 5 | 2 | 2.0000 | 61.00 | 22.00 | 22.50 |" in out
 
 
 @pytest.mark.parametrize("args, schedule", [

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import embedded_tokenizer, make_tiny_llama
+from conftest import assert_same_up_to_a_tie, embedded_tokenizer, make_tiny_llama, reply_token_ids
 
 import arena_med
 import llama_finetune
@@ -146,7 +146,7 @@ def test_packing_keeps_examples_whole_and_apart(tokenizer, tiny_base):
 
 
 # ---------------------------------------------------------------------------------- training
-def test_lora_training_lowers_the_loss_and_the_outputs_load_back(tiny_base, records, tmp_path, capsys):
+def test_lora_training_lowers_the_loss_and_the_outputs_load_back(tiny_base, records, tmp_path, capsys, monkeypatch):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
@@ -177,10 +177,22 @@ def test_lora_training_lowers_the_loss_and_the_outputs_load_back(tiny_base, reco
     with torch.no_grad():
         torch.testing.assert_close(merged.model(input_ids=ids).logits, adapted(input_ids=ids).logits,
                                    rtol=1e-4, atol=1e-4)
+    # greedy answers of the adapter (W x + B A x) and of the merged weights ((W + B A) x): the same
+    # tokens, up to a tie that the two roundings may break differently
     conv = [[{"role": "user", "content": "Which illness?"}]]
     from_adapter = HFBackend(str(folder), temperature=0, max_new_tokens=5, device="cpu")
-    assert from_adapter.generate(conv)[0].text == merged.generate(conv)[0].text
-    assert merged.generate(conv)[0].completion_tokens > 0
+    seen_adapter, seen_merged = reply_token_ids(monkeypatch, from_adapter), reply_token_ids(monkeypatch, merged)
+    (ids_adapter,), (ids_merged,) = (seen_adapter[from_adapter.generate(conv)[0].text],
+                                     seen_merged[merged.generate(conv)[0].text])
+    assert len(ids_merged) > 0
+    prompt = merged.encode(conv[0])
+    with torch.no_grad():  # the logits each of the merged model's steps chose from, teacher-forced
+        logits = merged.model(input_ids=torch.tensor([prompt + list(ids_merged)])).logits[0, len(prompt) - 1:]
+
+    def ended(ids):
+        return list(ids) + ([None] if len(ids) < 5 else [])
+
+    assert_same_up_to_a_tie(ended(ids_adapter), ended(ids_merged), logits.__getitem__, end=merged.eos_ids)
 
 
 def test_packed_answer_only_training_runs(tiny_base, records, tmp_path):
@@ -234,6 +246,45 @@ def test_resume_continues_the_step_count(tiny_base, records, tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
+def test_checkpoints_made_with_other_settings_are_refused_and_resume_false_starts_again(
+        tiny_base, records, tmp_path, capsys):
+    """A run killed after its checkpoint at step 2 (no finetune_config.json yet): a re-run with another
+    learning rate must not resume from those weights; one that changes only how the run goes may."""
+    out = tmp_path / "models"
+    args = tiny_args(tiny_base, records, out, "k", "--max_steps", "4", "--save_steps", "2")
+    assert llama_finetune.main(args) == 0
+    folder, checkpoints = out / "k", out / "k" / "checkpoints"
+    (folder / "finetune_config.json").unlink()  # as if killed after the checkpoint at step 2
+    shutil.rmtree(checkpoints / "checkpoint-4")
+    recorded = (checkpoints / "settings.json").read_bytes()
+    kept = sorted(p.name for p in checkpoints.iterdir())
+    capsys.readouterr()
+
+    assert llama_finetune.main(args + ["--lr", "5e-3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {checkpoints} holds checkpoints of other settings; use another --new_name, "
+                   "or --resume false to start again")
+    assert (checkpoints / "settings.json").read_bytes() == recorded  # nothing touched, nothing trained
+    assert sorted(p.name for p in checkpoints.iterdir()) == kept and not (folder / "finetune_config.json").exists()
+
+    # --resume false (the README's and the message's words): the old checkpoints are cleared and the new
+    # settings train from step 0
+    assert llama_finetune.main(args + ["--lr", "5e-3", "--resume", "false"]) == 0
+    assert "resuming from" not in capsys.readouterr().out
+    config = json.loads((folder / "finetune_config.json").read_text())
+    assert config["summary"]["resumed_from"] is None and config["settings"]["lr"] == 5e-3
+    assert [s for s, _ in config["loss_history"]] == [1, 2, 3, 4]
+    assert json.loads((checkpoints / "settings.json").read_text())["settings_hash"] == config["settings_hash"]
+
+    # a flag of how the run goes (--logging_steps, --save_steps) is no other setting: killed again, it resumes
+    (folder / "finetune_config.json").unlink()
+    shutil.rmtree(checkpoints / "checkpoint-4")
+    running = args + ["--lr", "5e-3"]
+    running[running.index("--logging_steps") + 1] = "2"
+    assert llama_finetune.main(running) == 0
+    assert f"resuming from {checkpoints / 'checkpoint-2'}" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_qlora_without_cuda_says_use_lora(tmp_path, records, capsys):
     code = llama_finetune.main(["--new_name", "q", "--data_files", records, "--method", "qlora",
@@ -272,6 +323,10 @@ def test_embedded_model_finetuned_merged_and_used_by_arena_med(tmp_path, records
                                 "--lr", "1e-3", "--warmup_ratio", "0", "--merge"]) == 0
     config = json.loads((out / "smol" / "finetune_config.json").read_text())
     assert config["settings"]["method"] == "lora" and config["base_gguf_file"].endswith(".gguf")
+    # the adapter names the embedded model's folder as its base, not the model cache's dense copy
+    from mentalarena.hf_backend import embedded_model_dir
+    adapter = json.loads((out / "smol" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == embedded_model_dir()
     merged = out / "smol" / "merged"
     # the adapter folder loads too (its GGUF base is found through finetune_config.json), to the same weights
     via_adapter = HFBackend(str(out / "smol"), device="cpu")
@@ -279,7 +334,9 @@ def test_embedded_model_finetuned_merged_and_used_by_arena_med(tmp_path, records
     ids = torch.tensor([via_merged.encode([{"role": "user", "content": "How do you feel today?"}])])
     assert via_adapter.encode([{"role": "user", "content": "Hi"}]) == via_merged.encode([{"role": "user", "content": "Hi"}])
     with torch.no_grad():
-        torch.testing.assert_close(via_adapter.model(input_ids=ids).logits, via_merged.model(input_ids=ids).logits)
+        # W x + B A x against (W + B A) x: equal up to float32 rounding, which grows with the logits' size
+        torch.testing.assert_close(via_adapter.model(input_ids=ids).logits, via_merged.model(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
     del via_adapter, via_merged
 
     arena_out = tmp_path / "arena.jsonl"

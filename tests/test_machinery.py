@@ -84,6 +84,42 @@ def test_bad_jsonl_line_is_named(tmp_path):
         read_jsonl(path, allow_torn_tail=True)
 
 
+# Every character str.splitlines() breaks on besides "\n" and "\r" (json.dumps escapes those two).
+LINE_BREAKS = ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]
+
+
+@pytest.mark.parametrize("char", LINE_BREAKS, ids=[f"U+{ord(c):04X}" for c in LINE_BREAKS])
+def test_unicode_line_breaks_survive_write_read_resume(tmp_path, char):
+    path = tmp_path / "out.jsonl"
+    rows = [{"reply": f"one{char}two", f"k{char}": [char, "x"]}, {"reply": char * 3}]
+    for row in rows:
+        append_jsonl(path, row)
+    assert read_jsonl(path) == rows
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 2  # escaped: naive readers see 2 lines too
+    with open(path, "ab") as f:
+        f.write(f'{{"reply": "cut{char}'.encode())  # killed mid-write
+    assert read_jsonl(path, allow_torn_tail=True) == rows
+    assert repair_torn_tail(path) > 0
+    more = {"reply": f"after resume{char}", "n": 3}
+    append_jsonl(path, more)
+    assert read_jsonl(path) == rows + [more]
+
+
+@pytest.mark.parametrize("char", LINE_BREAKS[:3], ids=[f"U+{ord(c):04X}" for c in LINE_BREAKS[:3]])
+def test_raw_unicode_line_breaks_from_older_files_are_read(tmp_path, char):
+    # files written before the escaping (or by other tools) hold U+2028, U+2029, U+0085 raw (valid
+    # JSON; the ASCII ones are control characters JSON never holds raw)
+    path = tmp_path / "old.jsonl"
+    rows = [{"reply": f"a{char}b"}, {"reply": "c"}]
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+    assert read_jsonl(path) == rows
+    append_jsonl(path, {"reply": char})
+    assert read_jsonl(path) == rows + [{"reply": char}]
+    path.write_text('{"a": 1}\n' + f'{{"a": "{char}"\n')  # a bad line is still named by its number
+    with pytest.raises(InputError, match=r"old.jsonl: line 2: not valid JSON"):
+        read_jsonl(path)
+
+
 def test_prompt_files_render_and_fail_loudly(tmp_path):
     (tmp_path / "greet.txt").write_text("Hello {name}, {{literal}} {mood}\n")
     prompts = Prompts(tmp_path)
@@ -199,7 +235,7 @@ def test_seeded_sampling_follows_the_distribution_and_never_picks_a_zero_probabi
     import torch
 
     from mentalarena.hf_backend import HFBackend
-    fake = SimpleNamespace(temperature=1.0, top_p=1.0, generator=None)
+    fake = SimpleNamespace(temperature=1.0, top_p=1.0, top_k=0, generator=None)
     logits = torch.log(torch.tensor([[0.2, 0.0, 0.8, 0.0]])).repeat(4000, 1)
     generators = [torch.Generator().manual_seed(i) for i in range(4000)]
     picks = HFBackend._sample(fake, logits, generators)
@@ -208,3 +244,16 @@ def test_seeded_sampling_follows_the_distribution_and_never_picks_a_zero_probabi
     assert abs(counts[0] / 4000 - 0.2) < 0.03 and abs(counts[2] / 4000 - 0.8) < 0.03
     again = HFBackend._sample(fake, logits, [torch.Generator().manual_seed(i) for i in range(4000)])
     assert torch.equal(picks, again)  # same seeds, same draws
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--progress", "false"], ["--progress", "False"]),
+    (["--progress=FALSE", "--merge_system", "true"], ["--progress=False", "--merge_system", "True"]),
+    (["--base_model", "false"], ["--base_model", "false"]),      # not a bool flag: left as written
+    (["--progress", "0"], ["--progress", "0"]),
+    (["false"], ["false"]),
+])
+def test_bool_words_for_bool_flags_only(argv, expected):
+    import arena_med
+    from mentalarena.cli import bool_words
+    assert bool_words(arena_med.run, argv) == expected

@@ -109,6 +109,32 @@ def test_other_settings_refuse_to_mix(medqa_file, tmp_path):
         evaluate(StreamingScripted(ANSWERS), medqa_file, tmp_path, max_new_tokens=8)
 
 
+def test_more_questions_or_repeats_top_up_the_same_run(medqa_file, tmp_path):
+    """--limit and --repeats are not in the hash: raising them asks only what is missing."""
+    first = StreamingScripted(ANSWERS)
+    job = ev._job("MedQA", None, str(medqa_file), 2, None)
+    s = ev._settings("scripted-model", "openai", None, None, None, 256, 1, 0, False)
+    small = ev.evaluate(first, job, Prompts(), s, tmp_path, progress=False)
+    assert small["n"] == 2 and len(first.asked) == 2
+    more = StreamingScripted(ANSWERS)
+    result = evaluate(more, medqa_file, tmp_path, repeats=2)
+    assert len(more.asked) == 4 * 2 - 2  # 2 new questions x 2 repeats, plus repeat 1 of the first two
+    assert result["complete"] and result["n"] == 4 and result["repeats"] == 2
+    assert result["settings_hash"] == small["settings_hash"]
+    again = StreamingScripted(ANSWERS)
+    back = evaluate(again, medqa_file, tmp_path, repeats=1)  # fewer repeats: answers on file, nothing asked
+    assert again.asked == [] and back["complete"] and [p["repeat"] for p in back["per_repeat"]] == [0]
+    rows = read_jsonl(tmp_path / "scripted-model" / "MedQA.samples.jsonl")
+    assert len(rows) == len({(r["id"], r["repeat"]) for r in rows}) == 8
+
+
+@pytest.mark.parametrize("change", [{"dtype": "float32"}, {"temperature": 0.7}, {"with_context": True}])
+def test_what_changes_answers_refuses_to_mix(medqa_file, tmp_path, change):
+    evaluate(StreamingScripted(ANSWERS), medqa_file, tmp_path, dtype="bfloat16")
+    with pytest.raises(InputError, match="made with other settings"):
+        evaluate(StreamingScripted(ANSWERS), medqa_file, tmp_path, **{"dtype": "bfloat16", **change})
+
+
 def test_pubmedqa_decisions_through_the_loop(tmp_path):
     rows = [{"QUESTION": f"Q{i}: does it work?", "CONTEXTS": ["Some abstract."], "final_decision": gold, "id": str(i)}
             for i, gold in enumerate(["yes", "no", "maybe", "yes"])]
@@ -161,12 +187,74 @@ def test_suite_accepts_the_readme_tables_form(capsys):
     assert "'appendix'" in err and "('main'" not in err
 
 
+def _suite_data_dir(root):
+    """Every file of both tables in the paper's layout; job j holds 1 + j % 3 questions, each naming its
+    set, with gold A for the first question and B for the others: an always-"A" model scores 100 / n."""
+    files, j = {}, 0
+    for table in ("main", "generalization"):
+        for dataset, subset in ev.TABLES[table]:
+            stem = dataset + (f"-{subset}" if subset else "")
+            n = 1 + j % 3
+            j += 1
+            questions = [f"[{stem}] question {q}?" for q in range(n)]
+            golds = ["A"] + ["B"] * (n - 1)
+            if dataset == "PubMedQA":
+                path = root / "pubmedqa" / "test_samples.jsonl"
+                rows = [{"QUESTION": text, "CONTEXTS": ["An abstract."], "final_decision": "yes" if gold == "A" else "no"}
+                        for text, gold in zip(questions, golds)]
+            elif dataset == "MedMCQA":
+                path = root / "medmcqa" / ("psychosis.jsonl" if subset is None else f"subjects/{subset}.jsonl")
+                rows = [{"question": text, "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": "ABCD".index(gold) + 1,
+                         "subject_name": subset or "Psychiatry"} for text, gold in zip(questions, golds)]
+            else:  # MedQA and MMLU: the paper's files share one schema
+                path = root / ("medqa/psychosis.jsonl" if dataset == "MedQA" else f"mmlu/{subset}_test.jsonl")
+                rows = [{"question": text, "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer_idx": gold}
+                        for text, gold in zip(questions, golds)]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            files[stem] = (table, n)
+    return files
+
+
+def test_suite_runs_both_tables_from_a_data_dir_and_reports_every_set(tmp_path, monkeypatch, capsys):
+    files = _suite_data_dir(tmp_path / "data")
+    assert len(files) == len(ev.MAIN_TABLE) + len(ev.GENERALIZATION_TABLE) == 19  # 3 + 10 MedMCQA + 6 MMLU
+    backend = StreamingScripted([("[PubMedQA]", "Yes.")], default="A")
+    built = []
+    monkeypatch.setattr(ev, "_backend", lambda *a: built.append(a) or backend)  # one model for the whole suite
+    out = tmp_path / "out"
+    # the README's form: fire hands "main,generalization" over as a tuple
+    assert ev.main(["suite", "--model", "scripted-model", "--backend", "openai", "--tables", "main,generalization",
+                    "--data_dir", str(tmp_path / "data"), "--repeats", "1", "--output_dir", str(out),
+                    "--progress", "False"]) == 0
+    assert len(built) == 1
+    # every question of every set of both tables was asked once, and nothing else
+    asked = sorted(c[-1]["content"].split("\n")[0] for c in backend.seen)  # the question opens the prompt
+    assert asked == sorted(f"[{stem}] question {q}?" for stem, (_, n) in files.items() for q in range(n))
+    for stem, (table, n) in files.items():
+        result = json.loads((out / "scripted-model" / f"{stem}.results.json").read_text())
+        assert (result["benchmark"], result["n"], result["complete"]) == (stem, n, True), (table, stem)
+        assert result["accuracy"] == round(100 / n, 2), (table, stem)
+        assert result["source"] == str((tmp_path / "data").resolve() / ev.LOCAL_FILES[
+            (result["dataset"], None if table == "main" else "*")][0].format(s=result["subset"])), (table, stem)
+    # the report: one column per set of both tables, in both scorers' tables
+    report = (out / "report.md").read_text()
+    assert report in capsys.readouterr().out
+    header = next(line for line in report.splitlines() if line.startswith("| model |"))
+    columns = header.strip("| ").split(" | ")[1:]
+    assert columns[:3] == ["MedQA", "MedMCQA", "PubMedQA"] and sorted(columns) == sorted(files)
+    assert report.count(header) == 2  # robust and reference scorers
+    row = next(line for line in report.splitlines() if line.startswith("| scripted-model |"))
+    cells = dict(zip(columns, row.strip("| ").split(" | ")[1:]))
+    assert cells == {stem: f"{100 / n:.2f} ± 0.00 (1 run)" for stem, (_, n) in files.items()}
+
+
 def test_row_without_gold_names_file_row_and_field(tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(QUESTIONS[0]) + "\n" + json.dumps({**QUESTIONS[1], "answer_idx": ""}) + "\n")
     assert ev.main(["--dataset", "MedQA", "--data_file", str(path)]) == 2
     err = capsys.readouterr().err
-    assert str(path) in err and "2" in err and "answer_idx" in err
+    assert f"{path}: row 2: field 'answer_idx' must be a non-empty string" in err
 
 
 def test_suite_finds_the_paper_files_in_a_data_dir():
@@ -177,6 +265,36 @@ def test_suite_finds_the_paper_files_in_a_data_dir():
     assert ev._local_file(str(data), "MMLU", "college_biology") is None  # -> the hub
     with pytest.raises(InputError, match="not on the hub"):
         ev._local_file(str(data / "mmlu"), "MedQA", None)
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(QUESTIONS[0]) + "\n")
+    return path
+
+
+def test_suite_data_dir_names_match_regardless_of_case(tmp_path, capsys):
+    # the MentalArena repository's data/ folder: MedQA/, MedMCQA/illnesses/, MMLU/test/, PubMedQA/
+    paper = tmp_path / "data"
+    files = {("MedQA", None): _touch(paper / "MedQA" / "psychosis.jsonl"),
+             ("MedMCQA", None): _touch(paper / "MedMCQA" / "Psychosis.JSONL"),
+             ("MedMCQA", "Anatomy"): _touch(paper / "MedMCQA" / "illnesses" / "ANATOMY.jsonl"),
+             ("PubMedQA", None): _touch(paper / "PubMedQA" / "test_samples.jsonl"),
+             ("MMLU", "college_medicine"): _touch(paper / "MMLU" / "test" / "college_medicine_test.jsonl")}
+    for (dataset, subset), path in files.items():
+        assert ev._local_file(str(paper), dataset, subset) == str(path)
+    assert ev._local_file(str(paper), "MMLU", "college_biology") is None  # -> the hub
+    (paper / "MedQA" / "psychosis.jsonl").unlink()
+    with pytest.raises(InputError, match="no medqa/psychosis.jsonl"):
+        ev._local_file(str(paper), "MedQA", None)
+    if (tmp_path / "DATA").exists():
+        pytest.skip("case-insensitive file system: two names differing only by case cannot exist")
+    _touch(paper / "medqa" / "psychosis.jsonl")
+    _touch(paper / "MEDQA" / "psychosis.jsonl")
+    assert ev.main(["suite", "--tables", "main", "--data_dir", str(paper)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {paper / 'MEDQA'} and {paper / 'MedQA'} and {paper / 'medqa'} differ only by case; "
+                   "keep one of them"]
 
 
 def test_model_tags_are_safe_folder_names():

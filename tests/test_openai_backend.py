@@ -14,7 +14,14 @@ from mentalarena.errors import EndpointError, ModelCallError
 from mentalarena.openai_backend import OpenAIBackend, parse_retry_after
 
 SECRET = "sk-test-SECRET-123"
-TIMEOUT = 0.5  # the fake server stalls for longer than this
+# Client timeouts. A request to the local fake server is answered in milliseconds, but a busy 2-core
+# runner can hold one back for a second or more: a timeout that short would add retries that no fault
+# caused and break the exact retry accounting below. So clients wait 30 s, except where a stall is the
+# fault under test: there they give up after STALL_TIMEOUT, and the server holds a stalled request
+# STALL_SECONDS (longer still), so a stall always times out and an answered request never does.
+TIMEOUT = 30.0
+STALL_TIMEOUT = 2.0
+STALL_SECONDS = STALL_TIMEOUT + 3.0
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +32,7 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def server() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI(stall_seconds=2 * TIMEOUT) as fake:
+    with FakeOpenAI(stall_seconds=STALL_SECONDS) as fake:
         yield fake
 
 
@@ -91,19 +98,21 @@ def test_parallel_generate_keeps_order(server, make_backend):
                                   "empty_choices", "null_content", "drop"])
 def test_each_fault_is_retried_then_succeeds(server, make_backend, kind, caplog):
     server.faults.push(kind)
-    backend = make_backend()
+    backend = make_backend(timeout=STALL_TIMEOUT if kind == "stall" else TIMEOUT)
     with caplog.at_level(logging.WARNING, logger="mentalarena.openai"):
         [reply] = backend.generate([conversation(3)])
     assert reply.text == "ECHO: question number 3"
     assert len(server.requests) == 2
     assert backend.counters["retries"] == 1 and backend.counters["requests"] == 2
     assert "retry 1/5" in caplog.text
+    if kind == "stall":
+        assert "timed out" in caplog.text  # the client gave up on the stalled request, the server did not answer it
 
 
 def test_random_fault_storm_completes_in_order(make_backend):
     faults = Faults(rate=0.4, seed=1234)
-    with FakeOpenAI(faults=faults, stall_seconds=2 * TIMEOUT) as storm:
-        backend = make_backend(api_base=storm.base_url, max_retries=15)
+    with FakeOpenAI(faults=faults, stall_seconds=STALL_SECONDS) as storm:
+        backend = make_backend(api_base=storm.base_url, max_retries=15, timeout=STALL_TIMEOUT)
         convs = [conversation(i) for i in range(50)]
         replies = backend.generate(convs)
     assert [r.text for r in replies] == [expected_text(c) for c in convs]
@@ -134,6 +143,7 @@ def test_parse_retry_after_forms():
 
 
 def test_exhausted_retries_raise_without_leaking_the_key(server, make_backend, caplog):
+    server.echo_key = True  # each 500 quotes the Authorization header back, as some servers do
     server.faults.push(*["500"] * 4)
     backend = make_backend(max_retries=3)
     with caplog.at_level(logging.DEBUG), pytest.raises(ModelCallError) as raised:
@@ -144,17 +154,26 @@ def test_exhausted_retries_raise_without_leaking_the_key(server, make_backend, c
     assert len(server.requests) == 4 and backend.counters["failures"] == 1
     assert caplog.text.count("retry ") == 3
     assert server.auth_headers[0] == f"Bearer {SECRET}"  # sent to the server, and nowhere else:
+    assert server.echoed == 4  # every error body quoted the key back: a leak was on offer 4 times
     assert SECRET not in message and SECRET not in caplog.text and SECRET not in repr(backend)
 
 
 @pytest.mark.parametrize("status", ["400", "401", "403", "404"])
 def test_client_errors_are_not_retried(server, make_backend, status, caplog):
+    server.echo_key = True  # the error body quotes the Authorization header back, as some servers do
     server.faults.push(status)
     with caplog.at_level(logging.DEBUG), pytest.raises(ModelCallError) as raised:
         make_backend().generate([conversation(1)])
     assert f"HTTP {status}" in str(raised.value) and "not retried" in str(raised.value)
     assert len(server.requests) == 1
-    assert SECRET not in str(raised.value) and SECRET not in caplog.text
+    assert server.echoed == 1 and SECRET in str(_server_error(raised.value))  # the key was on offer...
+    assert SECRET not in str(raised.value) and SECRET not in caplog.text  # ... and not taken
+
+
+def _server_error(err: BaseException) -> object:
+    """The body of the HTTP error under a ModelCallError (what the server sent), or None."""
+    cause = err.__cause__
+    return getattr(cause, "body", None)
 
 
 def test_missing_key_without_api_base_is_a_clear_error(monkeypatch):

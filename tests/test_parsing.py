@@ -79,6 +79,15 @@ CLEAN = ex("CBT", "Targets negative thoughts.", "Sertraline", "An SSRI that lift
 
 # (judge output, parse_extraction, parse_extraction_reference)
 EXTRACTION_CASES = [
+    # the reference's own block has "Explanation" without a colon; judges copy it both ways
+    pytest.param(
+        "Treatment: CBT\nExplanation\nTargets negative thoughts.\nMedicine: Sertraline\nExplanation\n"
+        "An SSRI that lifts mood.",
+        CLEAN, ex("CBT", "", "Sertraline", ""), id="bare-explanation-next-line"),
+    pytest.param(
+        "Treatment: CBT\nExplanation Targets negative thoughts.\nMedicine: Sertraline\n"
+        "Explanation An SSRI that lifts mood.",
+        CLEAN, ex("CBT", "", "Sertraline", ""), id="bare-explanation-same-line"),
     pytest.param(
         "Treatment: CBT\nExplanation: Targets negative thoughts.\nMedicine: Sertraline\n"
         "Explanation: An SSRI that lifts mood.",

@@ -319,6 +319,15 @@ def test_bad_json_line_and_empty_file(tmp_path):
         qa.load_items("MedQA", data_file=path)
 
 
+def test_jsonl_rows_end_at_newline_only(tmp_path):
+    # U+2028, U+2029, U+0085 are valid raw inside JSON strings; str.splitlines() would cut there
+    rows = [dict(MEDQA_ROW, question=f"Q{char}two") for char in ("\u2028", "\u2029", "\u0085")]
+    path = tmp_path / "raw.jsonl"
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows).encode("utf-8"))
+    items = qa.load_items("MedQA", data_file=path)
+    assert [i.question for i in items] == [r["question"] for r in rows]
+
+
 def test_json_list_and_csv_files(tmp_path):
     listed = tmp_path / "set.json"
     listed.write_text(json.dumps([MEDQA_ROW, dict(MEDQA_ROW, answer_idx="D", answer="d")]), encoding="utf-8")
@@ -331,8 +340,8 @@ def test_json_list_and_csv_files(tmp_path):
 
 
 def test_parquet_file(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow (installed with datasets) is absent")
-    import pyarrow
+    import pyarrow  # installed with `datasets` (requirements.txt): a broken install fails here, never skips
+    import pyarrow.parquet as pq
     path = tmp_path / "set.parquet"
     pq.write_table(pyarrow.Table.from_pylist([dict(r, cop=r["cop"] - 1) for r in MEDMCQA_ROWS]), path)
     assert [i.gold for i in qa.load_items("MedMCQA", data_file=path, cop_base=0)] == ["A", "D", "C"]

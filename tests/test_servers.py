@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import time
@@ -215,19 +216,21 @@ def test_a_refused_key_fails_in_seconds_without_printing_it(tmp_path, capsys, mo
 
 def test_an_unknown_model_fails_in_seconds_listing_what_is_served(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    with FakeOpenAI(strict_model=True) as server:  # as vLLM: only its served name
+    # as vLLM: only its served name; its 404 quotes the Authorization header back (_fails_fast: not printed)
+    with FakeOpenAI(strict_model=True, echo_key=True) as server:
         line = _fails_fast(arena_med.main, _arena_argv(server.base_url, tmp_path / "o.jsonl", "llama-3-8b"), capsys,
                            server.base_url, "no model 'llama-3-8b'", "'fake-model'")
-        assert len(server.requests) == 1  # the one-token probe
+        assert len(server.requests) == 1 and server.echoed == 1  # the one-token probe, refused with the key quoted
     assert "OPENAI" not in line
 
 
 def test_an_address_without_the_api_path_is_named_as_such(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    with FakeOpenAI() as server:
+    with FakeOpenAI(echo_key=True) as server:  # its 404s quote the Authorization header back
         root = server.base_url.removesuffix("/v1")  # a common slip: the server, not its /v1 API
         _fails_fast(arena_med.main, _arena_argv(root, tmp_path / "o.jsonl"), capsys, root,
                     "no OpenAI-compatible API there", "ends in /v1")
+        assert server.echoed == 2  # GET /models and the probe's POST, both 404 with the key quoted
 
 
 def test_a_key_that_may_not_list_models_passes_by_the_probe(monkeypatch):
@@ -270,14 +273,13 @@ def test_requests_spread_over_endpoints_fewest_outstanding_first(monkeypatch):
     assert sorted(r["seed"] for r in a.requests + b.requests) == list(range(40))  # one seed per request, any server
 
 
-def test_an_endpoint_that_keeps_failing_leaves_the_rotation_and_loses_nothing(monkeypatch):
+def test_an_endpoint_that_keeps_failing_leaves_the_rotation_and_loses_nothing(monkeypatch, caplog):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     with FakeOpenAI() as a, FakeOpenAI(faults=Faults(rate=1.0, kinds=("drop",))) as b:
         backend = OpenAIBackend("fake-model", api_base=f"{a.base_url},{b.base_url}", max_parallel=4,
                                 backoff_base=2.0, remove_after=3, cooldown=60)
-        start = time.monotonic()
-        replies = backend.generate([conversation(i) for i in range(30)])
-        elapsed = time.monotonic() - start
+        with caplog.at_level(logging.WARNING, logger="mentalarena.openai"):
+            replies = backend.generate([conversation(i) for i in range(30)])
         stats = backend.stats()
         backend.close()
     assert [r.text for r in replies] == [f"ECHO: question number {i}" for i in range(30)]
@@ -285,7 +287,10 @@ def test_an_endpoint_that_keeps_failing_leaves_the_rotation_and_loses_nothing(mo
     dead = stats["endpoints"][b.base_url]
     assert dead["ok"] == 0 and dead["errors"] == len(b.requests) >= 3 and dead["removed"] == 1
     assert not dead["in_rotation"] and stats["endpoints"][a.base_url]["ok"] == 30
-    assert elapsed < 3, "a failed request waited instead of going to the other endpoint at once"
+    # every failed request went to the other endpoint at once: one retry per drop, none of them a backoff wait
+    retries = [r.getMessage() for r in caplog.records if "; retry " in r.getMessage()]
+    assert len(retries) == stats["http_retries"] == dead["errors"]
+    assert all(m.endswith("on another endpoint") for m in retries), retries
 
 
 def test_every_endpoint_failing_still_backs_off_and_names_the_last_one(monkeypatch):
@@ -431,3 +436,52 @@ def test_arena_progress_advances_before_any_session_ends(tmp_path, monkeypatch):
                         "--max_tries", "1"])
     moved_early = [n for n, done in seen if done == 0]
     assert len(moved_early) >= 10 and moved_early == sorted(moved_early)
+
+
+@pytest.mark.parametrize("model, window", [
+    ("gpt-3.5-turbo", 16385), ("gpt-3.5-turbo-0125", 16385), ("gpt-3.5-turbo-0613", 4096),
+    ("ft:gpt-3.5-turbo-0125:my-org::9abc", 16385), ("gpt-4", 8192), ("gpt-4-0613", 8192),
+    ("gpt-4-turbo-2024-04-09", 128000), ("gpt-4o-mini", 128000), ("gpt-4-32k", 32768),
+    ("llama-3.1-8b-instruct", None), ("my-gpt-4", None),
+])
+def test_known_windows_of_openai_models(model, window):
+    from mentalarena.openai_backend import known_window
+    assert known_window(model) == window
+
+
+def test_an_openai_model_gets_its_known_window_and_long_conversations_are_cut(monkeypatch):
+    """A server that publishes no window: the model's known one (gpt-3.5-turbo: 16385) applies, and a
+    conversation longer than it is cut before it is sent (no 400, no lost session)."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    long = [{"role": "system", "content": "persona"}, {"role": "user", "content": "hello"}]
+    for i in range(40):  # 40 messages of 2,000 characters: about 20,000 tokens by the 4-characters rule
+        long.append({"role": "assistant" if i % 2 else "user", "content": "x" * 2000})
+    long.append({"role": "user", "content": "last question"})
+    with FakeOpenAI(model="gpt-3.5-turbo", window=16385, window_style="openai") as server:
+        backend = OpenAIBackend("gpt-3.5-turbo", api_base=server.base_url, max_new_tokens=256)
+        notes = backend.check()
+        assert backend.context_limit == 16385 and any("published window" in n for n in notes)
+        client = ModelClient(backend, Gate(), 256)
+        reply = asyncio.run(client.chat(long, seed=1))
+        client.close()
+        sent = server.requests[-1]["messages"]
+    assert reply.truncated and client.stats.truncated_calls == 1 and client.stats.overflow_refits == 0
+    assert sum(len(m["content"]) for m in sent) // 4 + 4 * len(sent) <= 16385 - 256
+    assert sent[:2] == long[:2] and sent[-1] == long[-1]
+
+
+def test_openai_context_length_exceeded_is_cut_and_sent_again(monkeypatch):
+    """OpenAI's 400 gives its numbers only in the message; they are read and the call is cut to fit."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    history = [{"role": "system", "content": "persona " * 5}, {"role": "user", "content": "hello"}]
+    for i in range(12):
+        history.append({"role": "assistant" if i % 2 else "user", "content": "a " * 10})
+    history.append({"role": "user", "content": "last question"})
+    with FakeOpenAI(window=60, window_style="openai") as server:
+        client = ModelClient(OpenAIBackend("fake-model", api_base=server.base_url, max_new_tokens=8), Gate(), 8)
+        reply = asyncio.run(client.chat(history, seed=1))
+        sent = [sum(len(m["content"].split()) for m in r["messages"]) for r in server.requests]
+        client.close()
+    assert sent[0] > 60 >= sent[-1] and len(sent) == 2
+    assert client.window == 60  # the window read from OpenAI's message
+    assert reply.truncated and client.stats.overflow_refits == 1 and client.stats.truncated_calls == 1

@@ -249,3 +249,48 @@ def test_blank_judge_feedback_is_no_feedback(judge_reply, rounds, feedback):
     steps = [t["step"] for t in record["transcript"]]
     assert ("decode.1.doctor" in steps) == (rounds > 0)
     assert sum(s.endswith(".feedback") for s in steps) == rounds + 1
+
+
+def _round(n, sims, feedback):
+    return {"round": n, "similarities": sims, "below_threshold": [k for k, v in sims.items() if v < 0.3],
+            "feedback": feedback}
+
+
+def test_decoder_stats_exactly_on_hand_made_sessions():
+    a = [_round(0, {"x": 0.1, "y": 0.5}, "ask"), _round(1, {"x": 0.2, "y": 0.6}, "ask"),
+         _round(2, {"x": 0.35, "y": 0.7}, "ask")]                         # at the cap (2), feedback pending
+    b = [_round(0, {"x": 0.4, "y": 0.9}, "")]                              # passed at once
+    c = [_round(0, {"x": 0.2, "y": 0.3}, "ask"), _round(1, {"x": 0.5, "y": 0.5}, "")]
+    d = [_round(0, {"x": 0.0, "y": 0.0}, "ask"), _round(1, {"x": 0.1, "y": 0.1}, "ask"),
+         _round(2, {"x": 0.9, "y": 0.9}, "")]                               # used the cap but ended passing
+    stats = am.decoder_stats([a, b, c, d], cap=2, threshold=0.3)
+    assert stats["feedback_rounds"] == {"0": 1, "1": 1, "2": 2}
+    assert stats["mean_feedback_rounds"] == 1.25
+    assert stats["stopped_at_cap"] == 1 and stats["stopped_at_cap_share"] == 0.25
+    assert stats["all_items_passed_first_round"] == 1
+    x = stats["similarity"]["x"]
+    assert x["first_round"]["n"] == 4 and x["first_round"]["mean"] == pytest.approx((0.1 + 0.4 + 0.2 + 0.0) / 4)
+    assert x["first_round"]["p50"] == pytest.approx(0.15)
+    assert x["all_rounds"]["n"] == 9
+    assert x["pass_share_first_round"] == 0.25                             # only b's 0.4
+    assert stats["similarity"]["y"]["pass_share_first_round"] == 0.75      # 0.5, 0.9, 0.3 (>= 0.3)
+    line = am.describe_decoder(stats)
+    assert "{0: 1, 1: 1, 2: 2}" in line and "1 of 4 stopped at the cap of 2" in line
+    assert am.decoder_stats([], cap=5, threshold=0.3)["sessions"] == 0
+
+
+def test_run_summary_counts_feedback_rounds_from_the_records(tmp_path):
+    """Through the real session loop: the summary's counts agree with the records written."""
+    import json
+    patients = load_patients(DEFAULT_PATIENTS_FILE)[:3]
+    backend = CountingBackend([9] * 20)
+    arena = make_arena(backend, max_decode_rounds=2, max_tries=1)
+    out, errors = tmp_path / "o.jsonl", tmp_path / "e.jsonl"
+    arena.base.gate.active = 0
+    counts = asyncio.run(am.run_all(arena, [(p, 0) for p in patients], out, errors, 2))
+    summary = am._summary(counts, 0, arena, 1.0, out, errors)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["decoder"]["sessions"] == len(rows) == 3
+    # FixedEncoder scores 0.1: every round asks for feedback, so every session stops at the cap
+    assert summary["decoder"]["feedback_rounds"] == {"0": 0, "1": 0, "2": 3}
+    assert summary["decoder"]["stopped_at_cap"] == sum(r["feedback_rounds"] == 2 for r in rows) == 3
