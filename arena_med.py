@@ -175,8 +175,11 @@ async def run_session(patient: dict, sample: int, ctx: "Arena") -> dict:
 
     # 11. Extraction of the four fields by the judge.
     candidates = treatment["best"] + "\n" + medicine["best"]
-    extraction_reply = await s.fresh("extraction", "judge", "judge", "extraction",
-                                     s.render("extraction", candidates=candidates))
+    # robust: labels with colons, read by the label-aware parser; reference: the reference's block
+    # ("Explanation" without a colon) and its fixed-offset slicing, which misses a copied bare label
+    template = "extraction" if cfg.extraction_parser == "robust" else "extraction_reference"
+    extraction_reply = await s.fresh("extraction", "judge", "judge", template,
+                                     s.render(template, candidates=candidates))
     parse = parse_extraction if cfg.extraction_parser == "robust" else parse_extraction_reference
     fields = parse(extraction_reply)
 
@@ -377,14 +380,16 @@ PROMPT_NAMES = [
     "decode_principles", "judge_cognitive_feedback", "judge_principle_feedback", "diagnosis_system",
     "diagnosis_first", "diagnosis_second", "patient_review", "treatment_system",
     "treatment_first", "treatment_next", "medicine_first", "medicine_next", "patient_after_treatment",
-    "patient_after_medicine", "judge_health_score", "extraction", "symptom", "decoder_truth_situation",
+    "patient_after_medicine", "judge_health_score", "symptom", "decoder_truth_situation",
     "roles_opening",
 ]
 
 
-def prompt_names(illness_prompt: str) -> list[str]:
-    """The templates a run reads (and hashes): the common ones and the chosen final-illness question."""
-    return PROMPT_NAMES + ["final_illness" if illness_prompt == "name" else "final_illness_reference"]
+def prompt_names(illness_prompt: str, extraction_parser: str = "robust") -> list[str]:
+    """The templates a run reads (and hashes): the common ones, the chosen final-illness question
+    and the extraction block that goes with the chosen parser."""
+    return PROMPT_NAMES + ["final_illness" if illness_prompt == "name" else "final_illness_reference",
+                           "extraction" if extraction_parser == "robust" else "extraction_reference"]
 
 
 def run(
@@ -415,7 +420,7 @@ def run(
     target_score: int = 9,
     feedback_mode: str = "steer",      # steer: decoder feedback reaches the doctor; reference: dropped
     history_mode: str = "reference",   # reference: the reference's shared message list; roles: role-separated
-    extraction_parser: str = "robust",  # robust | reference (the reference's fixed-offset slicing)
+    extraction_parser: str = "robust",  # robust | reference (the reference's block and fixed-offset slicing)
     illness_prompt: str = "name",      # name: the illness name only; reference: "which diagnosis is more accurate"
     top_p: float | None = None,        # None: the checkpoint's generation config (as the reference's pipeline)
     top_k: int | None = None,          #   or the server's default; 0 turns top-k off
@@ -441,7 +446,7 @@ def run(
     patients = all_patients[:limit]
     groups = load_principles(principles_file or DEFAULT_PRINCIPLES_FILE)
     prompts = Prompts(prompt_dir)
-    names = prompt_names(illness_prompt)
+    names = prompt_names(illness_prompt, extraction_parser)
     prompts.check(names)
     base_route = route(base_model, backend, api_base)
     judge = judge_route(base_route, judge_model, judge_backend, judge_api_base)

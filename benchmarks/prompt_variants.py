@@ -5,8 +5,9 @@ candidates) and asks the same model again, only the step in question, in each wo
 
 - final illness (step 9): `prompts/final_illness.txt` (the illness name only, the default) against
   `prompts/final_illness_reference.txt` (the reference's question: which diagnosis is more accurate);
-- extraction (step 11): `prompts/extraction.txt` (the reference's block, `Explanation` without a
-  colon, the default) against the same block with `Explanation:`; each reply parsed by both parsers.
+- extraction (step 11): `prompts/extraction.txt` (labels with colons, the default) against
+  `prompts/extraction_reference.txt` (the reference's block: `Explanation` without a colon); each
+  reply parsed by both parsers.
 
 It prints, per wording, the share of illnesses that talk about the diagnoses instead of naming one
 (they mention a doctor, "diagnosis 1/2", "first/second diagnosis" or "more accurate"), the share
@@ -63,9 +64,6 @@ def main(records_file: str, base_model: str | None = None, backend: str = "auto"
     if not records:
         sys.exit(f"error: {records_file}: no records with patient_review and treatment_search (arena_med.py output)")
     prompts = Prompts()
-    colon = prompts.template("extraction").replace("\nExplanation\n", "\nExplanation: \n")
-    if colon.count("Explanation: ") != 2:
-        sys.exit("error: prompts/extraction.txt no longer has two bare `Explanation` lines to compare against")
     chat = checked(make_backend(base_model, backend, api_base, temperature=temperature, max_new_tokens=max_new_tokens,
                                 seed=seed, dtype=dtype, prefix_cache_gb=0), "variants")
     jobs = []  # (variant, text)
@@ -75,8 +73,8 @@ def main(records_file: str, base_model: str | None = None, backend: str = "auto"
             key = (seed, r["patient_id"], r["sample"], k)
             jobs += [("illness/name", prompts.render("final_illness", review=r["patient_review"]), key),
                      ("illness/reference", prompts.render("final_illness_reference", review=r["patient_review"]), key),
-                     ("extraction/no colon (default)", prompts.render("extraction", candidates=cands), key),
-                     ("extraction/colon", colon.format(candidates=cands), key)]
+                     ("extraction/colons (default)", prompts.render("extraction", candidates=cands), key),
+                     ("extraction/reference", prompts.render("extraction_reference", candidates=cands), key)]
     convs = [[{"role": "user", "content": text}] for _, text, _ in jobs]
     seeds = [request_seed(*key, variant) for variant, _, key in jobs]
     replies = [reply.text for reply in chat.generate(convs, seeds)]

@@ -294,3 +294,27 @@ def test_run_summary_counts_feedback_rounds_from_the_records(tmp_path):
     # FixedEncoder scores 0.1: every round asks for feedback, so every session stops at the cap
     assert summary["decoder"]["feedback_rounds"] == {"0": 0, "1": 0, "2": 3}
     assert summary["decoder"]["stopped_at_cap"] == sum(r["feedback_rounds"] == 2 for r in rows) == 3
+
+
+@pytest.mark.parametrize(("parser", "illness_prompt", "extraction_template", "illness_template"), [
+    ("robust", "name", "extraction", "final_illness"),
+    ("reference", "reference", "extraction_reference", "final_illness_reference"),
+])
+def test_prompt_variants_go_with_their_flags(parser, illness_prompt, extraction_template, illness_template):
+    """--extraction_parser reference sends the reference's block (bare "Explanation") and slices it as
+    the reference did; --illness_prompt reference asks the reference's question."""
+    patient = load_patients(DEFAULT_PATIENTS_FILE)[0]
+    reply = "Treatment: CBT\nExplanation: it helps\nMedicine: sertraline\nExplanation an SSRI"
+    backend = ScriptedBackend(rules=[("extract the treatment", reply), ("Rate this health state", "9")],
+                              default="text")
+    record = run_one(make_arena(backend, max_decode_rounds=0, max_tries=1, extraction_parser=parser,
+                                illness_prompt=illness_prompt), patient)
+    steps = {t["step"]: t for t in record["transcript"]}
+    assert steps["extraction"]["template"] == extraction_template
+    assert steps["diagnosis.final"]["template"] == illness_template
+    sent = steps["extraction"]["prompt"]
+    assert ("\nExplanation\n" in sent) == (parser == "reference")
+    assert steps["diagnosis.final"]["prompt"].startswith(P.template(illness_template).split("{")[0])
+    # the bare "Explanation an SSRI" is read by the robust parser only
+    assert record["explain_m"] == ("an SSRI" if parser == "robust" else "")
+    assert record["explain_t"] == "it helps"
