@@ -62,8 +62,8 @@ _MAX_RETRY_AFTER_S = 600.0
 _SAFE_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # vLLM states a context overflow only in its message: "maximum context length is 4096 tokens ...
 # (4900 in the messages, ...)" or "... your request has 4900 input tokens". Only the numbers are read.
-_VLLM_WINDOW = re.compile(r"maximum context length is (\d+)")
-_VLLM_PROMPT = re.compile(r"(\d+) (?:in the messages|input tokens)|messages resulted in (\d+) tokens")
+_WINDOW_SAID = re.compile(r"maximum context length is (\d+)")
+_PROMPT_SAID = re.compile(r"(\d+) (?:in the messages|input tokens)|messages resulted in (\d+) tokens")
 
 
 class _MalformedResponse(Exception):
@@ -382,18 +382,12 @@ def _context_overflow(err: Exception) -> tuple[int | None, int | None] | None:
     body = err.body if isinstance(err.body, dict) else {}
     if body.get("type") == "exceed_context_size_error":  # llama.cpp
         return _int(body.get("n_prompt_tokens")), _int(body.get("n_ctx"))
+    # vLLM and OpenAI give their numbers only in the message; OpenAI also names the error's code
     message = str(body.get("message") or "")
-    window = _VLLM_WINDOW.search(message)
-    prompt = _VLLM_PROMPT.search(message)
-    if err.code == "context_length_exceeded":  # OpenAI: "... is 16385 tokens. However, your messages resulted in 17000 tokens"
-        return (_first_group(prompt)), (int(window.group(1)) if window else None)
-    if window:
-        return _first_group(prompt), int(window.group(1))
-    return None
-
-
-def _first_group(match) -> int | None:
-    return int(next(g for g in match.groups() if g)) if match else None
+    window, prompt = _WINDOW_SAID.search(message), _PROMPT_SAID.search(message)
+    if not window and err.code != "context_length_exceeded":
+        return None
+    return (int(next(g for g in prompt.groups() if g)) if prompt else None), (int(window.group(1)) if window else None)
 
 
 def _int(value) -> int | None:

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 from .data import read_text
 from .errors import InputError
+from .jsonl import dumps_line
 from .prompts import Prompts
 
 RECORD_FIELDS = ("symptom", "illness", "treatment", "explain_t", "medicine", "explain_m")
@@ -220,9 +221,7 @@ def write_rows(path: str | Path, rows: list[dict]) -> None:
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for row in rows:
-                # U+2028/2029 are legal raw in JSON but split lines for some JSONL readers
-                f.write(json.dumps(row, ensure_ascii=False).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
-                        + "\n")
+                f.write(dumps_line(row) + "\n")  # U+2028/2029/0085 escaped: no reader splits a row
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

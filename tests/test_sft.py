@@ -170,3 +170,16 @@ def test_write_rows_replaces_the_file(tmp_path):
     assert out.read_text(encoding="utf-8") == '{"text": "c\\u2028d"}\n'
     assert json.loads(out.read_text(encoding="utf-8")) == {"text": "c\u2028d"}
     assert sorted(p.name for p in out.parent.iterdir()) == ["ft.jsonl"]
+
+
+def test_written_rows_keep_one_line_each_whatever_the_text(tmp_path):
+    """U+2028, U+2029 and U+0085 split lines for str.splitlines() and some JSONL readers: escaped."""
+    import json
+
+    from mentalarena.sft import write_rows
+    rows = [{"text": f"before{c}after"} for c in ("\u2028", "\u2029", "\u0085")]
+    path = tmp_path / "rows.jsonl"
+    write_rows(path, rows)
+    text = path.read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 3
+    assert [json.loads(line) for line in text.splitlines()] == rows
