@@ -74,19 +74,24 @@ def check_record(record: dict) -> None:
             raise InputError(f'field "{name}" is {type(record[name]).__name__}, not text')
 
 
+def render_question(prompts: Prompts, kind: str, symptom: str, reference_glue: bool = False) -> str:
+    """The question of one kind (diagnosis / treatment / medication) about `symptom`: the one
+    wording that SFT pairs and preference pairs share."""
+    text = prompts.render(QUESTION_PROMPTS[kind], symptom=symptom)
+    if reference_glue and kind == "treatment" and text.startswith(symptom + "\n"):
+        text = symptom + text[len(symptom) + 1:]
+    return text
+
+
 def record_pairs(record: dict, prompts: Prompts | None = None, reference_glue: bool = False) -> list[SFTPair]:
     """The two or three pairs of one record. `reference_glue` drops the newline between the symptom
     and the treatment question, as the reference does (by accident: its other two have one)."""
     check_record(record)
     prompts = prompts or Prompts()
     system = prompts.render(SYSTEM_PROMPT)
-    symptom = record["symptom"]
 
     def question(kind: str) -> str:
-        text = prompts.render(QUESTION_PROMPTS[kind], symptom=symptom)
-        if reference_glue and kind == "treatment" and text.startswith(symptom + "\n"):
-            text = symptom + text[len(symptom) + 1:]
-        return text
+        return render_question(prompts, kind, record["symptom"], reference_glue)
 
     pairs = [SFTPair(system, question("diagnosis"), record["illness"], "diagnosis"),
              SFTPair(system, question("treatment"), f"{record['treatment']}. {record['explain_t']}", "treatment")]
@@ -152,7 +157,7 @@ def load_pairs(paths: Sequence[str | Path] | str | Path, reference_glue: bool = 
     report = ConvertReport(files=[str(p) for p in paths])
     pairs: list[SFTPair] = []
     for path in paths:
-        for number, row in _json_lines(Path(path)):
+        for number, row in json_lines(Path(path)):
             where = f"{path}: line {number}"
             try:
                 kind = row_kind(row)
@@ -178,7 +183,7 @@ def load_pairs(paths: Sequence[str | Path] | str | Path, reference_glue: bool = 
     return pairs, report
 
 
-def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
+def json_lines(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, value) for every non-blank line. Split on "\\n" only: a JSON string may hold U+2028."""
     text = read_text(path)
     for number, line in enumerate(text.split("\n"), 1):
