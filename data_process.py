@@ -3,10 +3,17 @@
     python data_process.py --input_file test.jsonl --finetune_file ft.jsonl --base_model gpt-3.5-turbo-0125 --n_epochs 4
     python data_process.py --input_file iter1.jsonl,iter1b.jsonl --convert_only     # only write the file
     python data_process.py --input_file test.jsonl --wait      # poll until the job ends, print the model id
+    # preference fine-tuning (DPO) on pairs from the try-and-reflect scores (mentalarena/preference.py);
+    # the base model must be one OpenAI offers DPO for (default gpt-4.1-mini-2025-04-14)
+    python data_process.py --input_file iter1.jsonl --method dpo --min_margin 2 --beta 0.1 --wait
+
+--method sft (the paper) trains on the best answers (`<first input>.openai.jsonl`); --method dpo on
+chosen / rejected pairs (`<first input>.openai_dpo.jsonl`), which only arena_med.py's scored records
+carry (the reference's six-field records hold none).
 
 The job is recorded beside the data in `<finetune_file>.job.json`. Re-running with the same data and
 settings reuses that job instead of creating another (and with --wait, waits for it again); new data
-or settings create a new job. The key comes from OPENAI_API_KEY.
+or settings (the method and beta among them) create a new job. The key comes from OPENAI_API_KEY.
 """
 from __future__ import annotations
 
@@ -23,18 +30,24 @@ from typing import Iterator
 import openai
 from openai import OpenAI
 
-from mentalarena import cli
+from mentalarena import cli, preference
 from mentalarena.cli import names, public_url
 from mentalarena.data import one_line
-from mentalarena.errors import InputError
+from mentalarena.errors import InputError, check_choice
 from mentalarena.jsonl import write_json_atomic
 from mentalarena.locks import OutputLock
 from mentalarena.openai_backend import LOCAL_PLACEHOLDER_KEY, connection_cause
 from mentalarena.sft import convert, write_rows
 
 CHAT_ROLES = {"system", "user", "assistant"}
+METHODS = ("sft", "dpo")
+# sft: the model the paper's GPT runs fine-tuned; dpo: OpenAI offers preference fine-tuning for the
+# gpt-4.1 family (gpt-4.1, -mini, -nano of 2025-04-14, and fine-tunes of them), not for gpt-3.5-turbo
+DEFAULT_MODELS = {"sft": "gpt-3.5-turbo-0125", "dpo": "gpt-4.1-mini-2025-04-14"}
+SUFFIXES = {"sft": ".openai.jsonl", "dpo": ".openai_dpo.jsonl"}
 ENDED = {"succeeded", "failed", "cancelled"}
 RETRYABLE_END = {"failed", "cancelled"}  # a job that ended this way is not reused: a re-run tries again
+LEGACY_STATE = {"method": "sft", "beta": None}  # what a job record written before --method existed means
 
 
 class APIFailure(Exception):
@@ -43,9 +56,16 @@ class APIFailure(Exception):
 
 def run(
     input_file: str | list[str],  # self-play records (or converted rows); several as a comma list
-    finetune_file: str | None = None,  # default: <first input>.openai.jsonl
-    base_model: str = "gpt-3.5-turbo-0125",  # the model the paper's GPT runs fine-tuned
+    finetune_file: str | None = None,  # default: <first input>.openai.jsonl (dpo: .openai_dpo.jsonl)
+    base_model: str | None = None,  # None: gpt-3.5-turbo-0125 (sft, the paper's), gpt-4.1-mini-2025-04-14 (dpo)
     n_epochs: int | str = 4,  # the paper: 4 in iteration 1, 6 in iteration 2; "auto" lets OpenAI choose
+    method: str = "sft",  # sft: the paper's supervised fine-tuning; dpo: preference pairs (OpenAI's method "dpo")
+    # preference pairs (--method dpo; mentalarena/preference.py)
+    min_margin: float = 2.0,  # least score gap (1-10 scale) between the chosen and the rejected try
+    all_pairs: bool = False,  # every two tries at least min_margin apart, not only the best and the worst
+    diagnosis_pairs: bool = True,  # also the diagnosis the final illness came from against the other
+    diagnosis_margin: float = 0.05,  # least cosine-similarity gap when no doctor is named
+    beta: float | str | None = None,  # DPO's beta; None / auto: OpenAI chooses
     # API
     api_key: str | None = None,  # accepted for the paper's command line; OPENAI_API_KEY is preferred
     api_base: str | None = None,  # any OpenAI-compatible server that implements files + fine-tuning
@@ -57,9 +77,13 @@ def run(
     reference_glue: bool = False,  # the reference's missing newline before the treatment question
     min_examples: int = 10,  # OpenAI refuses jobs with fewer; checked before uploading (0: off)
 ) -> dict:
-    """Convert the records, check the file against the chat format, upload it, create (or reuse) the job."""
+    """Convert the records, check the file against the chat (or preference) format, upload it, create
+    (or reuse) the job."""
     inputs = _paths(input_file)
-    finetune = Path(finetune_file) if finetune_file else Path(inputs[0]).with_suffix(".openai.jsonl")
+    check_choice("method", method, METHODS)
+    beta = _beta(beta, method)
+    base_model = base_model or DEFAULT_MODELS[method]
+    finetune = Path(finetune_file) if finetune_file else Path(inputs[0]).with_suffix(SUFFIXES[method])
     n_epochs = _epochs(n_epochs)
     if not poll_seconds > 0:
         raise InputError(f"--poll_seconds must be positive, not {poll_seconds}")
@@ -69,31 +93,44 @@ def run(
     state_path = finetune.with_name(finetune.name + ".job.json")
     # Every check that can fail on input runs before the fine-tuning file is replaced.
     key, old_state = (None, {}) if convert_only else (_api_key(api_key, api_base), _read_state(state_path))
-    rows, report = convert(inputs, "openai", reference_glue)
+    if method == "dpo" and str(base_model).removeprefix("ft:").startswith("gpt-3.5"):
+        print(f"warning: OpenAI offers DPO for the gpt-4.1 models, not {base_model}; the job will likely be "
+              f"refused (--base_model {DEFAULT_MODELS['dpo']})", file=sys.stderr)
+    if method == "dpo":
+        rows, report = preference.convert(inputs, "openai", min_margin=min_margin, all_pairs=all_pairs,
+                                          diagnosis=diagnosis_pairs, diagnosis_margin=diagnosis_margin,
+                                          reference_glue=reference_glue)
+    else:
+        rows, report = convert(inputs, "openai", reference_glue)
     for problem in report.problems:
         print(f"warning: skipped {problem}", file=sys.stderr)
     print(f"[data_process] {report.summary()}", flush=True)
+    what = "preference pairs" if method == "dpo" else "examples"
     if not rows:
-        raise InputError(f"{', '.join(inputs)}: no training examples")
+        raise InputError(f"{', '.join(inputs)}: no preference pairs: {report.why_none()}" if method == "dpo"
+                         else f"{', '.join(inputs)}: no training examples")
     if len(rows) < min_examples:
-        message = f"{', '.join(inputs)}: {len(rows)} examples; OpenAI fine-tuning needs at least {min_examples}"
+        message = f"{', '.join(inputs)}: {len(rows)} {what}; OpenAI fine-tuning needs at least {min_examples}"
         if not convert_only:
             raise InputError(message + " (--min_examples 0 skips this check for other servers)")
         print(f"warning: {message}", file=sys.stderr)
     with OutputLock(finetune):  # one writer of the file and its job record at a time
         write_rows(finetune, rows)
-        problems = validate_chat_file(finetune)  # a guard on what is uploaded: the conversion should never fail it
+        # a guard on what is uploaded: the conversion should never fail it
+        problems = (preference.validate_openai_file if method == "dpo" else validate_chat_file)(finetune)
         if problems:
             raise InputError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-        print(f"[data_process] wrote {len(rows)} examples -> {finetune}", flush=True)
-        result = {"report": report.as_dict(), "finetune_file": str(finetune), "job_id": None, "status": None,
-                  "fine_tuned_model": None}
+        print(f"[data_process] wrote {len(rows)} {what} -> {finetune}", flush=True)
+        result = {"report": report.as_dict(), "finetune_file": str(finetune), "method": method, "job_id": None,
+                  "status": None, "fine_tuned_model": None}
+        if method == "dpo":
+            result["pairs"] = len(rows)
         if convert_only:
             return result
 
         client = OpenAI(api_key=key, base_url=api_base, max_retries=5)
         settings = {"data_sha256": hashlib.sha256(finetune.read_bytes()).hexdigest(), "api_base": public_url(api_base),
-                    "base_model": base_model, "n_epochs": n_epochs, "suffix": suffix}
+                    "base_model": base_model, "method": method, "n_epochs": n_epochs, "beta": beta, "suffix": suffix}
         print(f"[data_process] job settings {json.dumps(settings)}", flush=True)
         with _api(key, public_url(api_base) or "OpenAI API") as step:
             job, state = _job_for(client, settings, old_state, finetune, state_path, step)
@@ -106,6 +143,7 @@ def run(
 
 def _job_for(client, settings: dict, old: dict, finetune: Path, state_path: Path, step: list[str]):
     """The job for this data and these settings: the recorded one unless it ended badly, else a new one."""
+    old = {**LEGACY_STATE, **old}  # a job recorded before --method existed was an SFT job
     same_data = all(old.get(k) == settings[k] for k in ("data_sha256", "api_base"))
     if same_data and all(old.get(k) == settings[k] for k in settings) and old.get("job_id"):
         step[0] = f"retrieving job {old['job_id']}"
@@ -128,12 +166,21 @@ def _job_for(client, settings: dict, old: dict, finetune: Path, state_path: Path
         write_json_atomic(state_path, state)  # a crash after this reuses the upload
     step[0] = "creating the fine-tuning job"
     extra = {"suffix": str(state["suffix"])} if state["suffix"] is not None else {}
-    job = client.fine_tuning.jobs.create(
-        training_file=state["file_id"], model=settings["base_model"],
-        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": settings["n_epochs"]}}}, **extra)
+    job = client.fine_tuning.jobs.create(training_file=state["file_id"], model=settings["base_model"],
+                                         method=job_method(settings), **extra)
     _save(state, state_path, job)
     print(f"[data_process] created job {job.id} on file {state['file_id']} (status {job.status})", flush=True)
     return job, state
+
+
+def job_method(settings: dict) -> dict:
+    """The job's `method`: supervised with n_epochs, or dpo with n_epochs and beta (left out: OpenAI's choice)."""
+    hyper = {"n_epochs": settings["n_epochs"]}
+    if settings["method"] == "sft":
+        return {"type": "supervised", "supervised": {"hyperparameters": hyper}}
+    if settings.get("beta") is not None:
+        hyper["beta"] = settings["beta"]
+    return {"type": "dpo", "dpo": {"hyperparameters": hyper}}
 
 
 def _wait(client, job, poll_seconds: float, state: dict, state_path: Path, step: list[str]):
@@ -199,6 +246,17 @@ def _epochs(n_epochs) -> int | str:
     if n_epochs == "auto" or (isinstance(n_epochs, int) and not isinstance(n_epochs, bool) and n_epochs >= 1):
         return n_epochs
     raise InputError(f"--n_epochs must be a whole number of at least 1 or auto, not {n_epochs!r}")
+
+
+def _beta(beta, method: str) -> float | None:
+    """DPO's beta: None (OpenAI chooses; also "auto") or a positive number; only for --method dpo."""
+    if beta is None or beta == "auto":
+        return None
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+        raise InputError(f"--beta must be a positive number or auto, not {beta!r}")
+    if method != "dpo":
+        raise InputError("--beta is for --method dpo (the strength of DPO's preference penalty)")
+    return float(beta)
 
 
 def _api_key(api_key: str | None, api_base: str | None) -> str:

@@ -8,6 +8,9 @@ fine-tuned model is the next iteration's base model.
         --judge_model gpt-4-turbo-2024-04-09 --patients_file ... --qa_data_dir ... --imhi_test_dir ...
     # the paper's GPT run: 2 iterations of 4 and 6 epochs through OpenAI fine-tuning
     python iterate.py --work_dir runs/gpt --backend openai --patients_file ...
+    # preference learning instead of SFT (issue 12): DPO on the try-and-reflect pairs
+    python iterate.py --work_dir runs/llama_dpo --objective dpo --finetune_args '{"beta": 0.1}' ...
+    python iterate.py --work_dir runs/gpt_dpo --backend openai --objective dpo ...   # from gpt-4.1-mini-2025-04-14
 
 Each step is one of the project's scripts, run in a child process: arena_med.py (generate),
 llama_finetune.py --merge or data_process.py --wait (fine-tune), MedQA_eval.py and IMHI_eval.py
@@ -19,7 +22,7 @@ a stage cannot take the loop down with it. Everything lives under --work_dir:
     iter0/eval/{qa,imhi}/       the starting model (--eval_base)
     iterK/records.jsonl         self-play records of iteration K (made by the model of iteration K-1)
     iterK/model/                adapter, finetune_config.json and merged/ (open models)
-    iterK/finetune.openai.jsonl the uploaded data, and .job.json with the job (OpenAI)
+    iterK/finetune.openai.jsonl the uploaded data, and .job.json with the job (OpenAI; DPO: .openai_dpo.jsonl)
     iterK/eval/{qa,imhi}/       the evaluations of the model of iteration K
 
 Re-running the same command resumes at the first unfinished step, and the step itself resumes (its
@@ -56,7 +59,13 @@ from mentalarena.locks import OutputLock
 ROOT = Path(__file__).resolve().parent
 BACKENDS = ("open", "openai")
 PAPER_EPOCHS = {"open": (4, 5, 7, 7), "openai": (4, 6)}  # METHOD.md §1: the Llama and the GPT-3.5 runs
-OPENAI_START = "gpt-3.5-turbo-0125"  # the model the paper's GPT runs fine-tuned
+# --objective: sft (the paper), dpo (preference pairs from the try-and-reflect scores), sft+dpo (both,
+# open models only: one llama_finetune.py run). OpenAI fine-tunes one method per job (data_process --method).
+OBJECTIVES = ("sft", "dpo", "sft+dpo")
+OPENAI_DATA = {"sft": "finetune.openai.jsonl", "dpo": "finetune.openai_dpo.jsonl"}  # iterK/<this>, per method
+# the stages' preference-pair flags: refused in --finetune_args when --objective sft would ignore them
+PREFERENCE_FLAGS = ("min_margin", "all_pairs", "diagnosis_pairs", "diagnosis_margin", "beta", "dpo_lr", "dpo_nepoch",
+                    "dpo_loss")
 STEPS = ("generate", "finetune", "eval_qa", "eval_imhi")
 EVALS = {"qa": "eval_qa", "imhi": "eval_imhi"}
 QA_SAMPLES = (("MedQA", ROOT / "data" / "qa_sample" / "medqa.jsonl"),
@@ -101,6 +110,7 @@ class Plan:
     backend: str
     base_model: str | None
     epochs: list
+    objective: str
     evals: list[str]
     eval_base: bool
     api_base: str | None
@@ -151,6 +161,8 @@ def run(
     # fine-tuning (llama_finetune.py)
     method: str | None = None,         # auto (qlora on CUDA, else lora) | qlora | lora | full
     max_steps: int | None = None,      # optimizer steps per iteration (overrides the epochs)
+    objective: str = "sft",            # sft (the paper) | dpo | sft+dpo (open only): llama_finetune.py --objective,
+                                       # data_process.py --method; pair flags (beta, min_margin, ...) in --finetune_args
     finetune_launcher: str | None = None,  # e.g. "accelerate launch --num_processes 4"; None: this python
     # evaluation (MedQA_eval.py, IMHI_eval.py)
     eval: str | tuple = "qa,imhi",     # qa, imhi, both, or none
@@ -178,7 +190,7 @@ def _run(plan: Plan, flags: dict, restart: bool) -> dict:
     check_recorded(plan, state, restart)
     state["settings"] = {key: _portable(value, plan.work_dir) for key, value in flags.items()}
     _save(plan, state)
-    print(f"[iterate] {plan.backend} backend, {len(plan.epochs)} iteration(s), epochs "
+    print(f"[iterate] {plan.backend} backend, objective {plan.objective}, {len(plan.epochs)} iteration(s), epochs "
           f"{','.join(map(str, plan.epochs))}, evaluations {', '.join(plan.evals).replace('eval_', '') or 'none'} "
           f"-> {plan.work_dir}",
           flush=True)
@@ -248,7 +260,7 @@ def calls_for(plan: Plan, iteration: int, step: str, model: str | None) -> list[
                                            "nepoch": plan.epochs[iteration - 1], "merge": True})]
     if step == "finetune":
         return [Call("data_process.py", {**plan.finetune, "input_file": records, "base_model": model, **served,
-                                         "finetune_file": str(folder / "finetune.openai.jsonl"),
+                                         "finetune_file": str(folder / OPENAI_DATA[plan.objective]),
                                          "n_epochs": plan.epochs[iteration - 1], "wait": True})]
     out = {"model": model, **served}
     if step == "eval_qa" and plan.qa_data_dir:
@@ -274,8 +286,10 @@ def model_of(plan: Plan, state: dict, iteration: int) -> str | None:
 def collect_outputs(plan: Plan, iteration: int, step: str) -> dict:
     """The files a finished step left and the figures the summary needs, read back from them."""
     folder = plan.work_dir / f"iter{iteration}"
+    if step == "finetune" and plan.backend == "open":
+        return _merged_model(folder, plan.work_dir)
     if step == "finetune":
-        return (_merged_model if plan.backend == "open" else _openai_model)(folder, plan.work_dir)
+        return _openai_model(folder / OPENAI_DATA[plan.objective], plan.work_dir)
     return {"generate": _records, "eval_qa": _qa_scores, "eval_imhi": _imhi_scores}[step](folder, plan.work_dir)
 
 
@@ -290,16 +304,20 @@ def _merged_model(folder: Path, work_dir: Path) -> dict:
     if not merged or not (Path(merged) / "config.json").is_file():
         raise StepFailed(f"finetune: {folder / 'model'} holds no merged model")
     return {"model": _portable(str(Path(merged).resolve()), work_dir),
-            **{k: summary.get(k) for k in ("examples", "steps", "epochs", "train_loss", "loss_first", "loss_last")}}
+            **{k: summary.get(k) for k in ("examples", "steps", "epochs", "train_loss", "loss_first", "loss_last")},
+            # a config written before --objective existed is an SFT one
+            "objective": summary.get("objective") or "sft", "pairs": summary.get("pairs")}
 
 
-def _openai_model(folder: Path, work_dir: Path) -> dict:
-    data = folder / "finetune.openai.jsonl"
+def _openai_model(data: Path, work_dir: Path) -> dict:
     job = _read_json(data.with_name(data.name + ".job.json"), "finetune")
     if job.get("status") != "succeeded" or not job.get("fine_tuned_model"):
         raise StepFailed(f"finetune: job {job.get('job_id')} ended {job.get('status')} without a fine-tuned model")
-    return {"model": job["fine_tuned_model"], "job_id": job.get("job_id"),
-            "examples": sum(1 for line in data.read_text(encoding="utf-8").split("\n") if line.strip())}
+    rows = sum(1 for line in _must_exist(data, "finetune").read_text(encoding="utf-8").split("\n") if line.strip())
+    method = job.get("method") or "sft"  # a job record of before --method: SFT
+    # the uploaded file holds one row per example: for DPO, one per preference pair
+    return {"model": job["fine_tuned_model"], "job_id": job.get("job_id"), "examples": rows, "objective": method,
+            "pairs": rows if method == "dpo" else None}
 
 
 def _qa_scores(folder: Path, work_dir: Path) -> dict:
@@ -321,7 +339,7 @@ def _imhi_scores(folder: Path, work_dir: Path) -> dict:
 
 # ---------------------------------------------------------------------------------- settings and state
 def make_plan(work_dir, backend, base_model, iterations, epochs, patients_file, limit, num_samples, judge_model,
-              api_base, method, max_steps, finetune_launcher, eval, eval_limit, eval_base, qa_data_dir,
+              api_base, method, max_steps, objective, finetune_launcher, eval, eval_limit, eval_base, qa_data_dir,
               imhi_test_dir, arena_args, finetune_args, qa_args, imhi_args, restart) -> Plan:
     """Every flag checked and resolved before anything runs or is written."""
     if not work_dir:
@@ -329,6 +347,7 @@ def make_plan(work_dir, backend, base_model, iterations, epochs, patients_file, 
     if Path(work_dir).exists() and not Path(work_dir).is_dir():
         raise InputError(f"--work_dir {work_dir} is a file, not a folder")
     check_choice("backend", backend, BACKENDS)
+    check_choice("objective", objective, OBJECTIVES)
     wanted = names(eval)
     for name in wanted:
         check_choice("eval", name, (*EVALS, "none"))
@@ -340,6 +359,10 @@ def make_plan(work_dir, backend, base_model, iterations, epochs, patients_file, 
     if backend == "openai":
         if method is not None or max_steps is not None:
             raise InputError("--method and --max_steps are for --backend open; OpenAI fine-tuning takes --epochs only")
+        if objective not in OPENAI_DATA:
+            raise InputError(f"--objective {objective} is for --backend open; OpenAI fine-tunes one method per job: "
+                             "run the SFT iterations, then DPO ones from the SFT model (--objective dpo --base_model "
+                             "<its ft: id>)")
         if not (os.environ.get("OPENAI_API_KEY") or api_base):
             raise InputError("OPENAI_API_KEY is not set: export it, or pass --api_base for an OpenAI-compatible server")
     elif api_base:
@@ -353,17 +376,27 @@ def make_plan(work_dir, backend, base_model, iterations, epochs, patients_file, 
             raise InputError(f"--{name} {path}: {'file' if kind == 'file' else 'folder'} not found")
     finetune_stage = llama_finetune.run if backend == "open" else data_process.run
     qa_stage = MedQA_eval.suite if qa_data_dir else MedQA_eval.run
+    # the stage's own default (sft) is left off its command line, so the paper's commands stay as they were
+    chosen = None if objective == "sft" else objective
+    finetune_top = ({"method": ("method", method), "max_steps": ("max_steps", max_steps),
+                     "objective": ("objective", chosen)} if backend == "open" else {"method": ("objective", chosen)})
+    finetune = _stage_args("finetune_args", finetune_args, finetune_stage, FINETUNE_RESERVED[backend], finetune_top)
+    extra = [key for key in PREFERENCE_FLAGS if key in finetune]
+    if objective == "sft" and extra:
+        raise InputError(f"--finetune_args: {', '.join(extra)} {'is' if len(extra) == 1 else 'are'} for "
+                         "--objective dpo or sft+dpo (preference pairs); --objective sft trains on the best answers only")
     return Plan(
         work_dir=Path(work_dir).resolve(), backend=backend,
-        base_model=_absolute(base_model) if base_model is not None else (OPENAI_START if backend == "openai" else None),
-        epochs=_schedule(backend, epochs, iterations), evals=[EVALS[n] for n in EVALS if n in wanted],
+        base_model=_absolute(base_model) if base_model is not None else (
+            data_process.DEFAULT_MODELS[objective] if backend == "openai" else None),
+        epochs=_schedule(backend, epochs, iterations), objective=objective,
+        evals=[EVALS[n] for n in EVALS if n in wanted],
         eval_base=eval_base, api_base=api_base, qa_data_dir=_absolute(qa_data_dir),
         imhi_test_dir=_absolute(imhi_test_dir),
         arena=_stage_args("arena_args", arena_args, arena_med.run, ARENA_RESERVED,
                           {"patients_file": ("patients_file", _absolute(patients_file)), "limit": ("limit", limit),
                            "num_samples": ("num_samples", num_samples), "judge_model": ("judge_model", judge_model)}),
-        finetune=_stage_args("finetune_args", finetune_args, finetune_stage,
-                             FINETUNE_RESERVED[backend], {"method": ("method", method), "max_steps": ("max_steps", max_steps)}),
+        finetune=finetune,
         qa=_stage_args("qa_args", qa_args, qa_stage, QA_RESERVED, {"limit": ("eval_limit", eval_limit)}),
         imhi=_stage_args("imhi_args", imhi_args, IMHI_eval.run, IMHI_RESERVED, {"limit": ("eval_limit", eval_limit)}),
         launcher=shlex.split(finetune_launcher) if finetune_launcher else None)
@@ -375,9 +408,11 @@ ARENA_RESERVED = {"base_model": LOOP_MODEL, "output_file": "each iteration write
 FINETUNE_RESERVED = {
     "open": {"base_model": LOOP_MODEL, "new_name": "each iteration writes iterK/model",
              "output_dir": "each iteration writes iterK/model", "data_files": "the iteration's own records",
-             "nepoch": "use --epochs (one value per iteration)", "merge": "the next iteration needs the merged model"},
+             "nepoch": "use --epochs (one value per iteration)", "merge": "the next iteration needs the merged model",
+             "objective": "use --objective"},
     "openai": {"base_model": LOOP_MODEL, "input_file": "the iteration's own records",
-               "finetune_file": "each iteration writes iterK/finetune.openai.jsonl",
+               "finetune_file": "each iteration writes iterK/finetune.openai.jsonl (DPO: .openai_dpo.jsonl)",
+               "method": "use --objective (sft or dpo)",
                "n_epochs": "use --epochs (one value per iteration)", "wait": "the next iteration needs the model id",
                "convert_only": "the next iteration needs the model id", "api_base": "use --api_base"},
 }
@@ -478,9 +513,13 @@ def summary_rows(plan: Plan, state: dict) -> list[dict]:
     for k in range(0 if plan.eval_base and plan.evals else 1, len(plan.epochs) + 1):
         model = (plan.base_model or "embedded") if k == 0 else done(k, "finetune").get("model")
         qa, imhi = done(k, "eval_qa"), done(k, "eval_imhi")
+        finetune = done(k, "finetune") if k else {}
         rows.append({"iteration": k, "model": model.removeprefix(WORK + "/") if model else None,
+                     # what trained it (a step recorded before --objective existed: sft), on how many pairs
+                     "objective": (finetune.get("objective") or "sft") if finetune else None,
+                     "pairs": finetune.get("pairs"),
                      # the epochs trained (fewer than planned when --max_steps stops first)
-                     "epochs": (done(k, "finetune").get("epochs") or plan.epochs[k - 1]) if k else None,
+                     "epochs": (finetune.get("epochs") or plan.epochs[k - 1]) if k else None,
                      "records": done(k, "generate").get("records"),
                      "train_loss": done(k, "finetune").get("train_loss"), "qa_accuracy": qa.get("accuracy"),
                      "qa_accuracy_reference": qa.get("accuracy_reference"),
@@ -492,16 +531,21 @@ def summary_rows(plan: Plan, state: dict) -> list[dict]:
 
 
 def summary_markdown(plan: Plan, rows: list[dict]) -> str:
-    header = ["iteration", "model", "epochs", "records", "train loss", "QA acc", "QA acc (rule R)", "IMHI w-F1"]
+    header = ["iteration", "model", "objective", "epochs", "records", "pairs", "train loss", "QA acc",
+              "QA acc (rule R)", "IMHI w-F1"]
     lines = [f"# MentalArena iterations in {plan.work_dir}", "",
-             f"{plan.backend} backend; starting model {plan.base_model or 'embedded'}; evaluations: "
-             f"{', '.join(plan.evals).replace('eval_', '') or 'none'}. Scores in %; – : not done (yet).", "",
+             f"{plan.backend} backend, objective {plan.objective}; starting model {plan.base_model or 'embedded'}; "
+             f"evaluations: {', '.join(plan.evals).replace('eval_', '') or 'none'}. Scores in %; – : not done (yet).",
+             "",
              _md_row(header), _md_row(["---"] * len(header))]
     for r in rows:
-        lines.append(_md_row([r["iteration"], r["model"], r["epochs"], r["records"], _fmt(r["train_loss"], 4),
-                              _fmt(r["qa_accuracy"]), _fmt(r["qa_accuracy_reference"]), _fmt(r["imhi_weighted_f1"])]))
+        lines.append(_md_row([r["iteration"], r["model"], r["objective"], r["epochs"], r["records"], r["pairs"],
+                              _fmt(r["train_loss"], 4), _fmt(r["qa_accuracy"]), _fmt(r["qa_accuracy_reference"]),
+                              _fmt(r["imhi_weighted_f1"])]))
     rules = next((r["imhi_rules"] for r in rows if r["imhi_rules"]), None)
-    notes = (["QA acc: the mean over the QA sets of `accuracy` (robust answer extraction, MedQA_eval.py); "
+    notes = ["pairs: the preference pairs the fine-tuning trained on (dpo, sft+dpo); train loss is the "
+             "objective's own (a DPO loss is not comparable with an SFT one)."] if any(r["pairs"] for r in rows) else []
+    notes += (["QA acc: the mean over the QA sets of `accuracy` (robust answer extraction, MedQA_eval.py); "
               "QA acc (rule R): of `accuracy_reference`, the reference's own scorer, which the paper's numbers "
               "come from."] if any(r["qa"] for r in rows) else [])
     notes += [f"IMHI w-F1: the mean over the IMHI sets of the weighted F1 with the `{rules}` labels (IMHI_eval.py)."
@@ -515,6 +559,8 @@ def summary_markdown(plan: Plan, rows: list[dict]) -> str:
                   _md_row(["---"] * (len(columns) + 1))]
         lines += [_md_row([r["iteration"], *(_fmt(r[field].get(s)) for _, field, s in columns)])
                   for r in rows]
+    elif notes:
+        lines += ["", *notes]
     return "\n".join(lines) + "\n"
 
 
@@ -628,7 +674,7 @@ def _mean(values) -> float | None:
 
 def _brief(outputs: dict) -> str:
     parts = []
-    for key in ("records", "examples", "train_loss", "accuracy", "weighted_f1", "model"):
+    for key in ("records", "examples", "pairs", "train_loss", "accuracy", "weighted_f1", "model"):
         if outputs.get(key) is not None:
             value = outputs[key]
             parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
@@ -637,7 +683,8 @@ def _brief(outputs: dict) -> str:
 
 def _step_files(folder: Path, step: str) -> list[Path]:
     return {"generate": [folder / "records.jsonl", folder / "records.errors.jsonl", folder / "records.summary.json"],
-            "finetune": [folder / "model", folder / "finetune.openai.jsonl", folder / "finetune.openai.jsonl.job.json"],
+            "finetune": [folder / "model", *(folder / f"{name}{tail}" for name in OPENAI_DATA.values()
+                                             for tail in ("", ".job.json"))],
             "eval_qa": [folder / "eval" / "qa"], "eval_imhi": [folder / "eval" / "imhi"]}[step]
 
 

@@ -36,6 +36,13 @@ from mentalarena.sft import dedup, load_pairs, to_openai, to_text
 
 SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine")
 # Flags that change how a run goes, not what it learns: a resumed run may change them.
+OBJECTIVES = ("sft", "dpo", "sft+dpo")
+# Flags only the preference stage reads: left out of an SFT run's settings (and hash)
+DPO_FLAGS = ("objective", "beta", "dpo_lr", "dpo_nepoch", "dpo_loss", "min_margin", "all_pairs", "diagnosis_pairs",
+             "diagnosis_margin")
+# TRL 1.16's DPO loss types (its `loss_type`), checked here so a typo fails before any model loads
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 RUNNING_FLAGS = ("output_dir", "resume", "merge", "logging_steps", "save_steps", "save_total_limit",
                  "gradient_checkpointing")
 
@@ -45,7 +52,17 @@ def run(
     base_model: str | None = None,     # None / "embedded": the embedded SmolLM2-135M-Instruct; an HF id or folder (merged/ too)
     new_name: str | None = None,       # output folder <output_dir>/<new_name> (required)
     nepoch: float = 4,                 # epochs (the paper's Llama iterations: 4, 5, 7, 7)
-    data_files: str | tuple | None = None,  # comma list: self-play records or converted rows (text / messages)
+    data_files: str | tuple | None = None,  # comma list: self-play records or converted rows (text / messages / pairs)
+    # objective
+    objective: str = "sft",            # sft: the paper | dpo: preference pairs | sft+dpo: SFT, then DPO from the SFT adapter
+    beta: float = 0.1,                 # DPO: how far the trained model may move from the reference (TRL's beta)
+    dpo_lr: float = 5e-6,              # DPO learning rate (--lr is SFT's)
+    dpo_nepoch: float | None = None,   # DPO epochs; None: --nepoch
+    dpo_loss: str = "sigmoid",         # TRL's loss_type: sigmoid (DPO), ipo, hinge, robust, ...
+    min_margin: float = 2.0,           # pairs: least score gap (1-10 scale) between the chosen and the rejected try
+    all_pairs: bool = False,           # pairs: every two tries at least --min_margin apart, not only best vs worst
+    diagnosis_pairs: bool = True,      # pairs: the diagnosis the final illness comes from vs the other one
+    diagnosis_margin: float = 0.05,    # pairs: least cosine-similarity gap that attributes the final illness
     # method
     method: str = "auto",              # auto (qlora on CUDA with bitsandbytes, else lora) | qlora | lora | full
     lora_r: int = 64,
@@ -57,20 +74,20 @@ def run(
     format: str = "original",          # original: the paper's "### System: ... Question: ...\n ### Answer: ..." text; chat_template
     reference_glue: bool = False,      # the reference's missing newline before the treatment question
     max_seq_length: int = 1024,        # tokens per example (the reference's trainer cut at 1024); longer ones are cut
-    packing: bool = False,             # examples into blocks of max_seq_length tokens (the paper: no packing)
-    answer_only_loss: bool = False,    # loss on the answer tokens only (the paper: on the whole text)
-    add_eos: bool = True,              # end each example with EOS where the format does not (the reference did not)
+    packing: bool = False,             # SFT: examples into blocks of max_seq_length tokens (the paper: no packing)
+    answer_only_loss: bool = False,    # SFT: loss on the answer tokens only (the paper: on the whole text)
+    add_eos: bool = True,              # SFT: end each example with EOS where the format does not (the reference did not)
     # optimisation (the paper's values)
     lr: float = 2e-4,
-    batch_size: int = 4,               # per device
+    batch_size: int = 4,               # per device (DPO: pairs per device)
     grad_accum: int = 1,
     weight_decay: float = 0.001,
     max_grad_norm: float = 0.3,
     warmup_ratio: float = 0.03,
     lr_scheduler: str = "constant_with_warmup",  # constant: the reference's setting, under which the warm-up is ignored
     optim: str = "auto",               # auto: paged_adamw_32bit for qlora (the paper), else adamw_torch
-    group_by_length: bool = True,      # batches of similar lengths (packed: the partly filled blocks together)
-    max_steps: int | None = None,      # stop after this many optimizer steps (overrides nepoch)
+    group_by_length: bool = True,      # SFT: batches of similar lengths (packed: the partly filled blocks together)
+    max_steps: int | None = None,      # stop after this many optimizer steps (overrides nepoch; each stage of sft+dpo)
     seed: int = 42,                    # the reference left the trainer's default, 42
     gradient_checkpointing: bool = False,
     # running and output
@@ -83,8 +100,8 @@ def run(
 ) -> dict:
     """Convert, tokenize, train, save; returns the summary that is also printed."""
     flags = dict(locals())
-    started = time.time()
     from mentalarena.hf_backend import EMBEDDED_GGUF, embedded_model_dir
+    from mentalarena.preference import check_options
     from mentalarena.training import FORMATS, resolve_dtype, resolve_method
 
     # ---- every input is checked before any model loads
@@ -93,11 +110,18 @@ def run(
     files = names(data_files)
     if not files:
         raise InputError("--data_files is required: self-play records or converted rows (JSONL), comma-separated")
+    check_choice("objective", objective, OBJECTIVES)
     check_choice("format", format, FORMATS)
     check_choice("lr_scheduler", lr_scheduler, SCHEDULERS)
     _check_numbers(nepoch=nepoch, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, batch_size=batch_size,
                    grad_accum=grad_accum, max_seq_length=max_seq_length, logging_steps=logging_steps,
-                   save_steps=save_steps)
+                   save_steps=save_steps, beta=beta, dpo_lr=dpo_lr, **({"dpo_nepoch": dpo_nepoch} if dpo_nepoch else {}))
+    if dpo_nepoch is not None and not dpo_nepoch:
+        raise InputError(f"--dpo_nepoch must be a positive number, not {dpo_nepoch!r}")
+    check_options(min_margin, diagnosis_margin)
+    check_choice("dpo_loss", dpo_loss, DPO_LOSSES)
+    if objective == "dpo" and packing:
+        raise InputError("--packing is for SFT examples; DPO trains on whole pairs (with sft+dpo it packs the SFT stage)")
     if not 0 <= lora_dropout < 1 or not 0 <= warmup_ratio < 1 or (max_steps is not None and max_steps < 1):
         raise InputError("--lora_dropout and --warmup_ratio must be in [0, 1), --max_steps at least 1")
     gguf = None
@@ -114,78 +138,123 @@ def run(
         optim = "paged_adamw_32bit" if method == "qlora" else "adamw_torch"
     modules = names(target_modules)
     modules = "all-linear" if modules == ["all-linear"] else modules or None
+    model = {"base": base, "gguf": gguf, "method": method, "dtype": torch_dtype, "optim": optim, "modules": modules}
+    if objective != "sft+dpo":
+        return _stage(flags, files, model, objective)
 
-    # ---- conversion (METHOD.md §5): pairs -> the rows of the chosen format -> exact duplicates dropped
-    pairs, report = load_pairs(files, reference_glue=reference_glue)
+    # ---- sft+dpo: a complete SFT run in <new_name>/sft, then DPO from its adapter (or model) in <new_name>
+    out = Path(output_dir) / new_name
+    _say(f"sft+dpo: stage 1 of 2, SFT -> {out / 'sft'}")
+    sft = _stage({**flags, "output_dir": str(out), "new_name": "sft", "merge": False}, files, model, "sft")
+    if not sft.get("ok"):
+        return sft
+    _say(f"sft+dpo: stage 2 of 2, DPO from {out / 'sft'} -> {out}")
+    summary = _stage(flags, files, model, "dpo", start=out / "sft")
+    summary["sft_stage"] = {k: sft.get(k) for k in ("output", "steps", "train_loss", "loss_first", "loss_last")}
+    return summary
+
+
+def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Path | None = None) -> dict:
+    """One training run into <output_dir>/<new_name>: SFT on the records' answers, or DPO on their
+    preference pairs (from `start`, a finished SFT stage, when given)."""
+    started = time.time()
+    base, gguf, method, torch_dtype = model["base"], model["gguf"], model["method"], model["dtype"]
+    out = Path(flags["output_dir"]) / flags["new_name"]
+    fmt = flags["format"]
+
+    # ---- data: SFT pairs (METHOD.md §5) or preference pairs (mentalarena/preference.py)
+    if objective == "sft":
+        pairs, report = load_pairs(files, reference_glue=flags["reference_glue"])
+        rows = dedup([to_text(p) if fmt == "original" else to_openai(p) for p in pairs])
+        report.rows, report.duplicates = len(rows), len(pairs) - len(rows)
+        if not rows:
+            raise InputError(f"{', '.join(files)}: no training rows ({report.summary()})")
+    else:
+        from mentalarena.preference import load_preferences, to_trl, to_trl_text
+        pairs, report = load_preferences(
+            files, min_margin=flags["min_margin"], all_pairs=flags["all_pairs"], diagnosis=flags["diagnosis_pairs"],
+            diagnosis_margin=flags["diagnosis_margin"], reference_glue=flags["reference_glue"])
+        if not pairs:
+            raise InputError(f"{', '.join(files)}: no preference pairs: {report.why_none()}")
+        rows = [to_trl_text(p) if fmt == "original" else _trl_columns(to_trl(p)) for p in pairs]
     for problem in report.problems:
         _say(f"skipped a bad record: {problem}")
-    rows = dedup([to_text(p) if format == "original" else to_openai(p) for p in pairs])
-    report.rows, report.duplicates = len(rows), len(pairs) - len(rows)
-    if not rows:
-        raise InputError(f"{', '.join(files)}: no training rows ({report.summary()})")
-    _say(f"data: {report.summary()}")
+    _say(f"{'data' if objective == 'sft' else 'pairs'}: {report.summary()}")
 
     settings = dict(flags)
-    settings.update(base_model=base_model or "embedded", base_gguf_file=gguf, data_files=files, method=method,
-                    dtype=str(torch_dtype).removeprefix("torch."), optim=optim, target_modules=modules,
-                    rows_sha256=hashlib.sha256(json.dumps(rows).encode()).hexdigest())
+    if flags["objective"] == "sft" or objective == "sft":
+        for name in DPO_FLAGS:  # a plain SFT run (or the SFT stage) keeps the hash it had before DPO existed
+            settings.pop(name, None)
+    settings.update(base_model=flags["base_model"] or "embedded", base_gguf_file=gguf, data_files=files,
+                    method=method, dtype=str(torch_dtype).removeprefix("torch."), optim=model["optim"],
+                    target_modules=model["modules"], rows_sha256=hashlib.sha256(json.dumps(rows).encode()).hexdigest())
+    if start is not None:  # DPO from an SFT stage: that stage's settings are part of this one's
+        settings["start_from"] = str(start)
+        settings["start_settings_hash"] = json.loads((start / "finetune_config.json").read_text())["settings_hash"]
     digest = settings_hash({k: v for k, v in settings.items() if k not in RUNNING_FLAGS})
-    out = Path(output_dir) / new_name
     checkpoints = out / "checkpoints"
     done = _finished(out, digest)
     if done is not None:
         _say(f"{out} already holds this training (settings {digest}); nothing to train")
-        if merge and not done.get("merged"):
+        if flags["merge"] and not done.get("merged"):
             done["merged"] = _merge(out, base, gguf)
             write_json_atomic(out / "finetune_config.json", done)
         return {**done["summary"], "merged": done.get("merged"), "skipped": True, "ok": True}
-    _check_checkpoints(checkpoints, digest, resume)
+    _check_checkpoints(checkpoints, digest, flags["resume"])
     _say("settings " + json.dumps(settings))
 
-    # ---- tokens
-    from mentalarena.training import encode_rows, load_tokenizer, pack
+    # ---- tokens, model and trainer
+    from mentalarena.training import load_tokenizer
 
-    tokenizer = load_tokenizer(base, gguf)
-    examples, stats = encode_rows(rows, tokenizer, format, max_seq_length, answer_only_loss, add_eos)
-    if not examples:
-        raise InputError(f"no example keeps an answer token within --max_seq_length {max_seq_length}")
-    train_set = pack(examples, max_seq_length) if packing else examples
-    stats["train_rows"] = len(train_set)
-    _say(f"tokens: {stats['examples']} examples ({stats['truncated']} cut at {max_seq_length} tokens, "
-         f"{stats['dropped_no_answer_tokens']} dropped), {stats['tokens_per_epoch']} tokens per epoch"
-         + (f", packed into {len(train_set)} blocks" if packing else ""))
-
-    # ---- model and trainer
-    trainer, params = _trainer(base, gguf, method, torch_dtype, tokenizer, train_set, checkpoints, flags, optim,
-                               modules)
-    last = _last_checkpoint(checkpoints) if resume else None
+    tokenizer = load_tokenizer(str(start) if start is not None else base, None if start is not None else gguf)
+    if objective == "sft":
+        trainer, params, stats = _sft_trainer(model, tokenizer, rows, checkpoints, flags)
+    else:
+        trainer, params, stats = _dpo_trainer(model, tokenizer, rows, checkpoints, flags, start)
+        stats["pairs"] = len(rows)
+    last = _last_checkpoint(checkpoints) if flags["resume"] else None
     if _is_main():
         checkpoints.mkdir(parents=True, exist_ok=True)
         write_json_atomic(checkpoints / "settings.json", {"settings_hash": digest, "settings": settings})
     if last:
         _say(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)
+    if objective == "dpo" and "ref" in getattr(trainer.model, "peft_config", {}):
+        trainer.model.delete_adapter("ref")  # TRL's frozen copy of the SFT adapter (the reference), not an output
     trainer.save_model(str(out))
 
-    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
-    summary = {"examples": stats["examples"], "tokens_per_epoch": stats["tokens_per_epoch"],
+    history = [e for e in trainer.state.log_history if "loss" in e]
+    losses = [(e["step"], e["loss"]) for e in history]
+    summary = {"objective": flags["objective"] if objective == "dpo" else "sft", "pairs": len(rows) if objective == "dpo" else None,
+               "examples": stats["examples"], "tokens_per_epoch": stats["tokens_per_epoch"],
                "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
                "train_loss": result.training_loss, "loss_first": losses[0][1] if losses else None,
                "loss_last": losses[-1][1] if losses else None, "output": str(out),
                "wall_seconds": round(time.time() - started, 1), "resumed_from": last,
                "ok": math.isfinite(result.training_loss)}
+    if objective == "dpo" and history:
+        for key, name in (("rewards/margins", "reward_margin"), ("rewards/accuracies", "reward_accuracy")):
+            values = [e[key] for e in history if key in e]
+            summary[name + "_first"], summary[name + "_last"] = (values[0], values[-1]) if values else (None, None)
     if not _is_main():
         return summary
     trained = trainer.model if method == "lora" else None  # qlora: merged into a reloaded unquantized base
     del trainer
     config = {"settings": settings, "settings_hash": digest, "base_gguf_file": gguf,
-              "data_files": [_file_info(f) for f in files], "conversion": report.as_dict(), "tokenization": stats,
+              "data_files": [_file_info(f) for f in files], "tokenization": stats,
               "trainable_parameters": params[0], "all_parameters": params[1], "loss_history": losses,
-              "train_metrics": result.metrics, "tensorboard": _tensorboard_dir(checkpoints),
+              "log_history": history, "train_metrics": result.metrics, "tensorboard": _tensorboard_dir(checkpoints),
               "world_size": int(os.environ.get("WORLD_SIZE", 1)), "versions": _versions(), "summary": summary}
+    config["conversion" if objective == "sft" else "preference"] = report.as_dict()
+    if objective == "dpo":
+        from mentalarena.preference import to_trl
+        from mentalarena.sft import write_rows
+        write_rows(out / "dpo_pairs.jsonl", [to_trl(p) for p in pairs])  # what was trained on, readable back
+        config["pairs_file"] = str(out / "dpo_pairs.jsonl")
+    config["figure"] = _figure(history, out / "training_curves.png", f"{flags['objective']}: {out}")
     if method == "full":
         config["merged"] = str(out)  # already a full model
-    elif merge:
+    elif flags["merge"]:
         config["merged"] = _merge(out, base, gguf, trained)
     write_json_atomic(out / "finetune_config.json", config)
     summary["merged"] = config.get("merged")
@@ -194,42 +263,129 @@ def run(
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _trainer(base, gguf, method, torch_dtype, tokenizer, train_set, checkpoints, flags, optim, modules):
-    """The model (with its LoRA adapter unless full) and a plain transformers Trainer around it."""
-    import torch
+def _sft_trainer(model: dict, tokenizer, rows: list[dict], checkpoints: Path, flags: dict):
+    """Rows -> token ids with labels (mentalarena/training.py), the model with its LoRA adapter
+    (unless full), and a plain transformers Trainer around them."""
     from transformers import Trainer, set_seed
 
-    from mentalarena.training import Collator, add_lora, load_model, parameter_counts, tensorboard_available, training_args
+    from mentalarena.training import Collator, add_lora, encode_rows, load_model, pack, parameter_counts
 
+    max_len = flags["max_seq_length"]
+    examples, stats = encode_rows(rows, tokenizer, flags["format"], max_len, flags["answer_only_loss"], flags["add_eos"])
+    if not examples:
+        raise InputError(f"no example keeps an answer token within --max_seq_length {max_len}")
+    train_set = pack(examples, max_len) if flags["packing"] else examples
+    stats["train_rows"] = len(train_set)
+    _say(f"tokens: {stats['examples']} examples ({stats['truncated']} cut at {max_len} tokens, "
+         f"{stats['dropped_no_answer_tokens']} dropped), {stats['tokens_per_epoch']} tokens per epoch"
+         + (f", packed into {len(train_set)} blocks" if flags["packing"] else ""))
+
+    method = model["method"]
     set_seed(flags["seed"])  # the adapter's initial weights too
-    model = load_model(base, gguf, method, torch_dtype)
+    net = load_model(model["base"], model["gguf"], method, model["dtype"])
     if method != "full":
-        model = add_lora(model, method, flags["lora_r"], flags["lora_alpha"], flags["lora_dropout"], modules,
-                         flags["gradient_checkpointing"])
-    params = parameter_counts(model)
-    _say(f"model: {base} ({method}, {str(torch_dtype).removeprefix('torch.')}), "
-         f"{params[0]:,} of {params[1]:,} parameters trained")
+        net = add_lora(net, method, flags["lora_r"], flags["lora_alpha"], flags["lora_dropout"], model["modules"],
+                       flags["gradient_checkpointing"])
+    params = parameter_counts(net)
+    _say_model(model, params)
+    args = _args(model, checkpoints, flags, None, num_train_epochs=flags["nepoch"], learning_rate=flags["lr"],
+                 group_by_length=flags["group_by_length"], remove_unused_columns=False)
+    trainer = Trainer(model=net, args=args, train_dataset=train_set, data_collator=Collator(tokenizer.pad_token_id),
+                      processing_class=tokenizer, callbacks=[_log_last_step_callback()])
+    return trainer, params, stats
+
+
+def _dpo_trainer(model: dict, tokenizer, rows: list[dict], checkpoints: Path, flags: dict, start: Path | None):
+    """TRL's DPOTrainer on the preference rows. The reference model is had the TRL way: for a new
+    LoRA adapter, the same weights with the adapter switched off; for DPO from an SFT adapter, a
+    frozen copy of that adapter inside the same model (TRL's "ref" adapter), so no second full
+    model is loaded; for full fine-tuning, a second, frozen copy of the starting model."""
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    from mentalarena.training import load_model, lora_config, parameter_counts, prepare_kbit
+
+    method = model["method"]
+    source, gguf = (str(start), None) if start is not None and method == "full" else (model["base"], model["gguf"])
+    set_seed(flags["seed"])  # the adapter's initial weights too
+    net = load_model(source, gguf, method, model["dtype"])
+    ref, peft_config = None, None
+    if method == "full":
+        ref = load_model(source, gguf, method, model["dtype"]).eval().requires_grad_(False)
+    else:
+        net = prepare_kbit(net, method, flags["gradient_checkpointing"])
+        if start is not None:
+            net = PeftModel.from_pretrained(net, str(start), is_trainable=True)
+        else:
+            peft_config = lora_config(flags["lora_r"], flags["lora_alpha"], flags["lora_dropout"], model["modules"])
+    args = _args(model, checkpoints, flags, DPOConfig, num_train_epochs=flags["dpo_nepoch"] or flags["nepoch"],
+                 learning_rate=flags["dpo_lr"], group_by_length=False, beta=flags["beta"],
+                 loss_type=[flags["dpo_loss"]], max_length=flags["max_seq_length"], dataset_num_proc=None)
+    try:
+        trainer = DPOTrainer(model=net, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer, peft_config=peft_config,
+                             callbacks=[_log_last_step_callback()])
+    except ValueError as exc:  # e.g. an unknown loss type, or target modules the model lacks
+        raise InputError(f"DPO: {str(exc).splitlines()[0]}") from exc
+    params = parameter_counts(trainer.model)
+    _say_model(model, params)
+    data = trainer.train_dataset
+    lengths = [(len(p), len(c), len(r)) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
+    cut = sum(p + max(c, r) > flags["max_seq_length"] for p, c, r in lengths)
+    stats = {"examples": len(data), "dropped_prompt_too_long": len(rows) - len(data), "truncated": cut,
+             "tokens_per_epoch": sum(2 * p + c + r for p, c, r in lengths),
+             "learned_tokens_per_epoch": sum(c + r for _, c, r in lengths)}
+    _say(f"tokens: {stats['examples']} pairs ({cut} cut at {flags['max_seq_length']} tokens, "
+         f"{stats['dropped_prompt_too_long']} dropped: prompt alone too long), {stats['tokens_per_epoch']} tokens per epoch")
+    if not len(data):
+        raise InputError(f"no pair keeps an answer token within --max_seq_length {flags['max_seq_length']}")
+    return trainer, params, stats
+
+
+def _args(model: dict, checkpoints: Path, flags: dict, config_class, **specific):
+    """Trainer settings both objectives share (the paper's), plus the objective's own."""
+    import torch
+
+    from mentalarena.training import tensorboard_available, training_args
+
+    method, torch_dtype = model["method"], model["dtype"]
     cuda = torch.cuda.is_available()
     amp = method == "full" and cuda and torch_dtype != torch.float32  # float32 master weights, mixed precision
     tensorboard = tensorboard_available()
     if not tensorboard:
         _say("TensorBoard logs: off (pip install tensorboard to have them)")
-    args = training_args(
-        output_dir=str(checkpoints), num_train_epochs=flags["nepoch"], max_steps=flags["max_steps"] or -1,
+    return training_args(
+        config_class, output_dir=str(checkpoints), max_steps=flags["max_steps"] or -1,
         per_device_train_batch_size=flags["batch_size"], gradient_accumulation_steps=flags["grad_accum"],
-        optim=optim, learning_rate=flags["lr"], weight_decay=flags["weight_decay"],
+        optim=model["optim"], weight_decay=flags["weight_decay"],
         max_grad_norm=flags["max_grad_norm"], warmup_ratio=flags["warmup_ratio"],
-        lr_scheduler_type=flags["lr_scheduler"], group_by_length=flags["group_by_length"],
+        lr_scheduler_type=flags["lr_scheduler"],
         gradient_checkpointing=flags["gradient_checkpointing"] and method != "qlora",  # qlora: set by peft
         bf16=amp and torch_dtype == torch.bfloat16, fp16=amp and torch_dtype == torch.float16,
         logging_steps=flags["logging_steps"], logging_first_step=True, save_strategy="steps",
         save_steps=flags["save_steps"], save_total_limit=flags["save_total_limit"], seed=flags["seed"],
         data_seed=flags["seed"], report_to=["tensorboard"] if tensorboard else "none",
-        remove_unused_columns=False, dataloader_pin_memory=cuda,
-        ddp_find_unused_parameters=False if method != "full" else None)
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=Collator(tokenizer.pad_token_id),
-                      processing_class=tokenizer, callbacks=[_log_last_step_callback()])
-    return trainer, params
+        dataloader_pin_memory=cuda, ddp_find_unused_parameters=False if method != "full" else None, **specific)
+
+
+def _say_model(model: dict, params: tuple[int, int]) -> None:
+    _say(f"model: {model['base']} ({model['method']}, {str(model['dtype']).removeprefix('torch.')}), "
+         f"{params[0]:,} of {params[1]:,} parameters trained")
+
+
+def _trl_columns(row: dict) -> dict:
+    return {k: row[k] for k in ("prompt", "chosen", "rejected")}
+
+
+def _figure(history: list[dict], path: Path, title: str) -> str | None:
+    """The training curves as a PNG beside the model (loss; for DPO also the reward margin and accuracy)."""
+    if not history:
+        return None
+    from mentalarena.figures import training_curves
+    training_curves(history, path, title)
+    return str(path)
 
 
 def _log_last_step_callback():

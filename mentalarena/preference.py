@@ -190,6 +190,9 @@ class _Builder:
             report.problems.append(f'{where}: field "symptom" is '
                                    + ("missing" if "symptom" not in row else f"{type(row['symptom']).__name__}, not text"))
             return
+        if "diagnoses" in row and self.diagnosis and "illness" not in row:  # missing: skipped, as documented
+            report.problems.append(f'{where}: field "illness" is missing')
+            return
         symptom = row["symptom"]
         if "diagnoses" in row and self.diagnosis:
             self.diagnosis_pair(row, symptom, where)
@@ -226,7 +229,7 @@ class _Builder:
         else:  # max() and min() return the first of equals
             options = [(max(scored, key=lambda t: t["score"]), min(scored, key=lambda t: t["score"]))]
         for best, worst in options:
-            gap = best["score"] - worst["score"]
+            gap = round(best["score"] - worst["score"], 6)  # 7.3 - 5.3 is a gap of 2
             if gap < self.min_margin:
                 report.dropped_margin += 1
                 continue

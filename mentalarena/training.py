@@ -238,17 +238,30 @@ def add_lora(model, method: str, r: int, alpha: int, dropout: float, target_modu
              gradient_checkpointing: bool):
     """Wrap the model with a fresh LoRA adapter (no bias, causal LM, as the paper). Target modules:
     peft's default for the architecture unless given (q_proj, v_proj for Llama, as the reference)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
-                        target_modules=target_modules or None)
+    model = prepare_kbit(model, method, gradient_checkpointing)
     try:
-        return get_peft_model(model, config)
+        return get_peft_model(model, lora_config(r, alpha, dropout, target_modules))
     except ValueError as exc:
         raise InputError(f"--target_modules: {str(exc).splitlines()[0]}") from exc
+
+
+def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str] | str | None):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+                      target_modules=target_modules or None)
+
+
+def prepare_kbit(model, method: str, gradient_checkpointing: bool):
+    """QLoRA's preparation of a 4-bit base (float32 norms, input gradients); other bases unchanged."""
+    if method != "qlora":
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -259,13 +272,14 @@ def parameter_counts(model) -> tuple[int, int]:
             sum(p.numel() for p in model.parameters()))
 
 
-def training_args(**kwargs):
-    """`TrainingArguments` across transformers 4.56-5.x, which renamed three settings: the warm-up
-    ratio (5.x: a `warmup_steps` below 1), group-by-length (5.x: a sampling strategy) and gradient
-    checkpointing (5.x: activation checkpointing)."""
+def training_args(config_class=None, **kwargs):
+    """`TrainingArguments` (or a subclass such as TRL's `DPOConfig`) across transformers 4.56-5.x,
+    which renamed three settings: the warm-up ratio (5.x: a `warmup_steps` below 1), group-by-length
+    (5.x: a sampling strategy) and gradient checkpointing (5.x: activation checkpointing)."""
     from transformers import TrainingArguments
 
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    config_class = config_class or TrainingArguments
+    names = {f.name for f in dataclasses.fields(config_class)}
     ratio = kwargs.pop("warmup_ratio")
     kwargs["warmup_steps" if "warmup_ratio" not in names else "warmup_ratio"] = ratio
     grouped = kwargs.pop("group_by_length")
@@ -277,7 +291,7 @@ def training_args(**kwargs):
     key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     kwargs[key] = checkpointing
     kwargs[key + "_kwargs"] = {"use_reentrant": False} if checkpointing else None
-    return TrainingArguments(**kwargs)
+    return config_class(**kwargs)
 
 
 def tensorboard_available() -> bool:

@@ -14,11 +14,12 @@ Fault kinds, consumed one per request (scripted ones first, then random ones at 
   "drop"            close the connection without sending any response
   "ok"              no fault: answer normally (to fail a later request of a script)
 
-Fine-tuning, as `data_process.py` uses it: `POST /v1/files` (multipart upload), `POST /v1/fine_tuning/jobs`,
-`GET /v1/fine_tuning/jobs/<id>`. Each job walks through `job_statuses` (copied when it is created), one step
-per retrieve; "succeeded" sets `fine_tuned_model`, "failed" sets an error. `ft_faults` (status kinds only)
-fail these requests; with `require_key`, a wrong key gets a 401 that quotes it back, as OpenAI's does (on
-every route: models, chat and fine-tuning).
+Fine-tuning, as `data_process.py` uses it: `POST /v1/files` (multipart upload), `POST /v1/fine_tuning/jobs`
+(method "supervised" or "dpo"; the job reports its n_epochs, and for dpo its beta), `GET /v1/fine_tuning/jobs/<id>`.
+Each job walks through `job_statuses` (copied when it is created), one step per retrieve; "succeeded" sets
+`fine_tuned_model`, "failed" sets an error. `ft_faults` (status kinds only) fail these requests; with
+`require_key`, a wrong key gets a 401 that quotes it back, as OpenAI's does (on every route: models, chat and
+fine-tuning).
 
 Keys in error bodies: with `echo_key`, every error this server sends (injected statuses, 404s, the window's
 400, the HTML error page) quotes the request's whole Authorization header in its message, as some servers
@@ -160,11 +161,16 @@ class FakeOpenAI:
                                        "param": "training_file", "code": "invalid_file"}}
             self.job_creates.append(body)
             job_id = f"ftjob-{next(self._ids)}"
-            hyper = body.get("hyperparameters") or body.get("method", {}).get("supervised", {}).get("hyperparameters", {})
+            # the deprecated top-level hyperparameters, or those of the method ("supervised" or "dpo")
+            method = body.get("method") or {}
+            hyper = body.get("hyperparameters") or (method.get(method.get("type")) or {}).get("hyperparameters", {})
+            recorded = {"n_epochs": hyper.get("n_epochs", "auto")}
+            if method.get("type") == "dpo":  # as OpenAI reports it: beta "auto" unless one was given
+                recorded["beta"] = hyper.get("beta", "auto")
             self.jobs[job_id] = {"job": {
                 "id": job_id, "object": "fine_tuning.job", "created_at": int(time.time()), "model": body.get("model"),
                 "training_file": body["training_file"], "validation_file": None, "organization_id": "org-fake",
-                "hyperparameters": {"n_epochs": hyper.get("n_epochs", "auto")}, "method": body.get("method"),
+                "hyperparameters": recorded, "method": body.get("method"),
                 "result_files": [], "seed": 0, "trained_tokens": None, "finished_at": None, "error": None,
                 "fine_tuned_model": None, "user_provided_suffix": body.get("suffix"),
                 "status": self.job_statuses[0]}, "statuses": list(self.job_statuses), "step": 0}

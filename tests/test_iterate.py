@@ -1,6 +1,7 @@
 """iterate.py: the order of the steps, each iteration's model feeding the next, the epoch schedules,
 resume after a failed step, refusal of changed settings (and --restart), the OpenAI path through
-the real data_process.py against the fake server, and bad input.
+the real data_process.py against the fake server, --objective (sft, dpo, sft+dpo) reaching the
+fine-tuning stage and the summary, and bad input.
 
 The stages are replaced by `Stages`, which checks every command against the real stage's
 signature (as fire would parse it), records it and writes the files the real stage would."""
@@ -63,11 +64,16 @@ def _iteration(folder: str | Path) -> int:
 
 
 def fake_arena(args: dict) -> None:
+    """Records as arena_med.py writes them: the six SFT fields plus the searches' scored tries (one
+    treatment and one medication preference pair each; no diagnoses, so no encoder is needed)."""
     Path(args["output_file"]).parent.mkdir(parents=True, exist_ok=True)
     for i in range(args.get("limit", 3)):
         append_jsonl(args["output_file"], {
             "symptom": f"Patient {i} sleeps badly.", "illness": "Depression", "treatment": "CBT",
-            "explain_t": "It helps.", "medicine": "None", "explain_m": "-", "patient_id": f"s-{i}", "sample": 0})
+            "explain_t": "It helps.", "medicine": "None", "explain_m": "-", "patient_id": f"s-{i}", "sample": 0,
+            "treatment_search": {"tries": [{"candidate": "Rest.", "score": 2}, {"candidate": "CBT.", "score": 8}]},
+            "medicine_search": {"tries": [{"candidate": "Sertraline.", "score": 7},
+                                          {"candidate": "Diazepam.", "score": 3}]}})
 
 
 def fake_finetune(args: dict) -> None:
@@ -76,9 +82,11 @@ def fake_finetune(args: dict) -> None:
     (out / "merged").mkdir(parents=True)
     (out / "merged" / "config.json").write_text("{}")
     k = _iteration(args["output_dir"])
+    # as llama_finetune.py writes it; without --objective, as it wrote it before (no objective, no pairs)
+    preference = {"objective": args["objective"], "pairs": 10 * k + 7} if "objective" in args else {}
     (out / "finetune_config.json").write_text(json.dumps({
         "summary": {"examples": 4, "steps": args.get("max_steps"), "epochs": args["nepoch"], "train_loss": 3.0 - k / 2,
-                    "loss_first": 3.5, "loss_last": 2.5}, "merged": str(out / "merged")}))
+                    "loss_first": 3.5, "loss_last": 2.5, **preference}, "merged": str(out / "merged")}))
 
 
 def fake_medqa(args: dict) -> None:
@@ -158,11 +166,13 @@ def test_steps_run_in_order_and_each_model_feeds_the_next(tmp_path, stages, caps
     assert state["steps"]["1/generate"]["calls"][0]["args"]["output_file"] == "<work_dir>/iter1/records.jsonl"
 
     rows = [line for line in (work / "summary.md").read_text().splitlines() if line.startswith("| ")]
-    assert rows[:5] == ["| iteration | model | epochs | records | train loss | QA acc | QA acc (rule R) | IMHI w-F1 |",
-                        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-                        "| 0 | embedded | – | – | – | 41.00 | – | 20.50 |",
-                        "| 1 | iter1/model/merged | 4 | 2 | 2.5000 | 51.00 | 17.00 | 21.50 |",
-                        "| 2 | iter2/model/merged | 5 | 2 | 2.0000 | 61.00 | 22.00 | 22.50 |"]
+    assert rows[:5] == ["| iteration | model | objective | epochs | records | pairs | train loss | QA acc | QA acc (rule R) "
+                        "| IMHI w-F1 |",
+                        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+                        "| 0 | embedded | – | – | – | – | – | 41.00 | – | 20.50 |",
+                        "| 1 | iter1/model/merged | sft | 4 | 2 | – | 2.5000 | 51.00 | 17.00 | 21.50 |",
+                        "| 2 | iter2/model/merged | sft | 5 | 2 | – | 2.0000 | 61.00 | 22.00 | 22.50 |"]
+    assert all("objective" not in a for a in fake.of("llama_finetune.py"))  # sft: the paper's command line
     # per set: each QA set with its rule-R score beside it, then the IMHI sets
     assert rows[5:7] == ["| iteration | MedQA | MedQA (rule R) | PubMedQA | PubMedQA (rule R) | IMHI/CAMS | IMHI/dreaddit |",
                          "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -171,7 +181,7 @@ def test_steps_run_in_order_and_each_model_feeds_the_next(tmp_path, stages, caps
     assert state["steps"]["2/eval_qa"]["outputs"]["accuracy_reference"] == 22.0
     out = capsys.readouterr().out
     assert "[iterate] iteration 1/2 finetune: llama_finetune.py --method=lora" in out
-    assert "| 2 | iter2/model/merged | 5 | 2 | 2.0000 | 61.00 | 22.00 | 22.50 |" in out
+    assert "| 2 | iter2/model/merged | sft | 5 | 2 | – | 2.0000 | 61.00 | 22.00 | 22.50 |" in out
 
 
 @pytest.mark.parametrize("args, schedule", [
@@ -283,6 +293,75 @@ def test_openai_path_takes_each_fine_tuned_id_from_data_process(tmp_path, stages
     assert [len(u["content"].splitlines()) for u in server.uploads] == [6, 6]  # 3 records, 2 pairs each
     written = "".join(p.read_text() for p in work.rglob("*") if p.is_file() and p.suffix in (".json", ".md"))
     assert KEY not in written and second in (work / "summary.md").read_text()
+    assert all("method" not in a for a in fake.of("data_process.py"))  # sft: the paper's command line
+    outputs = state_of(work)["steps"]["2/finetune"]["outputs"]
+    assert (outputs["objective"], outputs["pairs"], outputs["examples"]) == ("sft", None, 6)
+
+
+# ---------------------------------------------------------------------------------- --objective
+@pytest.mark.parametrize("objective", ["dpo", "sft+dpo"])
+def test_the_objective_reaches_llama_finetune_and_the_summary_shows_its_pairs(tmp_path, stages, capsys, objective):
+    work, fake = tmp_path / "run", stages()
+    assert iterate.main(["--work_dir", str(work), "--iterations", "2", "--eval", "none", "--objective", objective,
+                         *QUICK, "--finetune_args", '{"beta": 0.2, "min_margin": 3}']) == 0
+    assert [(a["objective"], a["beta"], a["min_margin"], a["nepoch"]) for a in fake.of("llama_finetune.py")] == \
+        [(objective, 0.2, 3, 4), (objective, 0.2, 3, 5)]
+    assert [c["args"]["objective"] for c in state_of(work)["steps"]["1/finetune"]["calls"]] == [objective]
+    assert state_of(work)["settings"]["objective"] == objective
+    outputs = state_of(work)["steps"]["2/finetune"]["outputs"]
+    assert (outputs["objective"], outputs["pairs"]) == (objective, 27)  # read back from finetune_config.json
+    summary = (work / "summary.md").read_text()
+    assert f"open backend, objective {objective}; starting model embedded" in summary
+    rows = [line for line in summary.splitlines() if line.startswith("| ")]
+    assert rows[2:] == [f"| 1 | iter1/model/merged | {objective} | 4 | 2 | 17 | 2.5000 | – | – | – |",
+                        f"| 2 | iter2/model/merged | {objective} | 5 | 2 | 27 | 2.0000 | – | – | – |"]
+    assert "pairs: the preference pairs the fine-tuning trained on" in summary
+    out = capsys.readouterr().out
+    assert f"[iterate] open backend, objective {objective}, 2 iteration(s)" in out
+    assert f"llama_finetune.py --method=lora --max_steps=3 --objective={objective} --beta=0.2 --min_margin=3" in out
+
+
+def test_a_changed_objective_is_refused_and_restart_redoes_only_the_fine_tuning(tmp_path, stages, capsys):
+    work = tmp_path / "run"
+    base = ["--work_dir", str(work), "--iterations", "1", "--eval", "none", *QUICK]
+    stages()
+    assert iterate.main(base) == 0
+    fake = stages()
+    assert iterate.main([*base, "--objective", "dpo"]) == 2
+    err = capsys.readouterr().err
+    assert "iteration 1 finetune ran with other settings (--objective None -> dpo)" in err and fake.calls == []
+
+    assert iterate.main([*base, "--objective", "dpo", "--restart"]) == 0
+    assert [(c["script"], c["args"].get("objective")) for c in fake.calls] == [("llama_finetune.py", "dpo")]
+    rows = [line for line in (work / "summary.md").read_text().splitlines() if line.startswith("| 1 ")]
+    assert rows == ["| 1 | iter1/model/merged | dpo | 4 | 2 | 17 | 2.5000 | – | – | – |"]
+    assert iterate.main([*base, "--objective", "dpo"]) == 0 and len(fake.calls) == 1  # the same: nothing to do
+
+
+def test_openai_dpo_jobs_start_from_a_dpo_capable_model_and_count_their_pairs(tmp_path, stages, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    work = tmp_path / "gpt"
+    with FakeOpenAI(job_statuses=("queued", "succeeded")) as server:
+        fake = stages(real={"data_process.py": data_process.main})
+        code = iterate.main(["--work_dir", str(work), "--backend", "openai", "--api_base", server.base_url,
+                             "--objective", "dpo", "--eval", "none", "--limit", "3",
+                             "--finetune_args", '{"min_examples": 0, "poll_seconds": 0.01, "beta": 0.1}'])
+    assert code == 0
+    assert [a["method"] for a in fake.of("data_process.py")] == ["dpo", "dpo"]
+    assert [j["method"] for j in server.job_creates] == [
+        {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": n, "beta": 0.1}}} for n in (4, 6)]
+    first = state_of(work)["steps"]["1/finetune"]["outputs"]["model"]
+    assert first.startswith("ft:gpt-4.1-mini-2025-04-14:fake::")
+    assert [j["model"] for j in server.job_creates] == ["gpt-4.1-mini-2025-04-14", first]
+    assert [a["base_model"] for a in fake.of("arena_med.py")] == ["gpt-4.1-mini-2025-04-14", first]
+    # 3 records: a treatment pair (gap 6) and a medication pair (gap 4) each
+    assert [len(u["content"].splitlines()) for u in server.uploads] == [6, 6]
+    assert (work / "iter1" / "finetune.openai_dpo.jsonl").is_file()
+    assert not (work / "iter1" / "finetune.openai.jsonl").exists()
+    outputs = state_of(work)["steps"]["2/finetune"]["outputs"]
+    assert (outputs["objective"], outputs["pairs"]) == ("dpo", 6)
+    rows = [line for line in (work / "summary.md").read_text().splitlines() if line.startswith("| 1 ")]
+    assert rows == [f"| 1 | {first} | dpo | 4 | 3 | 6 | – | – | – | – |"]
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -306,6 +385,14 @@ def test_openai_path_takes_each_fine_tuned_id_from_data_process(tmp_path, stages
     (["--backend", "openai"], "OPENAI_API_KEY is not set"),
     (["--backend", "openai", "--api_base", "http://127.0.0.1:1/v1", "--epochs", "4,1.5"],
      "--epochs must be a comma list of whole numbers"),
+    (["--objective", "ppo"], "--objective must be one of sft, dpo, sft+dpo, not 'ppo'"),
+    (["--backend", "openai", "--api_base", "http://127.0.0.1:1/v1", "--objective", "sft+dpo"],
+     "--objective sft+dpo is for --backend open; OpenAI fine-tunes one method per job"),
+    (["--finetune_args", '{"objective": "dpo"}'], "--finetune_args: objective is not yours to set here: use --objective"),
+    (["--backend", "openai", "--api_base", "http://127.0.0.1:1/v1", "--finetune_args", '{"method": "dpo"}'],
+     "--finetune_args: method is not yours to set here: use --objective (sft or dpo)"),
+    (["--finetune_args", '{"beta": 0.1, "min_margin": 3}'],
+     "--finetune_args: min_margin, beta are for --objective dpo or sft+dpo"),
 ])
 def test_bad_input_is_one_line_exit_2_and_runs_nothing(tmp_path, stages, capsys, monkeypatch, args, message):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
