@@ -132,3 +132,29 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found: the reference data folder ../shared/data is absent")
     return path
+
+
+FAKE_OPENAI_KEY = "sk-proj-UNIT0TEST0KEY0abcdef123456"  # a key-shaped secret the tests look for in every output
+
+
+@pytest.fixture
+def openai_cwd(monkeypatch, tmp_path):
+    """OPENAI_API_KEY set to the test key, no OPENAI_BASE_URL, and a fresh folder as the working directory."""
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_OPENAI_KEY)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The embedded tokenizer, once per test module."""
+    return embedded_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, tokenizer):
+    """A tiny random Llama for training tests (the fine-tuning and DPO ones). Weights a little larger
+    than usual, so that a few LoRA steps move the (frozen) output layer's logits."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, max_position_embeddings=512,
+                           initializer_range=0.2)

@@ -5,12 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import FAKE_OPENAI_KEY as KEY
 from fake_openai import FakeOpenAI, Faults
 
 import data_process
 from data_process import main, validate_chat_file
-
-KEY = "sk-proj-UNIT0TEST0KEY0abcdef123456"
 
 
 def record(i: int) -> dict:
@@ -23,40 +22,32 @@ def write_records(path: Path, n: int) -> Path:
     return path
 
 
-@pytest.fixture
-def env(monkeypatch, tmp_path):
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def run(server: FakeOpenAI | None, *args: str) -> int:
     base = ["--api_base", server.base_url, "--poll_seconds", "0.01"] if server else []
     return main(["--input_file", "records.jsonl", "--finetune_file", "ft.jsonl", *base, *args])
 
 
-def test_convert_only_writes_a_valid_file_and_calls_nothing(env, capsys, monkeypatch):
+def test_convert_only_writes_a_valid_file_and_calls_nothing(openai_cwd, capsys, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
-    write_records(env / "records.jsonl", 6)
+    write_records(openai_cwd / "records.jsonl", 6)
     assert run(None, "--convert_only") == 0
-    rows = [json.loads(line) for line in (env / "ft.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(line) for line in (openai_cwd / "ft.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 6 * 2 + 3  # three odd records keep their medication pair
-    assert validate_chat_file(env / "ft.jsonl") == []
+    assert validate_chat_file(openai_cwd / "ft.jsonl") == []
     assert "6 records" in capsys.readouterr().out
-    assert not (env / "ft.jsonl.job.json").exists()
+    assert not (openai_cwd / "ft.jsonl.job.json").exists()
 
 
-def test_upload_create_wait_and_a_rerun_reuses_the_job(env, capsys):
-    write_records(env / "records.jsonl", 6)
+def test_upload_create_wait_and_a_rerun_reuses_the_job(openai_cwd, capsys):
+    write_records(openai_cwd / "records.jsonl", 6)
     with FakeOpenAI() as server:
         assert run(server, "--n_epochs", "3", "--suffix", "iter1") == 0
         assert len(server.uploads) == 1 and len(server.job_creates) == 1
         upload, create = server.uploads[0], server.job_creates[0]
-        assert upload["purpose"] == "fine-tune" and upload["content"] == (env / "ft.jsonl").read_bytes()
+        assert upload["purpose"] == "fine-tune" and upload["content"] == (openai_cwd / "ft.jsonl").read_bytes()
         assert create == {"training_file": upload["id"], "model": "gpt-3.5-turbo-0125", "suffix": "iter1",
                           "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}}}
-        state = json.loads((env / "ft.jsonl.job.json").read_text())
+        state = json.loads((openai_cwd / "ft.jsonl.job.json").read_text())
         assert (state["file_id"], state["status"]) == (upload["id"], "validating_files")
         assert server.retrieves == []
         capsys.readouterr()
@@ -67,15 +58,15 @@ def test_upload_create_wait_and_a_rerun_reuses_the_job(env, capsys):
         assert "reusing it" in out and f"fine-tuned model ft:gpt-3.5-turbo-0125:fake::{job_id}" in out
         assert len(server.job_creates) == 1 and len(server.uploads) == 1
         assert set(server.retrieves) == {job_id}
-        state = json.loads((env / "ft.jsonl.job.json").read_text())
+        state = json.loads((openai_cwd / "ft.jsonl.job.json").read_text())
         assert (state["status"], state["fine_tuned_model"]) == ("succeeded", f"ft:gpt-3.5-turbo-0125:fake::{job_id}")
 
         assert run(server, "--n_epochs", "3", "--suffix", "iter1") == 0  # done: still no second job
         assert len(server.job_creates) == 1
 
 
-def test_wait_follows_the_statuses_to_the_model_id(env, capsys):
-    write_records(env / "records.jsonl", 6)
+def test_wait_follows_the_statuses_to_the_model_id(openai_cwd, capsys):
+    write_records(openai_cwd / "records.jsonl", 6)
     with FakeOpenAI() as server:
         assert run(server, "--wait") == 0
         out = capsys.readouterr().out
@@ -84,24 +75,24 @@ def test_wait_follows_the_statuses_to_the_model_id(env, capsys):
         assert statuses[3].startswith("succeeded, fine-tuned model ft:gpt-3.5-turbo-0125:fake::ftjob-")
 
 
-def test_new_data_or_settings_make_a_new_job(env, capsys):
-    write_records(env / "records.jsonl", 6)
+def test_new_data_or_settings_make_a_new_job(openai_cwd, capsys):
+    write_records(openai_cwd / "records.jsonl", 6)
     with FakeOpenAI() as server:
         assert run(server) == 0
-        first = json.loads((env / "ft.jsonl.job.json").read_text())["job_id"]
+        first = json.loads((openai_cwd / "ft.jsonl.job.json").read_text())["job_id"]
         assert run(server, "--n_epochs", "6") == 0  # same data: the upload is reused
         assert (len(server.uploads), len(server.job_creates)) == (1, 2)
         assert "n_epochs changed since job" in capsys.readouterr().out
-        write_records(env / "records.jsonl", 7)
+        write_records(openai_cwd / "records.jsonl", 7)
         assert run(server, "--n_epochs", "6") == 0
         assert (len(server.uploads), len(server.job_creates)) == (2, 3)
-        state = json.loads((env / "ft.jsonl.job.json").read_text())
+        state = json.loads((openai_cwd / "ft.jsonl.job.json").read_text())
         assert state["previous_jobs"][0] == first and len(state["previous_jobs"]) == 2
         assert "data_sha256 changed" in capsys.readouterr().out
 
 
-def test_a_failed_job_exits_1_and_a_rerun_starts_again(env, capsys):
-    write_records(env / "records.jsonl", 6)
+def test_a_failed_job_exits_1_and_a_rerun_starts_again(openai_cwd, capsys):
+    write_records(openai_cwd / "records.jsonl", 6)
     with FakeOpenAI(job_statuses=("queued", "running", "failed")) as server:
         assert run(server, "--wait") == 1
         assert "failed (The job failed (scripted by the fake server).)" in capsys.readouterr().out
@@ -111,8 +102,8 @@ def test_a_failed_job_exits_1_and_a_rerun_starts_again(env, capsys):
         assert len(server.job_creates) == 2 and len(server.uploads) == 1
 
 
-def test_the_key_never_leaks(env, capsys):
-    write_records(env / "records.jsonl", 6)
+def test_the_key_never_leaks(openai_cwd, capsys):
+    write_records(openai_cwd / "records.jsonl", 6)
     with FakeOpenAI(require_key=KEY) as server:
         assert run(server, "--wait", "--api_key", KEY) == 0
         with FakeOpenAI(require_key="sk-another-key-entirely") as refusing:  # quotes the key it got in its 401
@@ -125,27 +116,27 @@ def test_the_key_never_leaks(env, capsys):
     assert "--api_key puts the key in your shell history" in err
     assert "HTTP 401 AuthenticationError invalid_api_key" in err
     assert "uploading ft.jsonl: HTTP 400 BadRequestError fake_400: injected 400 (request had Authorization: Bearer " in err
-    written = b"".join(p.read_bytes() for p in env.rglob("*") if p.is_file())
+    written = b"".join(p.read_bytes() for p in openai_cwd.rglob("*") if p.is_file())
     for text in (out, err, written.decode()):
         assert KEY not in text and KEY[8:20] not in text
 
 
-def test_api_errors_are_one_line_and_exit_1(env, capsys):
-    write_records(env / "records.jsonl", 6)
+def test_api_errors_are_one_line_and_exit_1(openai_cwd, capsys):
+    write_records(openai_cwd / "records.jsonl", 6)
     with FakeOpenAI(ft_faults=Faults(["400"])) as server:
         assert run(server) == 1
         err = capsys.readouterr().err.strip()
         assert err == f"error: {server.base_url}: uploading ft.jsonl: HTTP 400 BadRequestError fake_400: injected 400"
-        assert not (env / "ft.jsonl.job.json").exists()
+        assert not (openai_cwd / "ft.jsonl.job.json").exists()
         assert run(server) == 0  # nothing was recorded, so the re-run simply does it all
 
 
-def test_an_upload_is_reused_when_the_job_creation_failed(env, capsys):
-    write_records(env / "records.jsonl", 6)
+def test_an_upload_is_reused_when_the_job_creation_failed(openai_cwd, capsys):
+    write_records(openai_cwd / "records.jsonl", 6)
     with FakeOpenAI(ft_faults=Faults(["ok", "400"])) as server:
         assert run(server) == 1
         assert "creating the fine-tuning job: HTTP 400" in capsys.readouterr().err
-        state = json.loads((env / "ft.jsonl.job.json").read_text())
+        state = json.loads((openai_cwd / "ft.jsonl.job.json").read_text())
         assert state["file_id"] == server.uploads[0]["id"] and state["job_id"] is None
         assert run(server) == 0
         assert len(server.uploads) == 1 and server.job_creates[0]["training_file"] == state["file_id"]
@@ -160,32 +151,32 @@ def test_an_upload_is_reused_when_the_job_creation_failed(env, capsys):
     ([record(0)], ("--poll_seconds", "0"), "--poll_seconds must be positive"),
     ([{"symptom": "x"}], (), "records.jsonl: no training examples"),
 ])
-def test_bad_input_exits_2_with_one_line_and_calls_nothing(env, capsys, lines, args, message):
+def test_bad_input_exits_2_with_one_line_and_calls_nothing(openai_cwd, capsys, lines, args, message):
     if lines is not None:
-        (env / "records.jsonl").write_text("".join(x if isinstance(x, str) else json.dumps(x) + "\n" for x in lines))
-    (env / "ft.jsonl").write_text("earlier output\n")
+        (openai_cwd / "records.jsonl").write_text("".join(x if isinstance(x, str) else json.dumps(x) + "\n" for x in lines))
+    (openai_cwd / "ft.jsonl").write_text("earlier output\n")
     with FakeOpenAI() as server:
         assert run(server, *args) == 2
         assert server.uploads == [] and server.job_creates == []
-    assert (env / "ft.jsonl").read_text() == "earlier output\n"
+    assert (openai_cwd / "ft.jsonl").read_text() == "earlier output\n"
     errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning: ")]
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
 
 
-def test_no_key_or_a_broken_state_file_is_bad_input_found_before_writing(env, capsys, monkeypatch):
-    write_records(env / "records.jsonl", 6)
-    (env / "ft.jsonl.job.json").write_text("{torn")
+def test_no_key_or_a_broken_state_file_is_bad_input_found_before_writing(openai_cwd, capsys, monkeypatch):
+    write_records(openai_cwd / "records.jsonl", 6)
+    (openai_cwd / "ft.jsonl.job.json").write_text("{torn")
     assert run(None) == 2
     assert "ft.jsonl.job.json: not valid JSON (delete it to start a new job)" in capsys.readouterr().err
     monkeypatch.delenv("OPENAI_API_KEY")
     assert run(None) == 2
     assert "OPENAI_API_KEY is not set" in capsys.readouterr().err
-    assert not (env / "ft.jsonl").exists()
+    assert not (openai_cwd / "ft.jsonl").exists()
 
 
-def test_several_inputs_as_a_comma_list(env):
-    write_records(env / "a.jsonl", 6)
-    (env / "b.jsonl").write_text(json.dumps(record(6)) + "\n" + json.dumps({"illness": "x"}) + "\n")
+def test_several_inputs_as_a_comma_list(openai_cwd):
+    write_records(openai_cwd / "a.jsonl", 6)
+    (openai_cwd / "b.jsonl").write_text(json.dumps(record(6)) + "\n" + json.dumps({"illness": "x"}) + "\n")
     result = data_process.run("a.jsonl,b.jsonl", convert_only=True)
     assert result["finetune_file"] == "a.openai.jsonl"
     assert result["report"]["records"] == 8 and result["report"]["rows"] == 15 + 2

@@ -6,14 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import FAKE_OPENAI_KEY as KEY
 from conftest import shared_data
 from fake_openai import FakeOpenAI, Faults
+from test_data_process import run as run_sft
 
 import data_process
 from data_process import main
 from mentalarena.preference import validate_openai_file
 
-KEY = "sk-proj-UNIT0TEST0DPO0KEY0abcdef1234"
 SYSTEM = "You are a psychiatric expert."
 QUESTION = {"diagnosis": "Which mental health condition best explains what this patient is going through?",
             "treatment": "Which treatment would you recommend for this patient, and why?",
@@ -63,27 +64,19 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.fixture
-def env(monkeypatch, tmp_path):
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def run(server: FakeOpenAI | None, *args: str) -> int:
-    base = ["--api_base", server.base_url, "--poll_seconds", "0.01"] if server else []
-    return main(["--input_file", "records.jsonl", "--finetune_file", "ft.jsonl", "--method", "dpo", *base, *args])
+    """data_process.py as the SFT tests run it (records.jsonl -> ft.jsonl, the fake server), with --method dpo."""
+    return run_sft(server, "--method", "dpo", *args)
 
 
-def state(env: Path) -> dict:
-    return json.loads((env / "ft.jsonl.job.json").read_text())
+def state(openai_cwd: Path) -> dict:
+    return json.loads((openai_cwd / "ft.jsonl.job.json").read_text())
 
 
 # ---------------------------------------------------------------------------------- conversion
-def test_convert_only_writes_exactly_the_expected_pairs(env, capsys, monkeypatch):
+def test_convert_only_writes_exactly_the_expected_pairs(openai_cwd, capsys, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
-    write_records(env / "records.jsonl", 4)
+    write_records(openai_cwd / "records.jsonl", 4)
     result = data_process.run("records.jsonl", method="dpo", convert_only=True)
     out = Path(result["finetune_file"])
     assert out.name == "records.openai_dpo.jsonl"  # the SFT file (.openai.jsonl) is another one
@@ -105,22 +98,22 @@ def test_convert_only_writes_exactly_the_expected_pairs(env, capsys, monkeypatch
     (("--min_margin", "1"), expected(3, medication=True)),
     (("--min_margin", "6"), expected(3, diagnosis=True)[::2]),  # the treatment gap (5) is now too small
 ])
-def test_the_pair_flags_reach_the_builder(env, monkeypatch, args, rows):
+def test_the_pair_flags_reach_the_builder(openai_cwd, monkeypatch, args, rows):
     monkeypatch.delenv("OPENAI_API_KEY")
-    write_records(env / "records.jsonl", 3)
+    write_records(openai_cwd / "records.jsonl", 3)
     assert run(None, "--convert_only", *args) == 0
-    assert read_rows(env / "ft.jsonl") == rows
+    assert read_rows(openai_cwd / "ft.jsonl") == rows
 
 
-def test_sft_stays_the_default_and_keeps_its_file_name(env, monkeypatch):
+def test_sft_stays_the_default_and_keeps_its_file_name(openai_cwd, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
-    write_records(env / "records.jsonl", 2)
+    write_records(openai_cwd / "records.jsonl", 2)
     result = data_process.run("records.jsonl", convert_only=True)
     assert result["finetune_file"] == "records.openai.jsonl" and result["method"] == "sft" and "pairs" not in result
-    assert all("messages" in r for r in read_rows(env / "records.openai.jsonl"))
+    assert all("messages" in r for r in read_rows(openai_cwd / "records.openai.jsonl"))
 
 
-def test_the_reference_records_carry_no_scores(env, capsys):
+def test_the_reference_records_carry_no_scores(openai_cwd, capsys):
     reference = shared_data("arena_outputs", "gpt_iter1_output.jsonl")
     with FakeOpenAI() as server:
         assert main(["--input_file", str(reference), "--finetune_file", "ft.jsonl", "--method", "dpo",
@@ -129,21 +122,21 @@ def test_the_reference_records_carry_no_scores(env, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {reference}: no preference pairs: ")
     assert "none of the 257 records carries try-and-reflect scores" in err
-    assert not (env / "ft.jsonl").exists()
+    assert not (openai_cwd / "ft.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------------- the job
-def test_the_dpo_job_carries_its_method_epochs_and_beta_and_a_rerun_reuses_it(env, capsys):
-    write_records(env / "records.jsonl", 6)
+def test_the_dpo_job_carries_its_method_epochs_and_beta_and_a_rerun_reuses_it(openai_cwd, capsys):
+    write_records(openai_cwd / "records.jsonl", 6)
     with FakeOpenAI() as server:
         assert run(server, "--n_epochs", "3", "--beta", "0.2") == 0
         (upload,), (create,) = server.uploads, server.job_creates
-        assert upload["content"] == (env / "ft.jsonl").read_bytes() and validate_openai_file(env / "ft.jsonl") == []
+        assert upload["content"] == (openai_cwd / "ft.jsonl").read_bytes() and validate_openai_file(openai_cwd / "ft.jsonl") == []
         assert create == {"training_file": upload["id"], "model": "gpt-4.1-mini-2025-04-14",
                           "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 3, "beta": 0.2}}}}
-        job_id = state(env)["job_id"]
+        job_id = state(openai_cwd)["job_id"]
         assert server.jobs[job_id]["job"]["hyperparameters"] == {"n_epochs": 3, "beta": 0.2}
-        assert (state(env)["method"], state(env)["beta"]) == ("dpo", 0.2)
+        assert (state(openai_cwd)["method"], state(openai_cwd)["beta"]) == ("dpo", 0.2)
         assert "wrote 12 preference pairs" in capsys.readouterr().out
 
         assert run(server, "--n_epochs", "3", "--beta", "0.2", "--wait") == 0  # the same job, waited for
@@ -156,8 +149,8 @@ def test_the_dpo_job_carries_its_method_epochs_and_beta_and_a_rerun_reuses_it(en
         assert len(server.job_creates) == 1
 
 
-def test_a_changed_beta_or_method_makes_a_new_job(env, capsys):
-    write_records(env / "records.jsonl", 6)
+def test_a_changed_beta_or_method_makes_a_new_job(openai_cwd, capsys):
+    write_records(openai_cwd / "records.jsonl", 6)
     with FakeOpenAI() as server:
         assert run(server, "--beta", "0.2") == 0
         assert run(server, "--beta", "0.5") == 0  # same data: the upload is reused
@@ -165,7 +158,7 @@ def test_a_changed_beta_or_method_makes_a_new_job(env, capsys):
         assert "beta changed since job" in capsys.readouterr().out
         assert run(server, "--beta", "auto") == 0  # OpenAI chooses: no beta sent
         assert server.job_creates[-1]["method"] == {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 4}}}
-        assert server.jobs[state(env)["job_id"]]["job"]["hyperparameters"] == {"n_epochs": 4, "beta": "auto"}
+        assert server.jobs[state(openai_cwd)["job_id"]]["job"]["hyperparameters"] == {"n_epochs": 4, "beta": "auto"}
         assert len(server.job_creates) == 3
 
         # the same file name for SFT: other data, other method, another job on the SFT default model
@@ -174,24 +167,24 @@ def test_a_changed_beta_or_method_makes_a_new_job(env, capsys):
         assert (len(server.uploads), len(server.job_creates)) == (2, 4)
         assert server.job_creates[-1]["model"] == "gpt-3.5-turbo-0125"
         assert server.job_creates[-1]["method"]["type"] == "supervised"
-        assert len(state(env)["previous_jobs"]) == 3
+        assert len(state(openai_cwd)["previous_jobs"]) == 3
 
 
-def test_a_job_recorded_before_method_existed_is_an_sft_job_and_reused(env, capsys):
-    write_records(env / "records.jsonl", 6)
+def test_a_job_recorded_before_method_existed_is_an_sft_job_and_reused(openai_cwd, capsys):
+    write_records(openai_cwd / "records.jsonl", 6)
     argv = ["--input_file", "records.jsonl", "--finetune_file", "ft.jsonl", "--poll_seconds", "0.01"]
     with FakeOpenAI() as server:
         assert main([*argv, "--api_base", server.base_url]) == 0
-        old = {k: v for k, v in state(env).items() if k not in ("method", "beta")}  # as written before --method
-        (env / "ft.jsonl.job.json").write_text(json.dumps(old))
+        old = {k: v for k, v in state(openai_cwd).items() if k not in ("method", "beta")}  # as written before --method
+        (openai_cwd / "ft.jsonl.job.json").write_text(json.dumps(old))
         assert main([*argv, "--api_base", server.base_url]) == 0
         assert "reusing it" in capsys.readouterr().out and len(server.job_creates) == 1
         assert run(server) == 0  # but DPO on the same file name is another job
         assert len(server.job_creates) == 2
 
 
-def test_the_key_never_leaks(env, capsys):
-    write_records(env / "records.jsonl", 6)
+def test_the_key_never_leaks(openai_cwd, capsys):
+    write_records(openai_cwd / "records.jsonl", 6)
     with FakeOpenAI(require_key=KEY) as server:
         assert run(server, "--wait", "--api_key", KEY) == 0
         with FakeOpenAI(require_key="sk-another-key-entirely") as refusing:  # quotes the key it got in its 401
@@ -204,14 +197,14 @@ def test_the_key_never_leaks(env, capsys):
     assert "--api_key puts the key in your shell history" in err
     assert "HTTP 401 AuthenticationError invalid_api_key" in err
     assert "creating the fine-tuning job: HTTP 400 BadRequestError fake_400: injected 400 (request had " in err
-    written = b"".join(p.read_bytes() for p in env.rglob("*") if p.is_file())
+    written = b"".join(p.read_bytes() for p in openai_cwd.rglob("*") if p.is_file())
     for text in (out, err, written.decode()):
         assert KEY not in text and KEY[8:20] not in text
 
 
-def test_a_gpt_3_5_model_is_warned_about_not_refused(env, capsys, monkeypatch):
+def test_a_gpt_3_5_model_is_warned_about_not_refused(openai_cwd, capsys, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
-    write_records(env / "records.jsonl", 6)
+    write_records(openai_cwd / "records.jsonl", 6)
     assert run(None, "--convert_only", "--base_model", "gpt-3.5-turbo-0125") == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "DPO" in line]
     assert warnings == ["warning: OpenAI offers DPO for the gpt-4.1 models, not gpt-3.5-turbo-0125; the job will "
@@ -230,19 +223,19 @@ def test_a_gpt_3_5_model_is_warned_about_not_refused(env, capsys, monkeypatch):
     ([scored(0), {**scored(1), "treatment_search": 3}], (), 'records.jsonl: line 2: field "treatment_search" must be'),
     ([{"messages": [{"role": "user", "content": "q"}]}], (), "records.jsonl: line 1: an SFT row"),
 ])
-def test_bad_input_exits_2_with_one_line_and_calls_nothing(env, capsys, lines, args, message):
-    (env / "records.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    (env / "ft.jsonl").write_text("earlier output\n")
+def test_bad_input_exits_2_with_one_line_and_calls_nothing(openai_cwd, capsys, lines, args, message):
+    (openai_cwd / "records.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (openai_cwd / "ft.jsonl").write_text("earlier output\n")
     with FakeOpenAI() as server:
         assert run(server, *args) == 2
         assert server.uploads == [] and server.job_creates == []
-    assert (env / "ft.jsonl").read_text() == "earlier output\n"
+    assert (openai_cwd / "ft.jsonl").read_text() == "earlier output\n"
     errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning: ")]
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
 
 
-def test_beta_belongs_to_dpo(env, capsys):
-    write_records(env / "records.jsonl", 6)
+def test_beta_belongs_to_dpo(openai_cwd, capsys):
+    write_records(openai_cwd / "records.jsonl", 6)
     assert main(["--input_file", "records.jsonl", "--convert_only", "--beta", "0.1"]) == 2
     assert capsys.readouterr().err == "error: --beta is for --method dpo (the strength of DPO's preference penalty)\n"
-    assert not (env / "records.openai.jsonl").exists()
+    assert not (openai_cwd / "records.openai.jsonl").exists()

@@ -13,9 +13,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import embedded_tokenizer, make_tiny_llama, shared_data
+from conftest import shared_data
+from test_llama_finetune import assert_arena_runs_on
 
-import arena_med
 import llama_finetune
 from mentalarena.jsonl import read_jsonl
 from mentalarena.preference import load_preferences, to_trl_text
@@ -48,17 +48,6 @@ def scored_record(i: int) -> dict:
 def write_scored(path, n=4):
     path.write_text("".join(json.dumps(scored_record(i)) + "\n" for i in range(n)), encoding="utf-8")
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return embedded_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, tokenizer):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, max_position_embeddings=512,
-                           initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -246,14 +235,7 @@ def test_embedded_model_one_dpo_step_merged_and_used_by_arena_med(tmp_path):
     assert config["settings"]["method"] == "lora" and config["base_gguf_file"].endswith(".gguf")
     assert config["preference"]["diagnosis_similarity"] == 2 and config["preference"]["kinds"]["diagnosis"] == 2
     assert math.isfinite(config["summary"]["train_loss"])
-    merged = out / "smol" / "merged"
-    arena_out = tmp_path / "arena_after.jsonl"
-    code = arena_med.main(["--base_model", str(merged), "--output_file", str(arena_out), "--limit", "1",
-                           "--max_new_tokens", "8", "--dialogue_rounds", "1", "--max_decode_rounds", "0",
-                           "--max_tries", "1", "--progress", "False"])
-    assert code == 0
-    (record,) = read_jsonl(arena_out)
-    assert record["models"]["base"] == f"hf:{merged}" and record["illness"]
+    assert_arena_runs_on(out / "smol" / "merged", tmp_path)
 
 
 @pytest.mark.gpu

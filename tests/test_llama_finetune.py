@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_up_to_a_tie, embedded_tokenizer, make_tiny_llama, reply_token_ids
+from conftest import assert_same_up_to_a_tie, reply_token_ids
 
 import arena_med
 import llama_finetune
@@ -41,18 +42,6 @@ def write_records(path, n=4):
                                 "explain_t": "it reframes the thoughts", "medicine": MEDICINES[i],
                                 "explain_m": "it lifts the mood"}) + "\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return embedded_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, tokenizer):
-    """Weights a little larger than usual, so that a few LoRA steps move the (frozen) output layer's logits."""
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, max_position_embeddings=512,
-                           initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -339,13 +328,18 @@ def test_embedded_model_finetuned_merged_and_used_by_arena_med(tmp_path, records
                                    rtol=1e-4, atol=1e-4)
     del via_adapter, via_merged
 
-    arena_out = tmp_path / "arena.jsonl"
-    code = arena_med.main(["--base_model", str(merged), "--output_file", str(arena_out), "--limit", "1",
+    assert_arena_runs_on(merged, tmp_path)
+
+
+def assert_arena_runs_on(model: Path, tmp_path: Path) -> None:
+    """One short self-play session with `model` as the base model: it loads, plays and names an illness."""
+    arena_out = tmp_path / "arena_after.jsonl"
+    code = arena_med.main(["--base_model", str(model), "--output_file", str(arena_out), "--limit", "1",
                            "--max_new_tokens", "8", "--dialogue_rounds", "1", "--max_decode_rounds", "0",
                            "--max_tries", "1", "--progress", "False"])
     assert code == 0
     (record,) = read_jsonl(arena_out)
-    assert record["models"]["base"] == f"hf:{merged}" and record["illness"]
+    assert record["models"]["base"] == f"hf:{model}" and record["illness"]
 
 
 @pytest.mark.gpu
