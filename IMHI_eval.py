@@ -28,7 +28,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from mentalarena import cli, imhi
+from mentalarena import cli, figures, imhi
 from mentalarena.backends import endpoint_list, make_backend, resolve_backend
 from mentalarena.errors import InputError, check_choice
 from mentalarena.cli import answers_on_file, auto_dtype, model_tag, names, request_seed, settings_hash
@@ -139,7 +139,8 @@ def run(
 
 def report(output_dir: str = "outputs/imhi", output_file: str | None = None) -> str:
     """One markdown table (rows: test set and dataset, columns: rule sets side by side) from every
-    results JSON under `output_dir`, written to `output_file` (default `<output_dir>/report.md`)."""
+    results JSON under `output_dir`, written to `output_file` (default `<output_dir>/report.md`), with
+    a PNG beside it (`<report stem>_scores.png`, see `figure_panels`)."""
     found = sorted(Path(output_dir).rglob("*.results.json"))
     if not found:
         raise InputError(f"{output_dir}: no *.results.json files (run an evaluation first)")
@@ -158,11 +159,48 @@ def report(output_dir: str = "outputs/imhi", output_file: str | None = None) -> 
         text += ["## Explanation quality (golden vs generated)", "", *_explanation_table(rows), ""]
     text += ["Published (MentaLLaMA paper, second-hand): MentaLLaMA-chat-13B, weighted F1 with the classifier "
              "labels: " + ", ".join(f"{k} {v:.2f}" for k, v in PUBLISHED.items()) + ".", ""]
-    markdown = "\n".join(text)
     target = Path(output_file) if output_file else Path(output_dir) / "report.md"
+    figure = figures.score_bars(figure_panels(rows), target.with_name(f"{target.stem}_scores.png"),
+                                f"IMHI, {len(rows)} result files in {output_dir}")
+    text += [f"![IMHI scores]({figure.name}) `{figure.name}`: per dataset, each rule set's weighted F1 and "
+             "accuracy (the table's numbers; one run, no error bars), the majority answer dashed, the published "
+             "MentaLLaMA-chat-13B weighted F1 hatched (IMHI test sets only).", ""]
+    markdown = "\n".join(text)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(markdown, encoding="utf-8")
     return markdown
+
+
+def figure_panels(rows: list[dict]) -> list[dict]:
+    """What the report's figure draws (two `figures.score_bars` panels, weighted F1 then accuracy):
+    per dataset (`set/dataset`), one bar per model and rule set with the table's number, the
+    majority baseline of the first row of that dataset, and, for weighted F1, the published
+    MentaLLaMA-chat-13B number where the dataset is one of the IMHI test set's."""
+    several = len({str(r.get("model")) for r in rows}) > 1
+    present = [rules for rules in SCORE_COLUMNS if any(rules in row.get("scores", {}) for row in rows)]
+    groups = list(dict.fromkeys(_group(row) for row in rows))
+    panels = []
+    for key, title in (("weighted_f1", "weighted F1 (%)"), ("accuracy", "accuracy (%)")):
+        series: dict[str, dict] = {}
+        for row, rules in ((row, rules) for rules in present for row in rows):
+            label = f"{row.get('model')}: {rules}" if several else rules
+            entry = series.setdefault(label, {"label": label, "published": False, "values": {}, "errors": {}})
+            entry["values"][_group(row)] = ((row.get("scores") or {}).get(rules) or {}).get(key)
+        baseline: dict[str, float | None] = {}
+        for row in rows:
+            if baseline.get(_group(row)) is None:
+                baseline[_group(row)] = (row.get("majority_baseline") or {}).get(key)
+        published = [] if key != "weighted_f1" else [{
+            "label": "published: MentaLLaMA-chat-13B (classifier)", "published": True, "errors": {},
+            "values": {_group(r): PUBLISHED[r["dataset"]] for r in rows
+                       if r["dataset"] in PUBLISHED and r.get("test_set") in (None, "IMHI")}}]
+        panels.append({"title": title, "ylabel": title, "groups": groups, "series": list(series.values()) + published,
+                       "baseline": baseline, "baseline_label": "majority answer (constant)"})
+    return panels
+
+
+def _group(row: dict) -> str:
+    return f"{row['test_set']}/{row['dataset']}" if row.get("test_set") else row["dataset"]
 
 
 # ---------------------------------------------------------------------------------- the loop

@@ -22,7 +22,7 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
-from mentalarena import cli, qa
+from mentalarena import cli, figures, qa
 from mentalarena.backends import endpoint_list, make_backend, resolve_backend
 from mentalarena.errors import InputError, ModelCallError, check_choice
 from mentalarena.cli import answers_on_file, auto_dtype, model_tag, request_seed, settings_hash
@@ -41,6 +41,7 @@ GENERALIZATION_TABLE = [("MedMCQA", s) for s in (
         "medical_genetics", "college_biology", "college_medicine", "professional_medicine",
         "clinical_knowledge", "high_school_biology")]
 TABLES = {"main": MAIN_TABLE, "generalization": GENERALIZATION_TABLE}
+SCORERS = {"accuracy": "robust answer extraction", "accuracy_reference": "the reference's rule R (faithful)"}
 # METHOD.md §7 (second-hand transcription of the paper's Table 2), accuracy %.
 PUBLISHED = {
     "GPT-3.5-turbo": {"MedQA": 64.16, "MedMCQA": 33.76, "PubMedQA": 44.68},
@@ -136,24 +137,49 @@ def suite(
 
 def report(output_dir: str = "outputs/eval", output_file: str | None = None) -> str:
     """One markdown table (rows: models, columns: benchmarks, mean ± std over repeats) for each
-    scorer, from every results JSON under `output_dir`, next to the paper's published numbers."""
+    scorer, from every results JSON under `output_dir`, next to the paper's published numbers; beside
+    the report, one PNG per scorer (`<report stem>_<scorer>.png`, see `figure_panel`)."""
     found = sorted(Path(output_dir).rglob("*.results.json"))
     if not found:
         raise InputError(f"{output_dir}: no *.results.json files (run an evaluation first)")
     rows = [json.loads(p.read_text(encoding="utf-8")) for p in found]
     columns = sorted({r["benchmark"] for r in rows}, key=_column_order)
     text = [f"# Biomedical QA accuracy (%), from {len(rows)} result files in {output_dir}", ""]
-    for scorer, title in (("accuracy", "robust answer extraction"),
-                          ("accuracy_reference", "the reference's rule R (faithful)")):
-        text += [f"## {title} (`{scorer}`)", "", *_table(rows, columns, scorer), ""]
+    target = Path(output_file) if output_file else Path(output_dir) / "report.md"
+    for scorer, title in SCORERS.items():
+        figure = figures.score_bars([figure_panel(rows, columns, scorer)], target.with_name(
+            f"{target.stem}_{scorer}.png"), f"Biomedical QA accuracy, {title} (`{scorer}`), {output_dir}")
+        text += [f"## {title} (`{scorer}`)", "", *_table(rows, columns, scorer), "",
+                 f"![{scorer}]({figure.name}) `{figure.name}`: each model's mean with its std over repeats as "
+                 "the error bar (none for one run), the paper's published numbers hatched, the majority "
+                 "answer dashed.", ""]
     text += ["## Published (paper Table 2, METHOD.md §7; mean of 5 runs)", "",
              *_published_table(), "",
              "The paper's PubMedQA rows are 97.9 % 'yes' (the majority row above shows each set's "
              "constant-answer share); a score near it says little.", ""]
     markdown = "\n".join(text)
-    target = Path(output_file) if output_file else Path(output_dir) / "report.md"
     target.write_text(markdown, encoding="utf-8")
     return markdown
+
+
+def figure_panel(rows: list[dict], columns: list[str], scorer: str) -> dict:
+    """What the report's figure for `scorer` draws (a `figures.score_bars` panel): the numbers of
+    `_table` (each model's mean and std over repeats; no error bar for a single run), the majority
+    answer's accuracy as the baseline, and the paper's published numbers on the sets it has."""
+    by_model: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {})[r["benchmark"]] = r
+    series = [{"label": str(model), "published": False,
+               "values": {c: cells[c].get(scorer) for c in columns if c in cells},
+               "errors": {c: cells[c].get(f"{scorer}_std") for c in columns
+                          if c in cells and (cells[c].get("repeats") or 1) > 1}}
+              for model, cells in sorted(by_model.items(), key=lambda kv: str(kv[0]))]
+    series += [{"label": f"published: {model}", "published": True, "errors": {},
+                "values": {c: cells[c] for c in columns if c in cells}}
+               for model, cells in PUBLISHED.items() if any(c in cells for c in columns)]
+    return {"title": SCORERS[scorer], "ylabel": "accuracy (%)", "groups": list(columns), "series": series,
+            "baseline": {r["benchmark"]: (r.get("majority_baseline") or {}).get("accuracy") for r in rows},
+            "baseline_label": "majority answer (constant)"}
 
 
 # ---------------------------------------------------------------------------------- the loop

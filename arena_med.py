@@ -3,6 +3,8 @@
     python arena_med.py                                   # embedded SmolLM2, bundled sample patients
     python arena_med.py --base_model gpt-3.5-turbo --output_file test.jsonl
     python arena_med.py --base_model meta-llama/Meta-Llama-3-8B --judge_model gpt-4-turbo-2024-04-09
+    python arena_med.py --symptom_encoder off --output_file outputs/no_encoder.jsonl  # the paper's ablations
+    python arena_med.py --symptom_decoder off --output_file outputs/no_decoder.jsonl
 
 The session follows ../shared/docs/METHOD.md §4 step by step (numbers in the comments below).
 Re-running the same command resumes: finished sessions are skipped.
@@ -37,6 +39,8 @@ log = logging.getLogger("mentalarena.arena")
 ILLNESS_PROMPTS = ("name", "reference")
 FEEDBACK_MODES = ("steer", "reference")  # steer: decoder feedback reaches the doctor (paper's intent)
 DECODER_ITEMS = ("intermediate_belief", "intermediate_belief_depression", "coping_strategies", "situation")
+SWITCHES = ("on", "off")  # --symptom_encoder / --symptom_decoder: the paper's ablations
+PERSONA_TEMPLATES = ("patient_cbt", "patient_neutral")  # stored once per record, not at every turn
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,18 @@ class Settings:
     dtype: str | None = None    # local weights' precision (None: no role runs locally)
     patients_hash: str = ""     # the content of the whole patients file (so a larger --limit extends a run)
     principles_hash: str = ""
+    # the paper's ablations ("off": the component is left out of every session)
+    symptom_encoder: str = "on"
+    symptom_decoder: str = "on"
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        values = asdict(self)
+        # Added after records existed: at "on" they are left out of the hash, so an output made before
+        # them still resumes; "off" changes the hash, so an ablation never resumes into a full run.
+        for key in ("symptom_encoder", "symptom_decoder"):
+            if values[key] == "on":
+                del values[key]
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Session:
@@ -108,7 +121,7 @@ class Session:
         entry = {"step": step, "speaker": speaker, "model": model, "thread": thread, "template": template,
                  "n_messages": len(messages), "seed": seed,
                  # persona prompts are stored once per record (`personas`), not at every turn
-                 "prompt": None if template.startswith("patient_cbt") or prompt is None else prompt}
+                 "prompt": None if template in PERSONA_TEMPLATES or prompt is None else prompt}
         self.transcript.append(entry)  # in the order the calls were made, whatever order they end in
         reply = await client.chat(messages, seed)
         entry.update(reply=reply.text, prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
@@ -118,9 +131,10 @@ class Session:
         return reply.text
 
     async def patient_turn(self, step: str, persona: str) -> str:
+        template = "patient_cbt" if self.ctx.settings.symptom_encoder == "on" else "patient_neutral"
         if self.conv.mode == "reference":  # the persona is the user message, as in the reference
-            return await self.shared(step, "patient", "patient_cbt", persona, public=True)
-        return await self.shared(step, "patient", "patient_cbt", None, system=persona, public=True)
+            return await self.shared(step, "patient", template, persona, public=True)
+        return await self.shared(step, "patient", template, None, system=persona, public=True)
 
     async def doctor_turn(self, step: str, system: str) -> str:
         return await self.shared(step, "doctor", "doctor_continue", self.render("doctor_continue"),
@@ -132,11 +146,20 @@ async def run_session(patient: dict, sample: int, ctx: "Arena") -> dict:
     s, cfg, started = Session(patient, sample, ctx), ctx.settings, time.time()
     slots = profile_slots(patient)
 
-    # 1-2. Principle selection and the principles every dialogue persona must follow.
-    principles = await choose_principles(s)
-    persona_a = "\n".join([s.render("patient_cbt", **slots),
-                           s.render("principles_header", principles="\n".join(principles["principles"]))])
-    persona_b = s.render("patient_imagine", **slots)  # 3b: for the fresh calls of steps 9-11
+    if cfg.symptom_encoder == "on":
+        # 1-2. Principle selection and the principles every dialogue persona must follow.
+        principles = await choose_principles(s)
+        persona_a = "\n".join([s.render("patient_cbt", **slots),
+                               s.render("principles_header", principles="\n".join(principles["principles"]))])
+        persona_b = s.render("patient_imagine", **slots)  # 3b: for the fresh calls of steps 9-11
+        personas = {"patient_cbt": persona_a, "patient_imagine": persona_b}
+    else:
+        # Ablation "w/o Symptom Encoder": no principle selection (no judge call) and no cognitive
+        # model; every patient call (dialogue turns and the fresh calls of steps 9-11) gets the one
+        # neutral description of prompts/patient_neutral.txt (name, this week's situation, emotions).
+        principles = None
+        persona_a = persona_b = s.render("patient_neutral", **slots)
+        personas = {"patient_neutral": persona_a}
 
     # 4-5. Opening, then the dialogue rounds.
     doctor_system = s.render("doctor_system")
@@ -146,8 +169,10 @@ async def run_session(patient: dict, sample: int, ctx: "Arena") -> dict:
         await s.patient_turn(f"dialogue.{r}.patient", persona_a)
 
     # 6-7. Symptom Decoder; while the judge has feedback, more rounds (at most max_decode_rounds).
-    decoded = [await decode_symptoms(s, principles["principles"], 0)]
-    while decoded[-1]["feedback"] and len(decoded) <= cfg.max_decode_rounds:
+    # Ablation "w/o Symptom Decoder": no questions, no feedback rounds; straight to the diagnoses.
+    chosen = principles["principles"] if principles else None
+    decoded = [await decode_symptoms(s, chosen, 0)] if cfg.symptom_decoder == "on" else []
+    while decoded and decoded[-1]["feedback"] and len(decoded) <= cfg.max_decode_rounds:
         r = len(decoded)
         system = doctor_system
         if cfg.feedback_mode == "steer":
@@ -155,7 +180,7 @@ async def run_session(patient: dict, sample: int, ctx: "Arena") -> dict:
         # (reference mode: the reference built this steered prompt and discarded it)
         await s.doctor_turn(f"decode.{r}.doctor", system)
         await s.patient_turn(f"decode.{r}.patient", persona_a)
-        decoded.append(await decode_symptoms(s, principles["principles"], r))
+        decoded.append(await decode_symptoms(s, chosen, r))
 
     # 8. Two different diagnoses inside the conversation.
     diagnosis_system = s.render("diagnosis_system")
@@ -187,9 +212,9 @@ async def run_session(patient: dict, sample: int, ctx: "Arena") -> dict:
         "symptom": s.render("symptom", **slots), "illness": illness, **fields,
         "patient_id": patient["id"], "sample": sample, "patient_name": patient["name"],
         "diagnoses": [d1, d2], "patient_review": review, "principles": principles,
-        "decoder": decoded, "feedback_rounds": len(decoded) - 1,
+        "decoder": decoded, "feedback_rounds": max(len(decoded) - 1, 0),
         "treatment_search": treatment, "medicine_search": medicine, "extraction_reply": extraction_reply,
-        "personas": {"patient_cbt": persona_a, "patient_imagine": persona_b},
+        "personas": personas,
         "transcript": s.transcript, "calls": len(s.transcript),
         "truncated_calls": sum(t["truncated"] for t in s.transcript),
         "models": {"base": ctx.base.name, "judge": ctx.judge.name, "encoder": cfg.encoder},
@@ -212,23 +237,25 @@ async def choose_principles(s: Session) -> dict:
             "chosen_group": chosen, "fallback": number is None, "principles": s.ctx.groups[chosen]}
 
 
-async def decode_symptoms(s: Session, principles: list[str], round_: int) -> dict:
-    """Step 6: the doctor states what it inferred; items below the threshold get judge feedback."""
+async def decode_symptoms(s: Session, principles: list[str] | None, round_: int) -> dict:
+    """Step 6: the doctor states what it inferred; items below the threshold get judge feedback.
+    principles None (--symptom_encoder off: none were encoded): no principles question or feedback."""
     p = s.patient
     questions = {
         "intermediate_belief": s.render("decode_intermediate_belief"),
         "intermediate_belief_depression": s.render("decode_intermediate_belief_depression"),
         "coping_strategies": s.render("decode_coping_strategies"),
         "situation": s.render("decode_situation", situation=p["situation"]),
-        "principles": s.render("decode_principles"),
     }
     truth = {
         "intermediate_belief": p["intermediate_belief"],
         "intermediate_belief_depression": p["intermediate_belief_depression"],
         "coping_strategies": p["coping_strategies"],
         "situation": s.render("decoder_truth_situation", **profile_slots(p)),
-        "principles": " ".join(principles),
     }
+    if principles is not None:
+        questions["principles"] = s.render("decode_principles")
+        truth["principles"] = " ".join(principles)
     answers = {}
     for key, question in questions.items():
         answers[key] = await s.shared(f"decode.{round_}.{key}", "doctor", f"decode_{key}", question)
@@ -385,10 +412,21 @@ PROMPT_NAMES = [
 ]
 
 
-def prompt_names(illness_prompt: str, extraction_parser: str = "robust") -> list[str]:
+ENCODER_PROMPTS = ("patient_cbt", "patient_imagine", "principles_header", "principle_choice", "decode_principles",
+                   "judge_principle_feedback")
+DECODER_PROMPTS = ("doctor_feedback", "decode_intermediate_belief", "decode_intermediate_belief_depression",
+                   "decode_coping_strategies", "decode_situation", "decode_principles", "judge_cognitive_feedback",
+                   "judge_principle_feedback", "decoder_truth_situation")
+
+
+def prompt_names(illness_prompt: str, extraction_parser: str = "robust", symptom_encoder: str = "on",
+                 symptom_decoder: str = "on") -> list[str]:
     """The templates a run reads (and hashes): the common ones, the chosen final-illness question
-    and the extraction block that goes with the chosen parser."""
-    return PROMPT_NAMES + ["final_illness" if illness_prompt == "name" else "final_illness_reference",
+    and the extraction block that goes with the chosen parser. An ablation leaves out the templates
+    of the component it removes (--symptom_encoder off: the neutral persona takes their place)."""
+    dropped = (ENCODER_PROMPTS if symptom_encoder == "off" else ()) + (DECODER_PROMPTS if symptom_decoder == "off" else ())
+    names = [n for n in PROMPT_NAMES if n not in dropped] + (["patient_neutral"] if symptom_encoder == "off" else [])
+    return names + ["final_illness" if illness_prompt == "name" else "final_illness_reference",
                            "extraction" if extraction_parser == "robust" else "extraction_reference"]
 
 
@@ -424,6 +462,13 @@ def run(
     illness_prompt: str = "name",      # name: the illness name only; reference: "which diagnosis is more accurate"
     top_p: float | None = None,        # None: the checkpoint's generation config (as the reference's pipeline)
     top_k: int | None = None,          #   or the server's default; 0 turns top-k off
+    # the paper's ablations (off: the component is left out; recorded in settings and the hash)
+    symptom_encoder: str = "on",       # off: no principle selection (no judge call), no principles, no
+                                       #   cognitive model; every patient call gets prompts/patient_neutral.txt
+                                       #   (name, this week's situation, emotions, a 5-sentence cap) instead
+                                       #   of patient_cbt/patient_imagine; the decoder skips its principles item
+    symptom_decoder: str = "on",       # off: no decoder questions, no feedback rounds (dialogue rounds, then
+                                       #   the diagnoses); records get decoder [] and feedback_rounds 0
     # running
     concurrency: int = 8,              # sessions in flight; their requests are batched together
     max_batch_size: int = 16,          # local backends: conversations per forward batch
@@ -440,13 +485,15 @@ def run(
     check_choice("history_mode", history_mode, HISTORY_MODES)
     check_choice("extraction_parser", extraction_parser, ("robust", "reference"))
     check_choice("illness_prompt", illness_prompt, ILLNESS_PROMPTS)
+    check_choice("symptom_encoder", symptom_encoder, SWITCHES)
+    check_choice("symptom_decoder", symptom_decoder, SWITCHES)
     # Validate every input before any model loads or any file is touched.
     dtype = auto_dtype(dtype, device)
     all_patients = load_patients(patients_file or DEFAULT_PATIENTS_FILE)
     patients = all_patients[:limit]
     groups = load_principles(principles_file or DEFAULT_PRINCIPLES_FILE)
     prompts = Prompts(prompt_dir)
-    names = prompt_names(illness_prompt, extraction_parser)
+    names = prompt_names(illness_prompt, extraction_parser, symptom_encoder, symptom_decoder)
     prompts.check(names)
     base_route = route(base_model, backend, api_base)
     judge = judge_route(base_route, judge_model, judge_backend, judge_api_base)
@@ -470,7 +517,7 @@ def run(
         max_context_tokens=max_context_tokens, base_runs_on=runs_on(base_route),
         judge_runs_on=runs_on(judge or base_route), patients_hash=content_hash(all_patients),
         dtype=dtype if any(r is not None and r.kind != "openai" for r in (base_route, judge)) else None,
-        principles_hash=content_hash(groups))
+        principles_hash=content_hash(groups), symptom_encoder=symptom_encoder, symptom_decoder=symptom_decoder)
     if patients:
         dry_run(settings, prompts, groups, patients[0])  # every template rendered, as a session would
     output = Path(output_file)
@@ -535,8 +582,11 @@ def _clients(routes, common: dict, merge_system: bool) -> list[ModelClient]:
 def expected_calls(cfg: Settings) -> int:
     """The most calls a session can make (the progress bar's first estimate, refined as sessions
     end): the fixed steps, every extra decoder round with both feedback calls, every try."""
-    fixed = 2 + 2 * cfg.dialogue_rounds + 7 + 4 + 1  # principles, opening, dialogue, decoder, diagnosis, extraction
-    return fixed + 9 * cfg.max_decode_rounds + 2 * 3 * cfg.max_tries
+    encoder = cfg.symptom_encoder == "on"
+    decode = 7 if encoder else 5  # questions and feedback calls (no principles item without the encoder)
+    decoder = decode + (2 + decode) * cfg.max_decode_rounds if cfg.symptom_decoder == "on" else 0
+    fixed = encoder + 1 + 2 * cfg.dialogue_rounds + 4 + 1  # principles, opening, dialogue, diagnosis, extraction
+    return fixed + decoder + 2 * 3 * cfg.max_tries
 
 
 def _summary(counts, already, arena, wall, output, errors) -> dict:
@@ -552,7 +602,8 @@ def _summary(counts, already, arena, wall, output, errors) -> dict:
                "completion_tokens": sum(c["completion_tokens"] for c in clients.values()),
                "truncated_calls": sum(c["truncated_calls"] for c in clients.values()),
                "decoder": decoder_stats(counts["decoder"], arena.settings.max_decode_rounds,
-                                        arena.settings.similarity_threshold),
+                                        arena.settings.similarity_threshold)
+               if arena.settings.symptom_decoder == "on" else {"symptom_decoder": "off"},
                "clients": clients, "output_file": str(output),
                "errors_file": str(errors) if counts["failed"] else None}
     print("[arena] summary " + json.dumps(summary), flush=True)
@@ -612,6 +663,8 @@ def decoder_stats(decoders: list[list[dict]], cap: int, threshold: float) -> dic
 
 
 def describe_decoder(stats: dict) -> str:
+    if stats.get("symptom_decoder") == "off":
+        return "off (--symptom_decoder off): no decoder questions, no feedback rounds"
     if not stats["sessions"]:
         return "no sessions"
     hist = ", ".join(f"{k}: {v}" for k, v in stats["feedback_rounds"].items())
@@ -630,15 +683,32 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def report(input_file: str, output_dir: str = "outputs/report", labels: str | None = None,
+           perplexity_model: str = "embedded", max_records: int | None = None, encoder_model: str | None = None) -> dict:
+    """`arena_med.py report --input_file A.jsonl[,B.jsonl,...] --output_dir DIR`: DIR/report.md and
+    PNG figures comparing record files (mentalarena/report.py). `--labels a,b` names the files (default:
+    their stems); `--perplexity_model embedded|none|<model>` scores the SFT answers; `--max_records N`
+    reads each file's first N records; `--encoder_model none` skips the embedding diversity."""
+    from mentalarena.report import write_report
+    return write_report(input_file, output_dir, labels, perplexity_model, max_records, encoder_model)
+
+
+COMMANDS = {"report": report}  # a first word naming a command; anything else is self-play (`run`)
+
+
 def main(argv: list[str] | None = None) -> int:
     import fire
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    argv = bool_words(run, list(sys.argv[1:] if argv is None else argv))  # --progress false, as written
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = COMMANDS[argv.pop(0)] if argv and argv[0] in COMMANDS else run
+    argv = bool_words(command, argv)  # --progress false, as written
     try:
-        summary = fire.Fire(run, command=argv, serialize=lambda _: None)
+        summary = fire.Fire(command, command=argv, serialize=lambda _: None)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if command is not run:
+        return 0
     return 1 if isinstance(summary, dict) and summary.get("sessions_failed") else 0
 
 

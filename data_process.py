@@ -14,6 +14,10 @@ carry (the reference's six-field records hold none).
 The job is recorded beside the data in `<finetune_file>.job.json`. Re-running with the same data and
 settings reuses that job instead of creating another (and with --wait, waits for it again); new data
 or settings (the method and beta among them) create a new job. The key comes from OPENAI_API_KEY.
+
+--select ppl_iqr,kcenter --select_size N (--method sft) uploads a subset chosen as MentalQLM does
+(`mentalarena/selection.py`): answer perplexity under the embedded model (or --select_model), then
+k-center on sentence embeddings; the counts go into the result and the settings into the job record.
 """
 from __future__ import annotations
 
@@ -37,6 +41,9 @@ from mentalarena.errors import InputError, check_choice
 from mentalarena.jsonl import write_json_atomic
 from mentalarena.locks import OutputLock
 from mentalarena.openai_backend import LOCAL_PLACEHOLDER_KEY, connection_cause
+from mentalarena.selection import check_options as check_selection
+from mentalarena.selection import select as select_rows
+from mentalarena.selection import summary as selection_summary
 from mentalarena.sft import convert, write_rows
 
 CHAT_ROLES = {"system", "user", "assistant"}
@@ -76,11 +83,19 @@ def run(
     convert_only: bool = False,  # write and check the file, touch no API
     reference_glue: bool = False,  # the reference's missing newline before the treatment question
     min_examples: int = 10,  # OpenAI refuses jobs with fewer; checked before uploading (0: off)
+    # data selection (--method sft; MentalQLM, mentalarena/selection.py)
+    select: str | tuple | None = None,  # ppl_iqr | kcenter | ppl_iqr,kcenter (applied in that order); None: every row
+    select_size: int | None = None,  # kcenter: how many examples to keep (required with kcenter)
+    iqr_factor: float = 1.5,  # ppl_iqr: keep answer perplexities within [Q1 - f*IQR, Q3 + f*IQR]
+    select_model: str | None = None,  # ppl_iqr's model; None: the embedded one (OpenAI models give no log-probs here)
 ) -> dict:
     """Convert the records, check the file against the chat (or preference) format, upload it, create
     (or reuse) the job."""
     inputs = _paths(input_file)
     check_choice("method", method, METHODS)
+    methods = check_selection(select, select_size, iqr_factor, select_model)
+    if methods and method == "dpo":
+        raise InputError("--select picks SFT examples; --method dpo uploads preference pairs")
     beta = _beta(beta, method)
     base_model = base_model or DEFAULT_MODELS[method]
     finetune = Path(finetune_file) if finetune_file else Path(inputs[0]).with_suffix(SUFFIXES[method])
@@ -105,6 +120,11 @@ def run(
     for problem in report.problems:
         print(f"warning: skipped {problem}", file=sys.stderr)
     print(f"[data_process] {report.summary()}", flush=True)
+    selection = None
+    if methods and rows:  # perplexities of the chat rows through the scoring model's chat template
+        rows, selection = select_rows(rows, methods, fmt="chat_template", size=select_size, factor=iqr_factor,
+                                      model=select_model or "embedded")
+        print(f"[data_process] selection: {selection_summary(selection)}", flush=True)
     what = "preference pairs" if method == "dpo" else "examples"
     if not rows:
         raise InputError(f"{', '.join(inputs)}: no preference pairs: {report.why_none()}" if method == "dpo"
@@ -122,7 +142,7 @@ def run(
             raise InputError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         print(f"[data_process] wrote {len(rows)} {what} -> {finetune}", flush=True)
         result = {"report": report.as_dict(), "finetune_file": str(finetune), "method": method, "job_id": None,
-                  "status": None, "fine_tuned_model": None}
+                  "status": None, "fine_tuned_model": None, "selection": selection}
         if method == "dpo":
             result["pairs"] = len(rows)
         if convert_only:
@@ -130,7 +150,8 @@ def run(
 
         client = OpenAI(api_key=key, base_url=api_base, max_retries=5)
         settings = {"data_sha256": hashlib.sha256(finetune.read_bytes()).hexdigest(), "api_base": public_url(api_base),
-                    "base_model": base_model, "method": method, "n_epochs": n_epochs, "beta": beta, "suffix": suffix}
+                    "base_model": base_model, "method": method, "n_epochs": n_epochs, "beta": beta, "suffix": suffix,
+                    "selection": selection["settings"] if selection else None}
         print(f"[data_process] job settings {json.dumps(settings)}", flush=True)
         with _api(key, public_url(api_base) or "OpenAI API") as step:
             job, state = _job_for(client, settings, old_state, finetune, state_path, step)

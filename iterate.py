@@ -19,6 +19,7 @@ a stage cannot take the loop down with it. Everything lives under --work_dir:
 
     state.json                  each step: status, the stage commands (its settings), outputs, figures
     summary.md                  the table printed at the end
+    summary.png                 its figure: each benchmark (and the train loss) by iteration
     iter0/eval/{qa,imhi}/       the starting model (--eval_base)
     iterK/records.jsonl         self-play records of iteration K (made by the model of iteration K-1)
     iterK/model/                adapter, finetune_config.json and merged/ (open models)
@@ -50,7 +51,7 @@ import data_process
 import IMHI_eval
 import llama_finetune
 import MedQA_eval
-from mentalarena import cli
+from mentalarena import cli, figures
 from mentalarena.cli import names, public_url
 from mentalarena.errors import InputError, check_choice
 from mentalarena.jsonl import read_jsonl, write_json_atomic
@@ -76,6 +77,7 @@ RUNNING_KEYS = frozenset({"progress", "concurrency", "max_batch_size", "prefix_c
                           "logging_steps", "save_steps", "save_total_limit", "gradient_checkpointing", "resume",
                           "poll_seconds"})
 IMHI_RULE_PREFERENCE = ("classifier", "classifier_fixed", "fixed", "reference")  # the summary's w-F1: the paper's labels first
+SUMMARY_FIGURE = "summary.png"  # beside summary.md: each benchmark by iteration
 
 
 @dataclass
@@ -206,7 +208,9 @@ def _run(plan: Plan, flags: dict, restart: bool) -> dict:
             failure = exc
             break
     rows = summary_rows(plan, state)
-    markdown = summary_markdown(plan, rows)
+    figure = figures.iteration_lines(summary_figure_panels(rows), plan.work_dir / SUMMARY_FIGURE,
+                                     f"MentalArena iterations in {plan.work_dir}")
+    markdown = summary_markdown(plan, rows) + f"\nFigure: [{figure.name}]({figure.name}), each benchmark by iteration.\n"
     _write_text(plan.work_dir / "summary.md", markdown)
     print(markdown, flush=True)
     return {"exit_code": failure.code if failure else 0, "error": str(failure) if failure else None,
@@ -562,6 +566,25 @@ def summary_markdown(plan: Plan, rows: list[dict]) -> str:
     elif notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
+
+
+def summary_figure_panels(rows: list[dict]) -> list[dict]:
+    """What summary.png draws (`figures.iteration_lines` panels), the summary table's numbers by
+    iteration: QA accuracy (robust), QA accuracy (rule R) and IMHI w-F1, each set and the mean
+    (thick), and the train loss; a score not there (not run, not recorded) is no point."""
+    def panel(title: str, ylabel: str, mean: str, per_set: str | None) -> dict:
+        sets = list(dict.fromkeys(s for r in rows for s in r[per_set])) if per_set else []
+        series = [{"label": name, "mean": False, "points": [(r["iteration"], r[per_set].get(name)) for r in rows]}
+                  for name in sets]
+        label = "mean over the sets" if per_set else ylabel
+        return {"title": title, "ylabel": ylabel,
+                "series": series + [{"label": label, "mean": True, "points": [(r["iteration"], r[mean]) for r in rows]}]}
+
+    rules = next((r["imhi_rules"] for r in rows if r["imhi_rules"]), None)
+    return [panel("QA accuracy (robust)", "accuracy (%)", "qa_accuracy", "qa"),
+            panel("QA accuracy (rule R)", "accuracy (%)", "qa_accuracy_reference", "qa_reference"),
+            panel(f"IMHI weighted F1 (`{rules}` labels)", "weighted F1 (%)", "imhi_weighted_f1", "imhi"),
+            panel("train loss (the objective's own)", "train loss", "train_loss", None)]
 
 
 def _md_row(cells: list) -> str:

@@ -8,7 +8,8 @@ LoRA / full fine-tuning, which also run on a CPU.
 
 `--data_files` takes self-play records (converted here, `mentalarena/sft.py`) or rows already
 converted (`text` or `messages`), detected row by row; exact duplicates of the formatted rows are
-dropped before training. Output: `<output_dir>/<new_name>/` holds the adapter (the model itself for
+dropped before training. `--select ppl_iqr,kcenter --select_size N` then keeps a subset (MentalQLM:
+`mentalarena/selection.py`; SFT rows only). Output: `<output_dir>/<new_name>/` holds the adapter (the model itself for
 `--method full`), the tokenizer and `finetune_config.json` (every setting, the data files with their
 hashes, the conversion counts, the loss, the steps, the wall time, the library versions);
 `checkpoints/` holds the trainer's checkpoints and TensorBoard logs, and `--merge` adds `merged/`,
@@ -32,6 +33,7 @@ from mentalarena.cli import main as cli_main
 from mentalarena.cli import names, settings_hash
 from mentalarena.errors import InputError, check_choice
 from mentalarena.jsonl import write_json_atomic
+from mentalarena.selection import parse_methods
 from mentalarena.sft import dedup, load_pairs, to_openai, to_text
 
 SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine")
@@ -43,6 +45,8 @@ DPO_FLAGS = ("objective", "beta", "dpo_lr", "dpo_nepoch", "dpo_loss", "min_margi
 # TRL 1.16's DPO loss types (its `loss_type`), checked here so a typo fails before any model loads
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+# Data selection flags (mentalarena/selection.py): left out of the settings (and hash) of a run without --select
+SELECT_FLAGS = ("select", "select_size", "iqr_factor", "select_model")
 RUNNING_FLAGS = ("output_dir", "resume", "merge", "logging_steps", "save_steps", "save_total_limit",
                  "gradient_checkpointing")
 
@@ -77,6 +81,11 @@ def run(
     packing: bool = False,             # SFT: examples into blocks of max_seq_length tokens (the paper: no packing)
     answer_only_loss: bool = False,    # SFT: loss on the answer tokens only (the paper: on the whole text)
     add_eos: bool = True,              # SFT: end each example with EOS where the format does not (the reference did not)
+    # data selection before tokenizing (MentalQLM; mentalarena/selection.py): SFT rows only
+    select: str | tuple | None = None,  # ppl_iqr | kcenter | ppl_iqr,kcenter (applied in that order); None: every row
+    select_size: int | None = None,    # kcenter: how many rows to keep (required with kcenter)
+    iqr_factor: float = 1.5,           # ppl_iqr: keep answer perplexities within [Q1 - f*IQR, Q3 + f*IQR]
+    select_model: str | None = None,   # ppl_iqr: the perplexity model; None: the base model being fine-tuned
     # optimisation (the paper's values)
     lr: float = 2e-4,
     batch_size: int = 4,               # per device (DPO: pairs per device)
@@ -102,6 +111,7 @@ def run(
     flags = dict(locals())
     from mentalarena.hf_backend import EMBEDDED_GGUF, embedded_model_dir
     from mentalarena.preference import check_options
+    from mentalarena.selection import check_options as check_selection
     from mentalarena.training import FORMATS, resolve_dtype, resolve_method
 
     # ---- every input is checked before any model loads
@@ -120,6 +130,9 @@ def run(
         raise InputError(f"--dpo_nepoch must be a positive number, not {dpo_nepoch!r}")
     check_options(min_margin, diagnosis_margin)
     check_choice("dpo_loss", dpo_loss, DPO_LOSSES)
+    if check_selection(select, select_size, iqr_factor, select_model) and objective == "dpo":
+        raise InputError("--select picks SFT rows, and --objective dpo trains on preference pairs only "
+                         "(with --objective sft+dpo it selects the SFT stage's rows)")
     if objective == "dpo" and packing:
         raise InputError("--packing is for SFT examples; DPO trains on whole pairs (with sft+dpo it packs the SFT stage)")
     if not 0 <= lora_dropout < 1 or not 0 <= warmup_ratio < 1 or (max_steps is not None and max_steps < 1):
@@ -163,12 +176,16 @@ def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Pa
     fmt = flags["format"]
 
     # ---- data: SFT pairs (METHOD.md §5) or preference pairs (mentalarena/preference.py)
+    methods, selection = [], None
     if objective == "sft":
         pairs, report = load_pairs(files, reference_glue=flags["reference_glue"])
         rows = dedup([to_text(p) if fmt == "original" else to_openai(p) for p in pairs])
         report.rows, report.duplicates = len(rows), len(pairs) - len(rows)
         if not rows:
             raise InputError(f"{', '.join(files)}: no training rows ({report.summary()})")
+        methods = parse_methods(flags["select"])
+        if methods:  # after conversion and duplicate removal, before tokenizing
+            rows, selection = _select(rows, methods, flags)
     else:
         from mentalarena.preference import load_preferences, to_trl, to_trl_text
         pairs, report = load_preferences(
@@ -184,6 +201,11 @@ def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Pa
     settings = dict(flags)
     if flags["objective"] == "sft" or objective == "sft":
         for name in DPO_FLAGS:  # a plain SFT run (or the SFT stage) keeps the hash it had before DPO existed
+            settings.pop(name, None)
+    if objective == "sft" and methods:
+        settings["select"] = methods  # one spelling whether fire gave a tuple or a comma string
+    else:  # a run without selection (or the DPO stage) keeps the hash it had before --select existed
+        for name in SELECT_FLAGS:
             settings.pop(name, None)
     settings.update(base_model=flags["base_model"] or "embedded", base_gguf_file=gguf, data_files=files,
                     method=method, dtype=str(torch_dtype).removeprefix("torch."), optim=model["optim"],
@@ -246,6 +268,8 @@ def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Pa
               "log_history": history, "train_metrics": result.metrics, "tensorboard": _tensorboard_dir(checkpoints),
               "world_size": int(os.environ.get("WORLD_SIZE", 1)), "versions": _versions(), "summary": summary}
     config["conversion" if objective == "sft" else "preference"] = report.as_dict()
+    if objective == "sft":
+        config["selection"] = selection
     if objective == "dpo":
         from mentalarena.preference import to_trl
         from mentalarena.sft import write_rows
@@ -263,6 +287,20 @@ def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Pa
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _select(rows: list[dict], methods: list[str], flags: dict) -> tuple[list[dict], dict]:
+    """MentalQLM's selection (mentalarena/selection.py): perplexity under --select_model (default the
+    base model being fine-tuned), k-center on the bundled sentence encoder."""
+    from mentalarena.selection import select, summary
+
+    model = flags["select_model"] or flags["base_model"] or "embedded"
+    kept, report = select(rows, methods, fmt=flags["format"], size=flags["select_size"], factor=flags["iqr_factor"],
+                          model=model, max_len=flags["max_seq_length"])
+    _say(f"selection: {summary(report)}")
+    if not kept:
+        raise InputError(f"--select {','.join(methods)} kept no row of {len(rows)}")
+    return kept, report
+
+
 def _sft_trainer(model: dict, tokenizer, rows: list[dict], checkpoints: Path, flags: dict):
     """Rows -> token ids with labels (mentalarena/training.py), the model with its LoRA adapter
     (unless full), and a plain transformers Trainer around them."""

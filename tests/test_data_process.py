@@ -150,6 +150,9 @@ def test_an_upload_is_reused_when_the_job_creation_failed(openai_cwd, capsys):
     ([record(0)], ("--n_epochs", "0"), "--n_epochs must be a whole number"),
     ([record(0)], ("--poll_seconds", "0"), "--poll_seconds must be positive"),
     ([{"symptom": "x"}], (), "records.jsonl: no training examples"),
+    ([record(0)], ("--select", "kcenter"), "--select kcenter needs --select_size"),
+    ([record(0)], ("--select", "ppl_iqr", "--method", "dpo"), "--select picks SFT examples; --method dpo uploads"),
+    ([record(0)], ("--select_size", "3"), "--select_size is the number of rows kcenter keeps"),
 ])
 def test_bad_input_exits_2_with_one_line_and_calls_nothing(openai_cwd, capsys, lines, args, message):
     if lines is not None:
@@ -172,6 +175,32 @@ def test_no_key_or_a_broken_state_file_is_bad_input_found_before_writing(openai_
     assert run(None) == 2
     assert "OPENAI_API_KEY is not set" in capsys.readouterr().err
     assert not (openai_cwd / "ft.jsonl").exists()
+
+
+def test_selection_uploads_the_kept_examples_and_records_its_settings(openai_cwd, capsys, tiny_base):
+    """--select ppl_iqr,kcenter (perplexity under --select_model, here a tiny random Llama): 5 of the
+    15 examples are uploaded; the counts are in the result, the settings in the job record; the same
+    flags again reuse the job (the selection is deterministic), another size makes a new one."""
+    write_records(openai_cwd / "records.jsonl", 6)
+    flags = ["--select", "ppl_iqr,kcenter", "--select_size", "5", "--select_model", tiny_base, "--min_examples", "0"]
+    with FakeOpenAI() as server:
+        assert run(server, *flags) == 0
+        (upload,) = server.uploads
+        assert len(upload["content"].splitlines()) == 5
+        state = json.loads((openai_cwd / "ft.jsonl.job.json").read_text())
+        assert state["selection"]["methods"] == ["ppl_iqr", "kcenter"] and state["selection"]["select_size"] == 5
+        assert state["selection"]["perplexity_model"] == tiny_base and state["selection"]["format"] == "chat_template"
+        assert "[data_process] selection: 15 rows -> 5 kept: ppl_iqr kept" in capsys.readouterr().out
+        assert run(server, *flags) == 0
+        assert "reusing it" in capsys.readouterr().out and len(server.job_creates) == 1
+        assert run(server, *flags[:3], "4", *flags[4:]) == 0
+        assert len(server.job_creates) == 2 and len(server.uploads[-1]["content"].splitlines()) == 4
+    result = data_process.run("records.jsonl", finetune_file="sel.jsonl", convert_only=True, select="ppl_iqr,kcenter",
+                              select_size=5, select_model=tiny_base)
+    ppl, kcenter = result["selection"]["steps"]
+    assert ppl["in"] == 15 and ppl["kept"] + ppl["dropped"] == 15 and (kcenter["in"], kcenter["kept"]) == (ppl["kept"], 5)
+    assert (openai_cwd / "sel.jsonl").read_bytes() == upload["content"]
+    assert data_process.run("records.jsonl", convert_only=True)["selection"] is None
 
 
 def test_several_inputs_as_a_comma_list(openai_cwd):

@@ -70,6 +70,48 @@ def test_hand_made_answers_score_exactly_under_both_rule_sets(tmp_path):
     report = (tmp_path / "out" / "answers" / "report.md").read_text()
     assert "| – | dreaddit | 4 | 50.00 | 50.00 | 50.00 | 0 | 0 | 75.00 | 73.33 | 73.33 | 1 | 50.00 | 33.33 |" in report
     assert "| – | SAD | 3 | 100.00 | 100.00 | 100.00 | 1 | 1 | 66.67 | 55.56 | 55.56 | 0 | 33.33 | 16.67 |" in report
+    # the figure beside the report, named in it, drawn from the table's numbers
+    figure = tmp_path / "out" / "answers" / "report_scores.png"
+    assert figure.read_bytes().startswith(b"\x89PNG") and figure.stat().st_size > 5000
+    assert "![IMHI scores](report_scores.png)" in report
+    rows = sorted((_results(tmp_path / "out", d) for d in ("dreaddit", "SAD")), key=lambda r: r["dataset"])
+    f1, accuracy = ev.figure_panels(rows)
+    assert f1["groups"] == accuracy["groups"] == ["SAD", "dreaddit"]
+    assert [(s["label"], s["values"]) for s in f1["series"]] == [
+        ("reference", {"SAD": 100.0, "dreaddit": 50.0}), ("fixed", {"SAD": 55.56, "dreaddit": 73.33}),
+        ("published: MentaLLaMA-chat-13B (classifier)", {"SAD": 63.62, "dreaddit": 75.79})]
+    assert [(s["label"], s["values"]) for s in accuracy["series"]] == [
+        ("reference", {"SAD": 100.0, "dreaddit": 50.0}), ("fixed", {"SAD": 66.67, "dreaddit": 75.0})]
+    assert f1["baseline"] == {"SAD": 16.67, "dreaddit": 33.33}
+    assert accuracy["baseline"] == {"SAD": 33.33, "dreaddit": 50.0}
+
+
+def test_figure_with_several_models_test_sets_and_missing_scores(tmp_path):
+    def result(model, test_set, dataset, scores, majority=None):
+        return {"model": model, "test_set": test_set, "dataset": dataset, "rows": 3, "answered": 3 if scores else 0,
+                "complete": bool(scores), "missing_answers": 0 if scores else 3, "scores": scores,
+                **({"majority_baseline": majority} if majority else {})}
+
+    rows = [result("a", "IMHI", "CAMS", {"fixed": {"accuracy": 40.0, "weighted_f1": 30.5}},
+                   {"accuracy": 50.0, "weighted_f1": 33.0}),
+            result("a", "expert", "CAMS", {"fixed": {"accuracy": 10.0, "weighted_f1": None}}),
+            result("b", "IMHI", "CAMS", {}),  # nothing answered yet: no scores, no majority baseline
+            result("b", "IMHI", "swmh", {"reference": {"accuracy": 20.0, "weighted_f1": 12.25}})]
+    for i, row in enumerate(rows):
+        (tmp_path / f"{i}.results.json").write_text(json.dumps(row))
+    report = ev.report(str(tmp_path))
+    assert (tmp_path / "report_scores.png").stat().st_size > 0 and "report_scores.png" in report
+    f1, accuracy = ev.figure_panels(rows)
+    assert f1["groups"] == ["IMHI/CAMS", "expert/CAMS", "IMHI/swmh"]
+    assert [(s["label"], s["values"]) for s in f1["series"]] == [
+        ("a: reference", {"IMHI/CAMS": None, "expert/CAMS": None}),
+        ("b: reference", {"IMHI/CAMS": None, "IMHI/swmh": 12.25}),
+        ("a: fixed", {"IMHI/CAMS": 30.5, "expert/CAMS": None}),
+        ("b: fixed", {"IMHI/CAMS": None, "IMHI/swmh": None}),
+        # the published numbers are IMHI test set ones: none for the expert set
+        ("published: MentaLLaMA-chat-13B (classifier)", {"IMHI/CAMS": 45.52, "IMHI/swmh": 71.70})]
+    assert f1["baseline"] == {"IMHI/CAMS": 33.0, "expert/CAMS": None, "IMHI/swmh": None}
+    assert accuracy["series"][2]["values"] == {"IMHI/CAMS": 40.0, "expert/CAMS": 10.0}
 
 
 def test_one_rule_set_datasets_and_limit(tmp_path):

@@ -182,6 +182,33 @@ def test_steps_run_in_order_and_each_model_feeds_the_next(tmp_path, stages, caps
     out = capsys.readouterr().out
     assert "[iterate] iteration 1/2 finetune: llama_finetune.py --method=lora" in out
     assert "| 2 | iter2/model/merged | sft | 5 | 2 | – | 2.0000 | 61.00 | 22.00 | 22.50 |" in out
+    # the figure beside summary.md, named on its last line
+    assert (work / "summary.png").read_bytes().startswith(b"\x89PNG") and (work / "summary.png").stat().st_size > 5000
+    assert (work / "summary.md").read_text().endswith("\nFigure: [summary.png](summary.png), each benchmark by iteration.\n")
+
+
+def test_the_summary_figure_plots_the_summary_tables_numbers(tmp_path, stages):
+    stages()
+    result = iterate.run(work_dir=str(tmp_path / "run"), iterations=2, limit=2, max_steps=3, method="lora", eval_limit=4)
+    panels = {p["title"]: {s["label"]: s["points"] for s in p["series"]}
+              for p in iterate.summary_figure_panels(result["rows"])}
+    assert panels == {
+        "QA accuracy (robust)": {"MedQA": [(0, 40.0), (1, 50.0), (2, 60.0)], "PubMedQA": [(0, 42.0), (1, 52.0), (2, 62.0)],
+                                 "mean over the sets": [(0, 41.0), (1, 51.0), (2, 61.0)]},
+        # iteration 0's results files carry no rule-R score: no point there
+        "QA accuracy (rule R)": {"MedQA": [(0, None), (1, 15.0), (2, 20.0)], "PubMedQA": [(0, None), (1, 19.0), (2, 24.0)],
+                                 "mean over the sets": [(0, None), (1, 17.0), (2, 22.0)]},
+        "IMHI weighted F1 (`fixed` labels)": {"IMHI/CAMS": [(0, 20.0), (1, 21.0), (2, 22.0)],
+                                              "IMHI/dreaddit": [(0, 21.0), (1, 22.0), (2, 23.0)],
+                                              "mean over the sets": [(0, 20.5), (1, 21.5), (2, 22.5)]},
+        "train loss (the objective's own)": {"train loss": [(0, None), (1, 2.5), (2, 2.0)]}}
+
+
+def test_the_summary_figure_is_written_with_nothing_to_plot(tmp_path, stages):
+    work = tmp_path / "run"
+    stages(fail={("arena_med.py", 1): 1})  # no evaluation, and the first step fails: no number at all
+    assert iterate.main(["--work_dir", str(work), "--eval", "none", *QUICK]) == 1
+    assert (work / "summary.png").stat().st_size > 0 and "summary.png" in (work / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("args, schedule", [
@@ -296,6 +323,26 @@ def test_openai_path_takes_each_fine_tuned_id_from_data_process(tmp_path, stages
     assert all("method" not in a for a in fake.of("data_process.py"))  # sft: the paper's command line
     outputs = state_of(work)["steps"]["2/finetune"]["outputs"]
     assert (outputs["objective"], outputs["pairs"], outputs["examples"]) == ("sft", None, 6)
+
+
+# ---------------------------------------------------------------------------------- data selection
+def test_selection_flags_reach_the_finetune_stage_through_finetune_args(tmp_path, stages, capsys):
+    """--finetune_args takes llama_finetune.py's --select flags as they are: no flag of iterate.py's own."""
+    from mentalarena.selection import check_options
+
+    work, fake = tmp_path / "run", stages()
+    assert iterate.main(["--work_dir", str(work), "--iterations", "2", "--eval", "none", *QUICK, "--finetune_args",
+                         '{"select": "ppl_iqr,kcenter", "select_size": 100, "iqr_factor": 2}']) == 0
+    calls = fake.of("llama_finetune.py")
+    assert len(calls) == 2
+    for args in calls:  # as the stage's fire parses its command line (the comma list quoted: it stays text)
+        assert (args["select"], args["select_size"], args["iqr_factor"]) == ("ppl_iqr,kcenter", 100, 2)
+        assert check_options(args["select"], args["select_size"], args["iqr_factor"]) == ["ppl_iqr", "kcenter"]
+    assert "ppl_iqr,kcenter'\"'\"'' --select_size=100 --iqr_factor=2 --new_name=model" in capsys.readouterr().out
+    # a typo in a selection flag stops the loop before anything runs
+    fake = stages()
+    assert iterate.main(["--work_dir", str(tmp_path / "other"), *QUICK, "--finetune_args", '{"select_sizes": 5}']) == 2
+    assert "llama_finetune.py has no flag --select_sizes" in capsys.readouterr().err and fake.calls == []
 
 
 # ---------------------------------------------------------------------------------- --objective

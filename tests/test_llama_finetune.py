@@ -283,7 +283,8 @@ def test_qlora_without_cuda_says_use_lora(tmp_path, records, capsys):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("case", ["missing_file", "unknown_method", "bad_line", "no_name", "bad_format"])
+@pytest.mark.parametrize("case", ["missing_file", "unknown_method", "bad_line", "no_name", "bad_format", "select_dpo",
+                                  "select_no_size", "select_unknown"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, records, capsys, case):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(open(records).readline() + "{not json\n")
@@ -291,15 +292,52 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, records, capsys, case):
             "unknown_method": ["--new_name", "x", "--data_files", records, "--method", "dora"],
             "bad_line": ["--new_name", "x", "--data_files", f"{records},{bad}"],
             "no_name": ["--data_files", records],
-            "bad_format": ["--new_name", "x", "--data_files", records, "--format", "alpaca"]}[case]
+            "bad_format": ["--new_name", "x", "--data_files", records, "--format", "alpaca"],
+            "select_dpo": ["--new_name", "x", "--data_files", records, "--objective", "dpo", "--select", "ppl_iqr"],
+            "select_no_size": ["--new_name", "x", "--data_files", records, "--select", "ppl_iqr,kcenter"],
+            "select_unknown": ["--new_name", "x", "--data_files", records, "--select", "ppl"]}[case]
     code = llama_finetune.main(args + ["--output_dir", str(tmp_path / "models")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err
     expected = {"missing_file": "nope.jsonl: file not found", "unknown_method": "--method must be one of",
                 "bad_line": "bad.jsonl: line 2: not valid JSON", "no_name": "--new_name is required",
-                "bad_format": "--format must be one of"}[case]
+                "bad_format": "--format must be one of",
+                "select_dpo": "--select picks SFT rows, and --objective dpo trains on preference pairs only",
+                "select_no_size": "--select kcenter needs --select_size",
+                "select_unknown": "--select must be a comma list of ppl_iqr, kcenter, not 'ppl'"}[case]
     assert expected in err
     assert not (tmp_path / "models").exists()
+
+
+def test_selection_keeps_a_subset_before_tokenizing_and_is_recorded(tiny_base, records, tmp_path, capsys):
+    """--select ppl_iqr,kcenter on the 11 rows: perplexity under the base being fine-tuned (the tiny
+    Llama), then k-center keeps 5; the counts and settings go into finetune_config.json, the flags into
+    the settings hash, and a re-run selects the same rows (same hash: nothing to train)."""
+    out = tmp_path / "models"
+    args = tiny_args(tiny_base, records, out, "s", "--max_steps", "1", "--select", "ppl_iqr,kcenter",
+                     "--select_size", "5")
+    assert llama_finetune.main(args) == 0
+    printed = capsys.readouterr().out
+    config = json.loads((out / "s" / "finetune_config.json").read_text())
+    selection = config["selection"]
+    ppl, kcenter = selection["steps"]
+    assert (ppl["method"], ppl["in"], kcenter["method"], kcenter["in"]) == ("ppl_iqr", 11, "kcenter", ppl["kept"])
+    assert ppl["kept"] + ppl["dropped"] == 11 and ppl["kept"] >= 5 and kcenter["kept"] == 5
+    assert (selection["rows_in"], selection["rows_kept"]) == (11, 5) and config["tokenization"]["examples"] == 5
+    assert selection["settings"]["perplexity_model"] == tiny_base and selection["settings"]["encoder"]
+    assert selection["settings"]["max_len"] == 128 and selection["settings"]["iqr_factor"] == 1.5
+    assert config["settings"]["select"] == ["ppl_iqr", "kcenter"] and config["settings"]["select_size"] == 5
+    assert "[finetune] selection: 11 rows -> 5 kept: ppl_iqr kept" in printed
+    assert llama_finetune.main(args) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    # another size is another setting
+    assert llama_finetune.main(args[:-1] + ["4"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+    # without --select: no selection, and no select flags in the settings (the hash runs had before)
+    assert llama_finetune.main(tiny_args(tiny_base, records, out, "n", "--max_steps", "1")) == 0
+    plain = json.loads((out / "n" / "finetune_config.json").read_text())
+    assert plain["selection"] is None and not {"select", "select_size", "iqr_factor", "select_model"} & set(plain["settings"])
 
 
 # ---------------------------------------------------------------------------------- the embedded model

@@ -161,6 +161,56 @@ def test_report_is_one_table_per_scorer_with_published_numbers(medqa_file, tmp_p
     assert "| majority answer (constant) | 50.00 |" in text
     assert "| Llama-3-8B | 70.52 | 42.04 | 86.59 |" in text
     assert (tmp_path / "report.md").read_text() == text
+    # one figure per scorer beside the report, named in it, drawn from the table's numbers
+    for scorer in ("accuracy", "accuracy_reference"):
+        figure = tmp_path / f"report_{scorer}.png"
+        assert figure.read_bytes().startswith(b"\x89PNG") and figure.stat().st_size > 5000
+        assert f"![{scorer}](report_{scorer}.png)" in text
+    rows = [json.loads(p.read_text()) for p in sorted(tmp_path.rglob("*.results.json"))]
+    robust, rule_r = (ev.figure_panel(rows, ["MedQA"], s) for s in ("accuracy", "accuracy_reference"))
+    assert [(s["label"], s["values"], s["errors"]) for s in robust["series"][:2]] == [
+        ("another/model", {"MedQA": 50.0}, {}), ("scripted-model", {"MedQA": 75.0}, {})]  # 1 run: no error bar
+    assert [s["values"] for s in rule_r["series"][:2]] == [{"MedQA": 50.0}, {"MedQA": 50.0}]
+    assert robust["baseline"] == rule_r["baseline"] == {"MedQA": 50.0}
+    assert [(s["label"], s["values"], s["published"]) for s in robust["series"][2:]] == [
+        (f"published: {m}", {"MedQA": v["MedQA"]}, True) for m, v in ev.PUBLISHED.items()]
+
+
+def _result(model, benchmark, accuracy, std, repeats, majority=30.0, **more):
+    return {"model": model, "benchmark": benchmark, "accuracy": accuracy, "accuracy_std": std, "repeats": repeats,
+            "accuracy_reference": accuracy and accuracy - 10, "accuracy_reference_std": std, "complete": True,
+            "majority_baseline": {"answer": "A", "accuracy": majority}, **more}
+
+
+def test_figure_values_are_the_tables_and_missing_data_is_no_bar(tmp_path):
+    rows = [_result("m1", "MedQA", 61.5, 2.25, 5), _result("m1", "MedMCQA-Anatomy", 40.0, 0.0, 1, majority=25.5),
+            _result("m2", "MedQA", None, None, 3, complete=False)]  # m2: no answer yet, and no Anatomy run
+    columns = sorted({r["benchmark"] for r in rows}, key=ev._column_order)
+    panel = ev.figure_panel(rows, columns, "accuracy")
+    assert panel["groups"] == ["MedQA", "MedMCQA-Anatomy"]
+    assert [(s["label"], s["values"], s["errors"]) for s in panel["series"][:2]] == [
+        ("m1", {"MedQA": 61.5, "MedMCQA-Anatomy": 40.0}, {"MedQA": 2.25}), ("m2", {"MedQA": None}, {"MedQA": None})]
+    assert panel["baseline"] == {"MedQA": 30.0, "MedMCQA-Anatomy": 25.5}
+    # the paper has no generalization-table numbers: published series carry MedQA only
+    assert all(s["values"] == {"MedQA": ev.PUBLISHED[s["label"].removeprefix("published: ")]["MedQA"]}
+               for s in panel["series"][2:])
+    assert "61.50 ± 2.25" in "\n".join(ev._table(rows, columns, "accuracy"))
+    assert ev.figure_panel(rows, columns, "accuracy_reference")["series"][0]["values"] == \
+        {"MedQA": 51.5, "MedMCQA-Anatomy": 30.0}
+    # drawn without error, also the generalization sets alone (no published numbers at all)
+    (tmp_path / "m").mkdir()
+    for i, r in enumerate(rows):
+        (tmp_path / "m" / f"{i}.results.json").write_text(json.dumps(r))
+    ev.report(str(tmp_path), str(tmp_path / "out" / "qa.md"))
+    assert (tmp_path / "out" / "qa_accuracy.png").stat().st_size > 0
+    assert (tmp_path / "out" / "qa_accuracy_reference.png").stat().st_size > 0
+    first = (tmp_path / "out" / "qa_accuracy.png").read_bytes()
+    ev.report(str(tmp_path), str(tmp_path / "out" / "qa.md"))
+    assert (tmp_path / "out" / "qa_accuracy.png").read_bytes() == first  # the same figure, byte for byte
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["qa.md", "qa_accuracy.png",
+                                                                     "qa_accuracy_reference.png"]  # no temporary left
+    only = ev.figure_panel(rows[1:2], ["MedMCQA-Anatomy"], "accuracy")
+    assert [s["label"] for s in only["series"]] == ["m1"]
 
 
 @pytest.mark.parametrize("argv, needle", [
