@@ -87,6 +87,43 @@ def score_bars(panels: list[dict], path: str | Path, title: str) -> Path:
     return save(fig, path)
 
 
+def interval_dots(panels: list[dict], path: str | Path, title: str) -> Path:
+    """Means with their interval as whiskers, one panel per entry of `panels` (stacked): x the
+    groups, one colour per series, side by side within a group. A panel is {"title", "ylabel",
+    "groups", "series": [{"label", "points": {group: (mean, low, high)}}], "reference": y or None (a
+    grey line, e.g. 50 % for a win rate)}. Panels with no point are left out."""
+    plt = _pyplot()
+    panels = [p for p in panels if any(s["points"] for s in p["series"])]
+    widest = max((len(p["groups"]) for p in panels), default=1)
+    fig, axes = plt.subplots(max(1, len(panels)), 1, squeeze=False,
+                             figsize=(min(18.0, max(6.5, 0.9 * widest + 3.0)), 3.0 * max(1, len(panels))))
+    if not panels:
+        _nothing(axes[0][0])
+    colors = _colors([s["label"] for p in panels for s in p["series"]])
+    for ax, panel in zip(axes[:, 0], panels):
+        step = 0.7 / max(1, len(panel["series"]))
+        for j, series in enumerate(panel["series"]):
+            at = [(i, series["points"][g]) for i, g in enumerate(panel["groups"]) if g in series["points"]]
+            if not at:
+                continue
+            xs = [i + (j - (len(panel["series"]) - 1) / 2) * step for i, _ in at]
+            means = [m for _, (m, _, _) in at]
+            spread = [[m - lo for _, (m, lo, _) in at], [hi - m for _, (m, _, hi) in at]]
+            ax.errorbar(xs, means, yerr=spread, fmt="o", capsize=3, color=colors[series["label"]], label=series["label"])
+        if panel.get("reference") is not None:
+            ax.axhline(panel["reference"], color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(panel["groups"])))
+        ax.set_xticklabels(panel["groups"], fontsize=7, rotation=20 if len(panel["groups"]) > 5 else 0)
+        ax.set_xlim(-0.6, len(panel["groups"]) - 0.4)
+        ax.set_ylabel(panel["ylabel"])
+        ax.set_title(panel["title"], fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
 def iteration_lines(panels: list[dict], path: str | Path, title: str) -> Path:
     """One panel per entry of `panels` (side by side), x the iteration; means drawn thick.
     Panels with no point are left out; with none left, the figure says so."""

@@ -1,6 +1,6 @@
 """Against a real llama.cpp server (the `xllamacpp` wheel serving the embedded SmolLM2 GGUF on
 127.0.0.1): self-play, both evaluations and the fine-tuning conversion, seeds honoured (samples
-differ, re-runs are identical), usage counted, a small context window handled, a refused key, and
+differ, re-runs are identical), usage counted, the counseling evaluation, a small context window handled, a refused key, and
 two servers of which one is killed mid-run.
 
 Runs are small (one dialogue round, no extra decoder round, one try, 16-token replies) and the
@@ -160,6 +160,24 @@ def test_both_evaluations_against_the_server(server, tmp_path):
     results = json.loads(row_file.read_text())
     assert results["complete"] and results["settings"]["prompting"] == "chat"
     assert results["backend_stats"]["endpoints"][server.base_url]["ok"] == 2
+
+
+def test_counseling_evaluation_against_the_server(server, tmp_path):
+    """Counsel_eval.py with the served model as contestant and judge: 3 statements, both orders and
+    the rubric asked of the server (a 135M judge's verdicts are rarely readable: the counts say so)."""
+    out = tmp_path / "counsel"
+    args = ["--model", MODEL, "--api_base", server.base_url, "--limit", "3", "--max_new_tokens", "24",
+            "--judge_max_new_tokens", "24", "--scorers", "pairwise,rubric", "--progress", "False", "--output_dir", str(out)]
+    result = script("Counsel_eval.py", *args)
+    assert result.returncode == 0, explain(result)
+    results = json.loads((out / MODEL / "counsel_sample.results.json").read_text())
+    assert results["complete"] and results["answered"] == 3 and results["settings"]["runs_on"] == "served"
+    pairwise = results["subsets"]["all"]["pairwise"]
+    assert pairwise["n"] == 3 and pairwise["judged"] + pairwise["unjudged"] == 3
+    judged = records(out / MODEL / "counsel_sample.judge.jsonl")
+    assert len(judged) == 9 and all(j["reply"].strip() for j in judged)
+    again = script("Counsel_eval.py", *args)  # everything on file: no request at all
+    assert again.returncode == 0 and "0 to ask" in again.stderr and "verdicts on file, 0 to ask" in again.stderr
 
 
 def test_a_refused_key_fails_in_seconds(tmp_path):
