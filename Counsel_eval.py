@@ -106,7 +106,9 @@ def run(
     contestant = route(model, backend, api_base)
     judge = (judge_route(contestant, judge_model, judge_backend, judge_api_base) or contestant) \
         if {"pairwise", "rubric"} & set(wanted) else None
-    opponent = route(baseline_model, baseline_backend, baseline_api_base) if baseline_model and "pairwise" in wanted else None
+    # the opponent follows the judge's rule: served over the API, it goes where --api_base serves unless told
+    opponent = (judge_route(contestant, baseline_model, baseline_backend, baseline_api_base) or contestant) \
+        if baseline_model and "pairwise" in wanted else None
     for r in (contestant, judge, opponent):
         if r is not None:
             require_credentials(r)
@@ -126,9 +128,7 @@ def run(
              "reward": model_dir / f"{dataset}.reward.jsonl", "scored": model_dir / f"{dataset}.scored.jsonl",
              "results": model_dir / f"{dataset}.results.json"}
     print(f"[counsel] {len(rows)} statements from {source['source']} ({sum(r['risk'] for r in rows)} flagged risk); "
-          f"scorers {','.join(wanted)}; " + describe_routes(contestant, None if judge is contestant else judge)
-          .replace("judge -> the base model (same client, shared batches)", "judge -> the evaluated model"),
-          file=sys.stderr, flush=True)
+          f"scorers {','.join(wanted)}; " + _routes_line(contestant, judge, opponent), file=sys.stderr, flush=True)
     start, failures = time.perf_counter(), {}
     with ExitStack() as held:
         baseline_samples = None
@@ -199,7 +199,8 @@ def report(output_dir: str = "outputs/counsel", output_file: str | None = None) 
             "baseline, ties counted half, each statement judged in both orders (a verdict that follows the position "
             "rather than the response counts as a tie, `inconsistent`). W/T/L: wins, ties, losses; `unjudged`: a "
             "verdict could not be read. Rubric: the judge's 1-10 score per principle, `overall` the mean of each "
-            "statement's scores. `risk`: statements flagged with self-harm indicators.", "",
+            "statement's scores. `risk`: statements flagged with self-harm indicators. Words: the mean response length "
+            "(the baseline's in brackets); judges tend to favour longer answers, so compare lengths before win rates.", "",
             *_main_table(rows), ""]
     keys = list(dict.fromkeys(p["key"] for r in rows for p in r["principles"]))
     if any("rubric" in (s or {}) for r in rows for s in r["subsets"].values()):
@@ -391,7 +392,7 @@ def _ci(summary: dict | None, digits: int = 1) -> str:
 
 
 def _main_table(rows: list[dict]) -> list[str]:
-    head = ["model", "dataset", "subset", "answered", "words", "reward", "win rate vs baseline", "W/T/L",
+    head = ["model", "dataset", "subset", "answered", "words (baseline)", "reward", "win rate vs baseline", "W/T/L",
             "inconsistent", "unjudged", "rubric overall"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
@@ -400,7 +401,8 @@ def _main_table(rows: list[dict]) -> list[str]:
             win = {"mean": pair.get("win_rate"), "ci95": pair.get("ci95")}
             baseline = f" ({r['baseline']})" if pair and r.get("baseline") else ""
             lines.append("| " + " | ".join([
-                r["model"], r["dataset"], subset, f"{s['answered']} of {s['rows']}", _fmt(s.get("response_words")),
+                r["model"], r["dataset"], subset, f"{s['answered']} of {s['rows']}",
+                _fmt(s.get("response_words")) + (f" ({s['baseline_words']})" if pair and s.get("baseline_words") else ""),
                 _ci(s.get("reward"), 3), _ci(win) + baseline if pair else "–",
                 f"{pair['wins']}/{pair['ties']}/{pair['losses']}" if pair else "–",
                 _fmt(pair.get("inconsistent")), _fmt(pair.get("unjudged")),
@@ -426,10 +428,10 @@ def figure_panels(rows: list[dict], keys: list[str]) -> list[dict]:
     per dataset and subset, and the rubric per principle (subset `all`), one series per model."""
     several_sets = len({r["dataset"] for r in rows}) > 1
     panels = []
-    for title, ylabel, pick in (("win rate vs baseline (%)", "win rate (%)", lambda s: {
+    for title, ylabel, ylim, pick in (("win rate vs baseline (%)", "win rate (%)", (-3, 103), lambda s: {
             "mean": (s.get("pairwise") or {}).get("win_rate"), "ci95": (s.get("pairwise") or {}).get("ci95")}),
-            ("rubric overall (1-10)", "score", lambda s: (s.get("rubric") or {}).get("overall")),
-            ("reward model score", "reward", lambda s: s.get("reward"))):
+            ("rubric overall (1-10)", "score", (0.5, 10.5), lambda s: (s.get("rubric") or {}).get("overall")),
+            ("reward model score", "reward", None, lambda s: s.get("reward"))):
         series: dict[str, dict] = {}
         groups = []
         for r in rows:
@@ -441,7 +443,7 @@ def figure_panels(rows: list[dict], keys: list[str]) -> list[dict]:
                 if value.get("mean") is not None:
                     entry["points"][group] = (value["mean"], *value["ci95"])
         panels.append({"title": title, "ylabel": ylabel, "groups": list(dict.fromkeys(groups)),
-                       "series": list(series.values()), "reference": 50.0 if "win" in title else None})
+                       "series": list(series.values()), "reference": 50.0 if "win" in title else None, "ylim": ylim})
     series = {}
     for r in rows:
         rubric = r["subsets"]["all"].get("rubric") or {}
@@ -449,7 +451,7 @@ def figure_panels(rows: list[dict], keys: list[str]) -> list[dict]:
         series[label] = {"label": label, "points": {k: (rubric[k]["mean"], *rubric[k]["ci95"])
                                                     for k in keys if (rubric.get(k) or {}).get("mean") is not None}}
     panels.append({"title": "rubric by principle (all statements)", "ylabel": "score (1-10)", "groups": keys,
-                   "series": list(series.values()), "reference": None})
+                   "series": list(series.values()), "reference": None, "ylim": (0.5, 10.5)})
     return panels
 
 
@@ -515,6 +517,15 @@ def _baseline_name(wanted, opponent, baseline_file, baseline_field, rows) -> str
         return f"data field {baseline_field}"
     raise InputError(f"--scorers pairwise needs a baseline: --baseline_model, --baseline_file, or data whose rows have "
                      f"a {baseline_field!r} field (--baseline_field)")
+
+
+def _routes_line(contestant, judge, opponent) -> str:
+    """Where every role's calls (and the client statements in them) go."""
+    line = describe_routes(contestant, None if judge in (None, contestant) else judge)
+    if judge is None:
+        line = line.split("; judge")[0]
+    line = line.replace("judge -> the base model (same client, shared batches)", "judge -> the evaluated model")
+    return line + (f"; baseline {opponent.model or 'embedded'!r} -> {opponent.where()}" if opponent is not None else "")
 
 
 def _settings(where, generation: dict) -> dict:

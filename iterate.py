@@ -13,18 +13,19 @@ fine-tuned model is the next iteration's base model.
     python iterate.py --work_dir runs/gpt_dpo --backend openai --objective dpo ...   # from gpt-4.1-mini-2025-04-14
 
 Each step is one of the project's scripts, run in a child process: arena_med.py (generate),
-llama_finetune.py --merge or data_process.py --wait (fine-tune), MedQA_eval.py and IMHI_eval.py
-(evaluate). A child process gives all of its memory back when it ends (a GPU's too), and a crash in
-a stage cannot take the loop down with it. Everything lives under --work_dir:
+llama_finetune.py --merge or data_process.py --wait (fine-tune), MedQA_eval.py, IMHI_eval.py and
+(opt-in, --eval ...,counsel) Counsel_eval.py (evaluate). A child process gives all of its memory back
+when it ends (a GPU's too), and a crash in a stage cannot take the loop down with it. Everything
+lives under --work_dir:
 
     state.json                  each step: status, the stage commands (its settings), outputs, figures
     summary.md                  the table printed at the end
     summary.png                 its figure: each benchmark (and the train loss) by iteration
-    iter0/eval/{qa,imhi}/       the starting model (--eval_base)
+    iter0/eval/{qa,imhi,counsel}/  the starting model (--eval_base)
     iterK/records.jsonl         self-play records of iteration K (made by the model of iteration K-1)
     iterK/model/                adapter, finetune_config.json and merged/ (open models)
     iterK/finetune.openai.jsonl the uploaded data, and .job.json with the job (OpenAI; DPO: .openai_dpo.jsonl)
-    iterK/eval/{qa,imhi}/       the evaluations of the model of iteration K
+    iterK/eval/{qa,imhi,counsel}/  the evaluations of the model of iteration K
 
 Re-running the same command resumes at the first unfinished step, and the step itself resumes (its
 records, checkpoints or answers). Settings that differ from those a recorded step ran with are
@@ -48,6 +49,7 @@ from fire.parser import DefaultParseValue
 
 import arena_med
 import data_process
+import Counsel_eval
 import IMHI_eval
 import llama_finetune
 import MedQA_eval
@@ -67,8 +69,8 @@ OPENAI_DATA = {"sft": "finetune.openai.jsonl", "dpo": "finetune.openai_dpo.jsonl
 # the stages' preference-pair flags: refused in --finetune_args when --objective sft would ignore them
 PREFERENCE_FLAGS = ("min_margin", "all_pairs", "diagnosis_pairs", "diagnosis_margin", "beta", "dpo_lr", "dpo_nepoch",
                     "dpo_loss")
-STEPS = ("generate", "finetune", "eval_qa", "eval_imhi")
-EVALS = {"qa": "eval_qa", "imhi": "eval_imhi"}
+STEPS = ("generate", "finetune", "eval_qa", "eval_imhi", "eval_counsel")
+EVALS = {"qa": "eval_qa", "imhi": "eval_imhi", "counsel": "eval_counsel"}  # counsel: opt-in (it needs a judge)
 QA_SAMPLES = (("MedQA", ROOT / "data" / "qa_sample" / "medqa.jsonl"),
               ("PubMedQA", ROOT / "data" / "qa_sample" / "pubmedqa.jsonl"))
 WORK = "<work_dir>"  # how state.json writes paths inside --work_dir, so the folder can move
@@ -118,10 +120,12 @@ class Plan:
     api_base: str | None
     qa_data_dir: str | None
     imhi_test_dir: str | None
+    counsel_data: str | None
     arena: dict
     finetune: dict
     qa: dict
     imhi: dict
+    counsel: dict
     launcher: list[str] | None
 
     @property
@@ -166,17 +170,19 @@ def run(
     objective: str = "sft",            # sft (the paper) | dpo | sft+dpo (open only): llama_finetune.py --objective,
                                        # data_process.py --method; pair flags (beta, min_margin, ...) in --finetune_args
     finetune_launcher: str | None = None,  # e.g. "accelerate launch --num_processes 4"; None: this python
-    # evaluation (MedQA_eval.py, IMHI_eval.py)
-    eval: str | tuple = "qa,imhi",     # qa, imhi, both, or none
+    # evaluation (MedQA_eval.py, IMHI_eval.py, Counsel_eval.py)
+    eval: str | tuple = "qa,imhi",     # comma list of qa, imhi, counsel (opt-in: it needs a judge), or none
     eval_limit: int | None = None,     # first N questions / rows of every evaluated set
     eval_base: bool = True,            # also evaluate the starting model (iteration 0)
     qa_data_dir: str | None = None,    # the paper's data/ layout (MedQA_eval.py suite); None: data/qa_sample
     imhi_test_dir: str | None = None,  # IMHI test CSVs or folders; None: data/imhi_sample
+    counsel_data: str | None = None,   # client statements (Counsel_eval.py --data_file); None: data/counsel_sample.jsonl
     # anything else, given to the stage as its flags
     arena_args: dict | None = None,    # e.g. '{"max_new_tokens": 32, "max_tries": 2}'
     finetune_args: dict | None = None,
     qa_args: dict | None = None,
     imhi_args: dict | None = None,
+    counsel_args: dict | None = None,  # its judge: counsel_args' judge_model, else --judge_model, else the starting model
     restart: bool = False,             # discard the outputs of steps whose settings changed (and of what depends on them)
 ) -> dict:
     """Run (or resume) every step of every iteration; returns the summary rows and the exit status."""
@@ -273,6 +279,9 @@ def calls_for(plan: Plan, iteration: int, step: str, model: str | None) -> list[
     if step == "eval_qa":  # no data folder: the bundled sample questions
         return [Call("MedQA_eval.py", {**plan.qa, **out, "dataset": dataset, "data_file": str(path),
                                        "output_dir": str(folder / "eval" / "qa")}) for dataset, path in QA_SAMPLES]
+    if step == "eval_counsel":  # the judge (in plan.counsel) is the same in every iteration
+        return [Call("Counsel_eval.py", {**plan.counsel, **out, "data_file": plan.counsel_data,
+                                         "output_dir": str(folder / "eval" / "counsel")})]
     return [Call("IMHI_eval.py", {**plan.imhi, **out, "test_dir": plan.imhi_test_dir,
                                   "output_dir": str(folder / "eval" / "imhi")})]
 
@@ -294,7 +303,8 @@ def collect_outputs(plan: Plan, iteration: int, step: str) -> dict:
         return _merged_model(folder, plan.work_dir)
     if step == "finetune":
         return _openai_model(folder / OPENAI_DATA[plan.objective], plan.work_dir)
-    return {"generate": _records, "eval_qa": _qa_scores, "eval_imhi": _imhi_scores}[step](folder, plan.work_dir)
+    return {"generate": _records, "eval_qa": _qa_scores, "eval_imhi": _imhi_scores,
+            "eval_counsel": _counsel_scores}[step](folder, plan.work_dir)
 
 
 def _records(folder: Path, work_dir: Path) -> dict:
@@ -341,10 +351,32 @@ def _imhi_scores(folder: Path, work_dir: Path) -> dict:
     return {"weighted_f1": _mean(s.get(rules) for s in sets.values()), "rules": rules, "sets": sets}
 
 
+def _counsel_scores(folder: Path, work_dir: Path) -> dict:
+    """Counsel_eval.py's win rate (%), rubric overall (1-10) and reward per data set and subset (all,
+    risk); the summary's figures are subset `all`, the mean over the data sets (one, as the loop runs it)."""
+    found = [r for r in _results(folder / "eval" / "counsel", "eval_counsel") if "subsets" in r]
+    if not found:
+        raise StepFailed(f"eval_counsel: no Counsel_eval.py results under {folder / 'eval' / 'counsel'}")
+
+    def figures_of(subset: dict) -> dict:
+        return {"win_rate": (subset.get("pairwise") or {}).get("win_rate"),
+                "rubric_overall": ((subset.get("rubric") or {}).get("overall") or {}).get("mean"),
+                "reward": (subset.get("reward") or {}).get("mean")}
+
+    sets = {r["dataset"]: {name: figures_of(r["subsets"][name]) for name in ("all", "risk") if name in r["subsets"]}
+            for r in found}
+    digits = {"win_rate": 2, "rubric_overall": 2, "reward": 4}  # a reward model's scale may be small
+    mean = {f"{prefix}{key}": _mean(((s.get(subset) or {}).get(key) for s in sets.values()), places)
+            for prefix, subset in (("", "all"), ("risk_", "risk")) for key, places in digits.items()}
+    return {**mean, "complete": all(r.get("complete") for r in found),
+            "judge": next(((r.get("judge") or {}).get("model") for r in found if r.get("judge")), None),
+            "baseline": next((r.get("baseline") for r in found if r.get("baseline")), None), "sets": sets}
+
+
 # ---------------------------------------------------------------------------------- settings and state
 def make_plan(work_dir, backend, base_model, iterations, epochs, patients_file, limit, num_samples, judge_model,
               api_base, method, max_steps, objective, finetune_launcher, eval, eval_limit, eval_base, qa_data_dir,
-              imhi_test_dir, arena_args, finetune_args, qa_args, imhi_args, restart) -> Plan:
+              imhi_test_dir, counsel_data, arena_args, finetune_args, qa_args, imhi_args, counsel_args, restart) -> Plan:
     """Every flag checked and resolved before anything runs or is written."""
     if not work_dir:
         raise InputError("--work_dir is required: the folder for every iteration's outputs and state.json")
@@ -389,20 +421,29 @@ def make_plan(work_dir, backend, base_model, iterations, epochs, patients_file, 
     if objective == "sft" and extra:
         raise InputError(f"--finetune_args: {', '.join(extra)} {'is' if len(extra) == 1 else 'are'} for "
                          "--objective dpo or sft+dpo (preference pairs); --objective sft trains on the best answers only")
+    counsel = _stage_args("counsel_args", counsel_args, Counsel_eval.run, COUNSEL_RESERVED,
+                          {"limit": ("eval_limit", eval_limit)})
+    if counsel_data is not None and counsel.get("from_records"):
+        raise InputError("--counsel_data and --counsel_args from_records both name the statements; give one")
+    start = _absolute(base_model) if base_model is not None else (
+        data_process.DEFAULT_MODELS[objective] if backend == "openai" else None)
+    # one judge for every iteration, or the scores are not comparable across them: the loop's judge, else
+    # the starting model ("embedded": Counsel_eval's name of the embedded model). Served, it goes to --api_base.
+    counsel.setdefault("judge_model", _absolute(judge_model) if judge_model else start or "embedded")
     return Plan(
         work_dir=Path(work_dir).resolve(), backend=backend,
-        base_model=_absolute(base_model) if base_model is not None else (
-            data_process.DEFAULT_MODELS[objective] if backend == "openai" else None),
+        base_model=start,
         epochs=_schedule(backend, epochs, iterations), objective=objective,
         evals=[EVALS[n] for n in EVALS if n in wanted],
         eval_base=eval_base, api_base=api_base, qa_data_dir=_absolute(qa_data_dir),
-        imhi_test_dir=_absolute(imhi_test_dir),
+        imhi_test_dir=_absolute(imhi_test_dir), counsel_data=_absolute(counsel_data),
         arena=_stage_args("arena_args", arena_args, arena_med.run, ARENA_RESERVED,
                           {"patients_file": ("patients_file", _absolute(patients_file)), "limit": ("limit", limit),
                            "num_samples": ("num_samples", num_samples), "judge_model": ("judge_model", judge_model)}),
         finetune=finetune,
         qa=_stage_args("qa_args", qa_args, qa_stage, QA_RESERVED, {"limit": ("eval_limit", eval_limit)}),
         imhi=_stage_args("imhi_args", imhi_args, IMHI_eval.run, IMHI_RESERVED, {"limit": ("eval_limit", eval_limit)}),
+        counsel=counsel,
         launcher=shlex.split(finetune_launcher) if finetune_launcher else None)
 
 
@@ -426,6 +467,8 @@ QA_RESERVED = {"model": LOOP_MODEL, "output_dir": "each iteration writes iterK/e
 IMHI_RESERVED = {"model": LOOP_MODEL, "output_dir": "each iteration writes iterK/eval/imhi",
                  "test_dir": "use --imhi_test_dir", "generated_dir": "the loop evaluates its own models",
                  "api_base": "use --api_base"}
+COUNSEL_RESERVED = {"model": LOOP_MODEL, "output_dir": "each iteration writes iterK/eval/counsel",
+                    "data_file": "use --counsel_data", "api_base": "use --api_base"}
 
 
 def _stage_args(flag: str, given, function, reserved: dict, top: dict) -> dict:
@@ -516,7 +559,7 @@ def summary_rows(plan: Plan, state: dict) -> list[dict]:
     rows = []
     for k in range(0 if plan.eval_base and plan.evals else 1, len(plan.epochs) + 1):
         model = (plan.base_model or "embedded") if k == 0 else done(k, "finetune").get("model")
-        qa, imhi = done(k, "eval_qa"), done(k, "eval_imhi")
+        qa, imhi, counsel = done(k, "eval_qa"), done(k, "eval_imhi"), done(k, "eval_counsel")
         finetune = done(k, "finetune") if k else {}
         rows.append({"iteration": k, "model": model.removeprefix(WORK + "/") if model else None,
                      # what trained it (a step recorded before --objective existed: sft), on how many pairs
@@ -530,13 +573,27 @@ def summary_rows(plan: Plan, state: dict) -> list[dict]:
                      "imhi_weighted_f1": imhi.get("weighted_f1"), "imhi_rules": imhi.get("rules"),
                      "qa": {name: s["accuracy"] for name, s in qa.get("sets", {}).items()},
                      "qa_reference": {name: s.get("accuracy_reference") for name, s in qa.get("sets", {}).items()},
-                     "imhi": {name: s.get(imhi.get("rules")) for name, s in imhi.get("sets", {}).items()}})
+                     "imhi": {name: s.get(imhi.get("rules")) for name, s in imhi.get("sets", {}).items()},
+                     # Counsel_eval.py: subset `all`, and the statements flagged risk where there are any
+                     "counsel_win_rate": counsel.get("win_rate"), "counsel_rubric": counsel.get("rubric_overall"),
+                     "counsel_reward": counsel.get("reward"), "counsel_complete": counsel.get("complete"),
+                     "counsel_judge": counsel.get("judge"), "counsel_baseline": counsel.get("baseline"),
+                     "counsel_risk": {title: counsel.get(key) for title, key in COUNSEL_RISK_COLUMNS
+                                      if counsel.get(key) is not None}})
     return rows
+
+
+COUNSEL_RISK_COLUMNS = (("counsel win % (risk)", "risk_win_rate"), ("counsel rubric (risk)", "risk_rubric_overall"))
 
 
 def summary_markdown(plan: Plan, rows: list[dict]) -> str:
     header = ["iteration", "model", "objective", "epochs", "records", "pairs", "train loss", "QA acc",
               "QA acc (rule R)", "IMHI w-F1"]
+    # Counsel_eval.py's columns where it ran (or is planned); the reward where a row has one
+    counsel = "eval_counsel" in plan.evals or any(r["counsel_win_rate"] is not None or r["counsel_rubric"] is not None
+                                                  or r["counsel_reward"] is not None for r in rows)
+    reward = any(r["counsel_reward"] is not None for r in rows)
+    header += (["counsel win %", "counsel rubric"] if counsel else []) + (["counsel reward"] if reward else [])
     lines = [f"# MentalArena iterations in {plan.work_dir}", "",
              f"{plan.backend} backend, objective {plan.objective}; starting model {plan.base_model or 'embedded'}; "
              f"evaluations: {', '.join(plan.evals).replace('eval_', '') or 'none'}. Scores in %; – : not done (yet).",
@@ -545,7 +602,9 @@ def summary_markdown(plan: Plan, rows: list[dict]) -> str:
     for r in rows:
         lines.append(_md_row([r["iteration"], r["model"], r["objective"], r["epochs"], r["records"], r["pairs"],
                               _fmt(r["train_loss"], 4), _fmt(r["qa_accuracy"]), _fmt(r["qa_accuracy_reference"]),
-                              _fmt(r["imhi_weighted_f1"])]))
+                              _fmt(r["imhi_weighted_f1"]),
+                              *([_fmt(r["counsel_win_rate"]), _fmt(r["counsel_rubric"])] if counsel else []),
+                              *([_fmt(r["counsel_reward"], 4)] if reward else [])]))
     rules = next((r["imhi_rules"] for r in rows if r["imhi_rules"]), None)
     notes = ["pairs: the preference pairs the fine-tuning trained on (dpo, sft+dpo); train loss is the "
              "objective's own (a DPO loss is not comparable with an SFT one)."] if any(r["pairs"] for r in rows) else []
@@ -554,10 +613,17 @@ def summary_markdown(plan: Plan, rows: list[dict]) -> str:
               "come from."] if any(r["qa"] for r in rows) else [])
     notes += [f"IMHI w-F1: the mean over the IMHI sets of the weighted F1 with the `{rules}` labels (IMHI_eval.py)."
               ] if rules else []
+    judge = next((r["counsel_judge"] for r in rows if r["counsel_judge"]), None)
+    baseline = next((r["counsel_baseline"] for r in rows if r["counsel_baseline"]), None)
+    notes += [f"counsel win %: Counsel_eval.py's win rate against the baseline ({baseline or 'none'}, ties half), "
+              f"counsel rubric: the 1-10 rubric overall, both over all statements and judged by {judge} in every "
+              "iteration" + ("; counsel reward: the reward model's mean score." if reward else ".")
+              ] if judge or reward else []
     # (title, row field, set): each QA set's robust score with its rule-R score beside it, then IMHI
     columns = [c for q in dict.fromkeys(s for r in rows for s in r["qa"])
                for c in ((q, "qa", q), (f"{q} (rule R)", "qa_reference", q))]
     columns += [(s, "imhi", s) for s in dict.fromkeys(s for r in rows for s in r["imhi"])]
+    columns += [(t, "counsel_risk", t) for t, _ in COUNSEL_RISK_COLUMNS if any(t in r["counsel_risk"] for r in rows)]
     if columns:
         lines += ["", *notes, "", "## Per set", "", _md_row(["iteration", *(t for t, _, _ in columns)]),
                   _md_row(["---"] * (len(columns) + 1))]
@@ -571,7 +637,8 @@ def summary_markdown(plan: Plan, rows: list[dict]) -> str:
 def summary_figure_panels(rows: list[dict]) -> list[dict]:
     """What summary.png draws (`figures.iteration_lines` panels), the summary table's numbers by
     iteration: QA accuracy (robust), QA accuracy (rule R) and IMHI w-F1, each set and the mean
-    (thick), and the train loss; a score not there (not run, not recorded) is no point."""
+    (thick), and the train loss; where Counsel_eval.py ran, its win rate and rubric overall (all
+    statements thick, the risk ones thin) and reward. A score not there (not run, not recorded) is no point."""
     def panel(title: str, ylabel: str, mean: str, per_set: str | None) -> dict:
         sets = list(dict.fromkeys(s for r in rows for s in r[per_set])) if per_set else []
         series = [{"label": name, "mean": False, "points": [(r["iteration"], r[per_set].get(name)) for r in rows]}
@@ -584,7 +651,25 @@ def summary_figure_panels(rows: list[dict]) -> list[dict]:
     return [panel("QA accuracy (robust)", "accuracy (%)", "qa_accuracy", "qa"),
             panel("QA accuracy (rule R)", "accuracy (%)", "qa_accuracy_reference", "qa_reference"),
             panel(f"IMHI weighted F1 (`{rules}` labels)", "weighted F1 (%)", "imhi_weighted_f1", "imhi"),
-            panel("train loss (the objective's own)", "train loss", "train_loss", None)]
+            panel("train loss (the objective's own)", "train loss", "train_loss", None)] + _counsel_panels(rows)
+
+
+def _counsel_panels(rows: list[dict]) -> list[dict]:
+    """Counsel_eval.py's panels, none where it never ran (the figure stays as it was)."""
+    def line(label: str, values: list, mean: bool) -> dict:
+        return {"label": label, "mean": mean, "points": [(r["iteration"], v) for r, v in zip(rows, values)]}
+
+    panels = []
+    for (title, ylabel, field), (risk, _) in zip(
+            (("counsel win rate vs baseline (ties half)", "win rate (%)", "counsel_win_rate"),
+             ("counsel rubric overall (judge, 1-10)", "score (1-10)", "counsel_rubric")), COUNSEL_RISK_COLUMNS):
+        series = [line("risk statements", [r["counsel_risk"].get(risk) for r in rows], False)
+                  ] if any(risk in r["counsel_risk"] for r in rows) else []
+        panels.append({"title": title, "ylabel": ylabel,
+                       "series": series + [line("all statements", [r[field] for r in rows], True)]})
+    panels.append({"title": "counsel reward model score", "ylabel": "reward",
+                   "series": [line("all statements", [r["counsel_reward"] for r in rows], True)]})
+    return [p for p in panels if any(y is not None for s in p["series"] for _, y in s["points"])]
 
 
 def _md_row(cells: list) -> str:
@@ -643,6 +728,8 @@ def _portable(value, work_dir: Path):
     """Paths under --work_dir written relative to it, credentials cut out of URLs (in lists too)."""
     if isinstance(value, (list, tuple)):
         return [_portable(v, work_dir) for v in value]
+    if isinstance(value, dict):  # a stage-args dict (--counsel_args' judge_api_base, ...)
+        return {key: _portable(v, work_dir) for key, v in value.items()}
     if not isinstance(value, str):
         return value
     root = str(work_dir)
@@ -690,14 +777,15 @@ def _must_exist(path: Path, step: str) -> Path:
     return path
 
 
-def _mean(values) -> float | None:
+def _mean(values, digits: int = 2) -> float | None:
     present = [v for v in values if v is not None]
-    return round(statistics.fmean(present), 2) if present else None
+    return round(statistics.fmean(present), digits) if present else None
 
 
 def _brief(outputs: dict) -> str:
     parts = []
-    for key in ("records", "examples", "pairs", "train_loss", "accuracy", "weighted_f1", "model"):
+    for key in ("records", "examples", "pairs", "train_loss", "accuracy", "weighted_f1", "win_rate", "rubric_overall",
+                "reward", "model"):
         if outputs.get(key) is not None:
             value = outputs[key]
             parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
@@ -708,7 +796,8 @@ def _step_files(folder: Path, step: str) -> list[Path]:
     return {"generate": [folder / "records.jsonl", folder / "records.errors.jsonl", folder / "records.summary.json"],
             "finetune": [folder / "model", *(folder / f"{name}{tail}" for name in OPENAI_DATA.values()
                                              for tail in ("", ".job.json"))],
-            "eval_qa": [folder / "eval" / "qa"], "eval_imhi": [folder / "eval" / "imhi"]}[step]
+            "eval_qa": [folder / "eval" / "qa"], "eval_imhi": [folder / "eval" / "imhi"],
+            "eval_counsel": [folder / "eval" / "counsel"]}[step]
 
 
 def _iterations_on_disk(plan: Plan, state: dict) -> set[int]:

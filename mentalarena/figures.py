@@ -91,7 +91,7 @@ def interval_dots(panels: list[dict], path: str | Path, title: str) -> Path:
     """Means with their interval as whiskers, one panel per entry of `panels` (stacked): x the
     groups, one colour per series, side by side within a group. A panel is {"title", "ylabel",
     "groups", "series": [{"label", "points": {group: (mean, low, high)}}], "reference": y or None (a
-    grey line, e.g. 50 % for a win rate)}. Panels with no point are left out."""
+    grey line, e.g. 50 % for a win rate), "ylim": (low, high) or None}. Panels with no point are left out."""
     plt = _pyplot()
     panels = [p for p in panels if any(s["points"] for s in p["series"])]
     widest = max((len(p["groups"]) for p in panels), default=1)
@@ -112,6 +112,8 @@ def interval_dots(panels: list[dict], path: str | Path, title: str) -> Path:
             ax.errorbar(xs, means, yerr=spread, fmt="o", capsize=3, color=colors[series["label"]], label=series["label"])
         if panel.get("reference") is not None:
             ax.axhline(panel["reference"], color="grey", linewidth=0.8, linestyle="--")
+        if panel.get("ylim"):  # a score's whole scale, so that a small difference looks small
+            ax.set_ylim(*panel["ylim"])
         ax.set_xticks(range(len(panel["groups"])))
         ax.set_xticklabels(panel["groups"], fontsize=7, rotation=20 if len(panel["groups"]) > 5 else 0)
         ax.set_xlim(-0.6, len(panel["groups"]) - 0.4)

@@ -247,16 +247,19 @@ def test_through_the_fake_openai_server(tmp_path, monkeypatch):
     with FakeOpenAI(responder) as server:
         code = Counsel_eval.main(["--model", "fake-model", "--api_base", server.base_url, "--data_file", data,
                                   "--scorers", "pairwise,rubric", "--output_dir", str(tmp_path / "out"),
-                                  "--progress", "false", "--seed", "11"])
+                                  "--progress", "false", "--seed", "11", "--baseline_model", "fake-baseline"])
     assert code == 0
     results = json.loads((tmp_path / "out" / "fake-model" / "statements.results.json").read_text())
     whole = results["subsets"]["all"]
     assert whole["pairwise"]["inconsistent"] == 4 and whole["pairwise"]["win_rate"] == 50.0  # always A: position bias
     assert whole["rubric"]["safety"]["mean"] == 9.0 and whole["rubric"]["clarity"]["n"] == 0
-    chats = server.requests
-    assert len(chats) == 4 + 4 * 3
+    # the baseline, named by its served name only, went to the same server; the preflight probed it
+    # (a model the server does not list) with one 1-token request, not counted here
+    chats = [r for r in server.requests if r.get("max_tokens") != 1]
+    assert len(chats) == 4 + 4 + 4 * 3 and sum(r["model"] == "fake-baseline" for r in chats) == 4
     answers = [r for r in chats if r["messages"][0]["role"] == "system"]
     assert len({r["seed"] for r in answers}) == 4 and all(r["temperature"] == 0.7 for r in answers)
+    assert results["baseline"] == "fake-baseline"
     assert all(r["temperature"] == 0.0 for r in chats if r["messages"][0]["role"] == "user")
     assert results["settings"]["runs_on"] == "served" and results["seed"] == 11
     for path in (tmp_path / "out").rglob("*"):

@@ -1,7 +1,8 @@
 """iterate.py: the order of the steps, each iteration's model feeding the next, the epoch schedules,
 resume after a failed step, refusal of changed settings (and --restart), the OpenAI path through
 the real data_process.py against the fake server, --objective (sft, dpo, sft+dpo) reaching the
-fine-tuning stage and the summary, and bad input.
+fine-tuning stage and the summary, the opt-in counseling evaluation (Counsel_eval.py: one judge for
+every iteration, its scores in the summary), and bad input.
 
 The stages are replaced by `Stages`, which checks every command against the real stage's
 signature (as fire would parse it), records it and writes the files the real stage would."""
@@ -17,6 +18,7 @@ from fake_openai import FakeOpenAI
 from fire.parser import DefaultParseValue
 
 import arena_med
+import Counsel_eval
 import data_process
 import IMHI_eval
 import iterate
@@ -25,7 +27,7 @@ import MedQA_eval
 from mentalarena.jsonl import append_jsonl
 
 MODULES = {"arena_med.py": arena_med, "llama_finetune.py": llama_finetune, "data_process.py": data_process,
-           "MedQA_eval.py": MedQA_eval, "IMHI_eval.py": IMHI_eval}
+           "MedQA_eval.py": MedQA_eval, "IMHI_eval.py": IMHI_eval, "Counsel_eval.py": Counsel_eval}
 KEY = "sk-proj-ITERATE0TEST0KEY0abc123"
 QUICK = ["--limit", "2", "--max_steps", "3", "--method", "lora", "--eval_limit", "4"]
 
@@ -112,8 +114,27 @@ def fake_imhi(args: dict) -> None:
             "scores": {"reference": {"weighted_f1": 1.0}, "fixed": {"weighted_f1": 20.0 + k + i}}}))
 
 
+def fake_counsel(args: dict) -> None:
+    """A results file as Counsel_eval.py writes it (the fields the loop reads): win rate 30 + 10k, rubric
+    5 + k/2 over all statements, 10 and 1 below on the risk ones; a reward where --scorers names it."""
+    k = _iteration(Path(args["output_dir"]).parent.parent)
+    out = Path(args["output_dir"]) / "m"
+    out.mkdir(parents=True, exist_ok=True)
+    reward = "reward" in str(args.get("scorers", ""))
+
+    def subset(shift: float) -> dict:
+        return {"rows": 4, "answered": 4, "pairwise": {"win_rate": 30.0 + 10 * k - 10 * shift, "ci95": [0.0, 100.0],
+                                                       "wins": 1, "ties": 1, "losses": 1, "unjudged": 0},
+                "rubric": {"overall": {"mean": 5.0 + k / 2 - shift, "ci95": [1.0, 10.0]}, "empathy": {"mean": 6.0}},
+                **({"reward": {"mean": 0.12345 + k - shift, "ci95": [0.0, 1.0]}} if reward else {})}
+    (out / "counsel_sample.results.json").write_text(json.dumps({
+        "model": "m", "dataset": "counsel_sample", "complete": True, "baseline": "data field reference_response",
+        "judge": {"model": args["judge_model"]}, "principles": [{"key": "empathy", "title": "Empathy"}],
+        "subsets": {"all": subset(0), "risk": subset(1), "no_risk": subset(0)}}))
+
+
 FAKES = {"arena_med.py": fake_arena, "llama_finetune.py": fake_finetune, "MedQA_eval.py": fake_medqa,
-         "IMHI_eval.py": fake_imhi}
+         "IMHI_eval.py": fake_imhi, "Counsel_eval.py": fake_counsel}
 
 
 @pytest.fixture
@@ -411,11 +432,128 @@ def test_openai_dpo_jobs_start_from_a_dpo_capable_model_and_count_their_pairs(tm
     assert rows == [f"| 1 | {first} | dpo | 4 | 3 | 6 | – | – | – | – |"]
 
 
+# ---------------------------------------------------------------------------------- --eval counsel
+def test_counsel_eval_runs_each_model_with_one_judge_and_its_scores_reach_the_summary(tmp_path, stages, capsys):
+    work, fake = tmp_path / "run", stages()
+    assert iterate.main(["--work_dir", str(work), "--iterations", "2", "--eval", "qa,counsel", *QUICK]) == 0
+    assert [c["script"] for c in fake.calls][:3] == ["MedQA_eval.py", "MedQA_eval.py", "Counsel_eval.py"]
+    counsel = fake.of("Counsel_eval.py")
+    assert [a.get("model") for a in counsel] == [None, merged(work, 1), merged(work, 2)]
+    assert [a["output_dir"] for a in counsel] == [str(work.resolve() / f"iter{k}" / "eval" / "counsel") for k in (0, 1, 2)]
+    # the embedded model judges every iteration, also the fine-tuned ones; --eval_limit is its --limit;
+    # no --counsel_data: the bundled sample (no --data_file)
+    assert [(a["judge_model"], a["limit"], "data_file" in a, "api_base" in a) for a in counsel] == \
+        [("embedded", 4, False, False)] * 3
+    outputs = state_of(work)["steps"]["2/eval_counsel"]["outputs"]
+    assert (outputs["win_rate"], outputs["rubric_overall"], outputs["reward"], outputs["complete"]) == (50.0, 6.0, None, True)
+    assert (outputs["risk_win_rate"], outputs["risk_rubric_overall"], outputs["judge"]) == (40.0, 5.0, "embedded")
+    assert "iteration 2 eval_counsel: done in" in capsys.readouterr().out
+
+    summary = (work / "summary.md").read_text()
+    rows = [line for line in summary.splitlines() if line.startswith("| ")]
+    assert rows[:5] == ["| iteration | model | objective | epochs | records | pairs | train loss | QA acc | QA acc (rule R) "
+                        "| IMHI w-F1 | counsel win % | counsel rubric |",
+                        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+                        "| 0 | embedded | – | – | – | – | – | 41.00 | – | – | 30.00 | 5.00 |",
+                        "| 1 | iter1/model/merged | sft | 4 | 2 | – | 2.5000 | 51.00 | 17.00 | – | 40.00 | 5.50 |",
+                        "| 2 | iter2/model/merged | sft | 5 | 2 | – | 2.0000 | 61.00 | 22.00 | – | 50.00 | 6.00 |"]
+    assert rows[5] == ("| iteration | MedQA | MedQA (rule R) | PubMedQA | PubMedQA (rule R) | counsel win % (risk) "
+                       "| counsel rubric (risk) |")
+    assert rows[7:] == ["| 0 | 40.00 | – | 42.00 | – | 20.00 | 4.00 |", "| 1 | 50.00 | 15.00 | 52.00 | 19.00 | 30.00 | 4.50 |",
+                        "| 2 | 60.00 | 20.00 | 62.00 | 24.00 | 40.00 | 5.00 |"]
+    assert "judged by embedded in every iteration." in summary and "evaluations: qa, counsel." in summary
+
+    panels = {p["title"]: {s["label"]: s["points"] for s in p["series"]}
+              for p in iterate.summary_figure_panels(iterate.summary_rows(iterate.make_plan(**{
+                  **{k: p.default for k, p in inspect.signature(iterate.run).parameters.items()},
+                  "work_dir": str(work), "iterations": 2, "eval": "qa,counsel"}), state_of(work)))}
+    assert panels["counsel win rate vs baseline (ties half)"] == {
+        "risk statements": [(0, 20.0), (1, 30.0), (2, 40.0)], "all statements": [(0, 30.0), (1, 40.0), (2, 50.0)]}
+    assert panels["counsel rubric overall (judge, 1-10)"] == {
+        "risk statements": [(0, 4.0), (1, 4.5), (2, 5.0)], "all statements": [(0, 5.0), (1, 5.5), (2, 6.0)]}
+    assert "counsel reward model score" not in panels  # no reward scorer: no panel
+
+
+@pytest.mark.parametrize("flags, judge", [
+    ([], "org/starter"),                                                 # the starting model
+    (["--judge_model", "gpt-4o-2024-08-06"], "gpt-4o-2024-08-06"),      # the loop's judge
+    (["--judge_model", "gpt-4o-2024-08-06", "--counsel_args", '{"judge_model": "org/judge"}'], "org/judge"),
+])
+def test_the_counsel_judge_is_the_same_in_every_iteration(tmp_path, stages, flags, judge):
+    statements = tmp_path / "statements.jsonl"
+    append_jsonl(statements, {"statement": "I can't sleep.", "reference_response": "That sounds hard."})
+    fake = stages()
+    assert iterate.main(["--work_dir", str(tmp_path / "run"), "--iterations", "2", "--eval", "counsel",
+                         "--base_model", "org/starter", "--counsel_data", str(statements), *QUICK, *flags]) == 0
+    counsel = fake.of("Counsel_eval.py")
+    assert [a["model"] for a in counsel] == ["org/starter", merged(tmp_path / "run", 1), merged(tmp_path / "run", 2)]
+    assert [(a["judge_model"], a["data_file"]) for a in counsel] == [(judge, str(statements.resolve()))] * 3
+
+
+def test_a_served_loop_sends_the_counsel_model_and_its_judge_to_the_server(tmp_path):
+    """The call the loop plans, read through Counsel_eval.py's own routes: the judge (the starting
+    model) is served where the evaluated model is, never the OpenAI API by itself."""
+    from mentalarena.backends import judge_route, route
+
+    server = "http://127.0.0.1:1/v1"
+    defaults = {k: p.default for k, p in inspect.signature(iterate.run).parameters.items()}
+    plan = iterate.make_plan(**{**defaults, "work_dir": str(tmp_path / "gpt"), "backend": "openai", "api_base": server,
+                                "eval": "counsel", "eval_limit": 5})
+    (call,) = iterate.calls_for(plan, 1, "eval_counsel", "ft:gpt-3.5-turbo-0125:org::abc")
+    assert call.script == "Counsel_eval.py" and call.command is None
+    assert {k: call.args[k] for k in ("model", "api_base", "judge_model", "limit")} == {
+        "model": "ft:gpt-3.5-turbo-0125:org::abc", "api_base": server, "judge_model": "gpt-3.5-turbo-0125", "limit": 5}
+    inspect.signature(Counsel_eval.run).bind(**call.args)
+    contestant = route(call.args["model"], "auto", call.args["api_base"])
+    judge = judge_route(contestant, call.args["judge_model"])
+    assert (judge.model, judge.kind, judge.servers) == ("gpt-3.5-turbo-0125", "openai", (server,))
+    # the embedded model's name for Counsel_eval.py is "embedded": its own model, not one looked up elsewhere
+    assert judge_route(route(None), "embedded").kind == "embedded"
+
+
+def test_changed_counsel_settings_redo_only_the_counsel_evaluations(tmp_path, stages, capsys):
+    work = tmp_path / "run"
+    base = ["--work_dir", str(work), "--iterations", "1", "--eval", "imhi,counsel", *QUICK]
+    stages()
+    assert iterate.main(base) == 0
+    fake = stages()
+    changed = [*base, "--counsel_args", '{"scorers": "reward,rubric", "reward_model": "org/rm", '
+                                        '"judge_api_base": "http://user:secret@judge:8000/v1"}']
+    assert iterate.main(changed) == 2
+    assert "iteration 0 eval_counsel ran with other settings (--scorers None -> reward,rubric" in capsys.readouterr().err
+    assert fake.calls == []
+
+    assert iterate.main([*changed, "--restart"]) == 0
+    assert [c["script"] for c in fake.calls] == ["Counsel_eval.py", "Counsel_eval.py"]
+    assert fake.of("Counsel_eval.py")[0]["judge_api_base"] == "http://user:secret@judge:8000/v1"
+    assert "--restart: removing" in capsys.readouterr().out
+    assert "secret" not in (work / "state.json").read_text()  # the settings' dicts lose credentials too
+    rows = [line for line in (work / "summary.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[0].endswith("| IMHI w-F1 | counsel win % | counsel rubric | counsel reward |")
+    assert rows[2:4] == ["| 0 | embedded | – | – | – | – | – | – | – | 20.50 | 30.00 | 5.00 | 0.1235 |",
+                         "| 1 | iter1/model/merged | sft | 4 | 2 | – | 2.5000 | – | – | 21.50 | 40.00 | 5.50 | 1.1235 |"]
+    panels = {p["title"]: {s["label"]: s["points"] for s in p["series"]}
+              for p in iterate.summary_figure_panels(iterate.run(work_dir=str(work), iterations=1, eval="imhi,counsel",
+                                                                 limit=2, max_steps=3, method="lora", eval_limit=4,
+                                                                 counsel_args=json.loads(changed[-1]))["rows"])}
+    assert panels["counsel reward model score"] == {"all statements": [(0, 0.1235), (1, 1.1235)]}
+    assert len(fake.calls) == 2  # the same settings: nothing to do
+
+
 # ---------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("args, message", [
     ([], "--work_dir is required"),
     (["--backend", "hf"], "--backend must be one of open, openai"),
-    (["--eval", "qa,mmlu"], "--eval must be one of qa, imhi, none"),
+    (["--eval", "qa,mmlu"], "--eval must be one of qa, imhi, counsel, none"),
+    (["--eval", "counsel", "--counsel_args", '{"model": "x"}'], "--counsel_args: model is not yours to set here"),
+    (["--counsel_args", '{"output_dir": "x"}'], "output_dir is not yours to set here: each iteration writes "
+                                                 "iterK/eval/counsel"),
+    (["--counsel_args", '{"data_file": "x.jsonl"}'], "data_file is not yours to set here: use --counsel_data"),
+    (["--counsel_args", '{"api_base": "http://127.0.0.1:1/v1"}'], "api_base is not yours to set here: use --api_base"),
+    (["--counsel_args", '{"judge_modle": "gpt-4o"}'], "--counsel_args: Counsel_eval.py has no flag --judge_modle"),
+    (["--eval_limit", "3", "--counsel_args", '{"limit": 2}'], "--counsel_args: limit is also given as --eval_limit"),
+    (["--counsel_data", "s.jsonl", "--counsel_args", '{"from_records": "r.jsonl"}'],
+     "--counsel_data and --counsel_args from_records both name the statements"),
     (["--epochs", "4,x"], "--epochs must be a comma list of positive numbers"),
     (["--iterations", "3", "--epochs", "4,5"], "--iterations 3 needs 3 epoch values, --epochs gives 2 (4,5)"),
     (["--limit", "0"], "--limit must be a whole number of at least 1"),
