@@ -36,6 +36,7 @@ from mentalarena.errors import InputError, check_choice
 from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
 from mentalarena.locks import hold_all
 from mentalarena.progress import Progress
+from mentalarena.sft import write_rows
 from mentalarena.prompts import Prompts
 
 log = logging.getLogger("counsel_eval")
@@ -119,6 +120,11 @@ def run(
                              "a local folder or a hub id)")
         check_reward_model(reward_model)
     baseline_name = _baseline_name(wanted, opponent, baseline_file, baseline_field, rows)
+    if "pairwise" in wanted and opponent is None:  # read before any model loads: a bad file writes nothing
+        baselines = counsel.load_baseline_file(baseline_file, baseline_field, rows) if baseline_file else \
+            {r["key"]: r["baseline"] for r in rows if r.get("baseline")}
+    else:
+        baselines = {}
 
     generation = {"system": prompts.template(TEMPLATES["system"]), "temperature": float(temperature),
                   "max_new_tokens": int(max_new_tokens), "seed": int(seed), "dtype": dtype, "device": device}
@@ -139,17 +145,11 @@ def run(
         model_dir.mkdir(parents=True, exist_ok=True)
         responses, failures["responses"] = respond(contestant, rows, generation, dataset, files["samples"], batch_size,
                                                    "responses", progress)
-        baselines = {}
-        if "pairwise" in wanted:
-            if opponent is not None:
-                baseline_samples.parent.mkdir(parents=True, exist_ok=True)
-                answered, failures["baseline"] = respond(opponent, rows, generation, dataset, baseline_samples,
-                                                         batch_size, "baseline", progress)
-                baselines = {k: a["response"] for k, a in answered.items()}
-            elif baseline_file:
-                baselines = counsel.load_baseline_file(baseline_file, baseline_field, rows)
-            else:
-                baselines = {r["key"]: r["baseline"] for r in rows if r.get("baseline")}
+        if opponent is not None:
+            baseline_samples.parent.mkdir(parents=True, exist_ok=True)
+            answered, failures["baseline"] = respond(opponent, rows, generation, dataset, baseline_samples,
+                                                     batch_size, "baseline", progress)
+            baselines = {k: a["response"] for k, a in answered.items()}
         verdicts = {}
         if judge is not None:
             judging = {"model": judge.model or EMBEDDED, "runs_on": runs_on(judge), "temperature": float(judge_temperature),
@@ -161,15 +161,15 @@ def run(
             rewards = reward_all(reward_model, rows, responses, files["reward"], device, dtype,
                                  int(reward_batch_size), int(reward_max_length))
     scored = _scored_rows(rows, responses, baselines, verdicts, rewards, wanted, principles)
-    files["scored"].parent.mkdir(parents=True, exist_ok=True)
-    _write_jsonl_atomic(files["scored"], scored)
+    write_rows(files["scored"], scored)
     results = {
         "model": settings["model"], "dataset": dataset, "source": source, "rows": len(rows),
         "answered": len(responses), "complete": len(responses) == len(rows) and not any(failures.values()),
         "failed_requests": failures, "scorers": wanted, "baseline": baseline_name,
         "principles": [{"key": p.key, "title": p.title} for p in principles],
+        # risk and no_risk only where some statement is flagged (else no_risk would repeat all)
         "subsets": {name: summarise([s for s in scored if keep(s)], wanted, principles, int(seed), int(bootstrap))
-                    for name, keep in SUBSETS if any(keep(s) for s in scored) or name == "all"},
+                    for name, keep in SUBSETS if name == "all" or any(s["risk"] for s in scored)},
         "settings": cli.public_settings(settings),
         "judge": None if judge is None else {"model": judge.model or EMBEDDED, "runs_on": runs_on(judge),
                                              "temperature": float(judge_temperature),
@@ -300,14 +300,16 @@ def reward_all(reward_model: str, rows, responses, path: Path, device, dtype, ba
     if todo:
         from mentalarena.reward import RewardModel
         scorer = RewardModel(reward_model, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length)
+        step = 16 * batch_size  # scores reach the file chunk by chunk: a crash keeps what was done
         try:
-            scores = scorer.score([r["statement"] for r, _ in todo], [text for _, text in todo])
+            for start in range(0, len(todo), step):
+                chunk = todo[start:start + step]
+                for (r, text), score in zip(chunk, scorer.score([r["statement"] for r, _ in chunk], [t for _, t in chunk])):
+                    append_jsonl(path, {"id": counsel.digest(r["statement"], text), "key": r["key"],
+                                        "score": round(float(score), 6), "settings_hash": run_hash})
             described = scorer.describe()
         finally:
             scorer.close()
-        for (r, text), score in zip(todo, scores):
-            append_jsonl(path, {"id": counsel.digest(r["statement"], text), "key": r["key"], "score": round(float(score), 6),
-                                "settings_hash": run_hash})
         print(f"[counsel] reward model: {described}", file=sys.stderr, flush=True)
         on_file = {e["id"]: e for e in _entries(path) if e.get("settings_hash") == run_hash}
     return {r["key"]: on_file[counsel.digest(r["statement"], t)]["score"] for r, t in answered
@@ -548,13 +550,6 @@ def _on_file(samples: Path, run_hash: str) -> dict[str, dict]:
 
 def _judged(path: Path, hashes: set[str]) -> dict[str, dict]:
     return {e["id"]: e for e in _entries(path) if e.get("settings_hash") in hashes and "reply" in e}
-
-
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    from mentalarena.jsonl import dumps_line
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(dumps_line(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
 
 
 COMMANDS = {"run": run, "report": report}

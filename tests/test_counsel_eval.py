@@ -224,6 +224,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, m
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bad_baseline_file_stops_before_any_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Counsel_eval, "make_backend", lambda *a, **k: pytest.fail("no model may load on bad input"))
+    base = tmp_path / "base.jsonl"
+    base.write_text(json.dumps({"id": "r0", "answer": "x"}) + "\n")
+    code = Counsel_eval.main(["--data_file", _statements(tmp_path, baseline=False), "--baseline_file", str(base),
+                              "--output_dir", str(tmp_path / "out")])
+    assert code == 2 and f"{base}: row 1: no 'reference_response' or 'response' field" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_row_names_file_row_and_field(tmp_path, capsys):
     data = tmp_path / "s.jsonl"
     data.write_text(json.dumps({"statement": "fine"}) + "\n" + json.dumps({"statement": "x", "risk": "perhaps"}) + "\n")
@@ -307,3 +317,8 @@ def test_reward_scorer_through_the_script(tmp_path, models, tokenizer, monkeypat
     import mentalarena.reward
     monkeypatch.setattr(mentalarena.reward, "RewardModel", lambda *a, **k: pytest.fail("scores on file: nothing loads"))
     assert _run(tmp_path, data, scorers="reward", reward_model=reward, dtype="float32")["subsets"] == got["subsets"]
+
+
+def test_no_flagged_statement_means_one_subset(tmp_path, models):
+    got = _run(tmp_path, _statements(tmp_path, risk=()), scorers="rubric")
+    assert list(got["subsets"]) == ["all"] and got["subsets"]["all"]["rubric"]["overall"]["mean"] == 6.0
