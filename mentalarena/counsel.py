@@ -142,6 +142,8 @@ def _read_rows(source: str, split: str | None) -> tuple[list[dict], str]:
         return rows, str(path)
     if suffix in (".jsonl", ".json", ".csv", ".parquet") and not path.exists():
         raise InputError(f"{path}: no such file")
+    if not path.exists() and (source.startswith(("/", "./", "../", "~")) or source.count("/") > 1):
+        raise InputError(f"{path}: no such file or folder")  # only a hub id (org/name) is looked up
     return _hub_rows(source, split), f"{source}" + (f" ({split})" if split else "")
 
 

@@ -72,15 +72,10 @@ def score_bars(panels: list[dict], path: str | Path, title: str) -> Path:
     """Grouped bars, one panel per entry of `panels` (stacked), each group holding only the series
     that have a value there; published series hatched, the baseline a dashed line per group.
     Panels with nothing to draw are left out; with none left, the figure says so."""
-    plt = _pyplot()
     panels = [p for p in panels if _bar_values(p) or any(v is not None for v in p.get("baseline", {}).values())]
     widest = max((len(p["groups"]) * max(1, _most_bars(p)) for p in panels), default=1)
-    fig, axes = plt.subplots(max(1, len(panels)), 1, squeeze=False,
-                             figsize=(min(22.0, max(6.5, 0.32 * widest + 2.5)), 3.6 * max(1, len(panels))))
-    if not panels:
-        _nothing(axes[0][0])
-    colors = _colors([s["label"] for p in panels for s in p["series"]])
-    for ax, panel in zip(axes[:, 0], panels):
+    fig, axes, colors = _stacked(panels, min(22.0, max(6.5, 0.32 * widest + 2.5)), 3.6)
+    for ax, panel in zip(axes, panels):
         _bar_panel(ax, panel, colors)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -92,15 +87,10 @@ def interval_dots(panels: list[dict], path: str | Path, title: str) -> Path:
     groups, one colour per series, side by side within a group. A panel is {"title", "ylabel",
     "groups", "series": [{"label", "points": {group: (mean, low, high)}}], "reference": y or None (a
     grey line, e.g. 50 % for a win rate), "ylim": (low, high) or None}. Panels with no point are left out."""
-    plt = _pyplot()
     panels = [p for p in panels if any(s["points"] for s in p["series"])]
     widest = max((len(p["groups"]) for p in panels), default=1)
-    fig, axes = plt.subplots(max(1, len(panels)), 1, squeeze=False,
-                             figsize=(min(18.0, max(6.5, 0.9 * widest + 3.0)), 3.0 * max(1, len(panels))))
-    if not panels:
-        _nothing(axes[0][0])
-    colors = _colors([s["label"] for p in panels for s in p["series"]])
-    for ax, panel in zip(axes[:, 0], panels):
+    fig, axes, colors = _stacked(panels, min(18.0, max(6.5, 0.9 * widest + 3.0)), 3.0)
+    for ax, panel in zip(axes, panels):
         step = 0.7 / max(1, len(panel["series"]))
         for j, series in enumerate(panel["series"]):
             at = [(i, series["points"][g]) for i, g in enumerate(panel["groups"]) if g in series["points"]]
@@ -124,6 +114,15 @@ def interval_dots(panels: list[dict], path: str | Path, title: str) -> Path:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save(fig, path)
+
+
+def _stacked(panels: list[dict], width: float, height: float):
+    """(figure, one axis per panel stacked, a colour per series label); no panel: one axis that says so."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(max(1, len(panels)), 1, squeeze=False, figsize=(width, height * max(1, len(panels))))
+    if not panels:
+        _nothing(axes[0][0])
+    return fig, list(axes[:, 0]), _colors([s["label"] for p in panels for s in p["series"]])
 
 
 def iteration_lines(panels: list[dict], path: str | Path, title: str) -> Path:

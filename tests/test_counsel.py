@@ -79,6 +79,35 @@ def test_preference_rows_give_the_prompt_and_a_chosen_baseline(tmp_path):
     assert notes["text_field"] == "prompt" and [r["id"] for r in got] == ["1", "2"]
 
 
+def test_a_datasets_folder_is_read_through_datasets(tmp_path):
+    """A local copy of a hub data set (data/<split>-*.parquet, as the hub stores them) goes through
+    `datasets`; the test split is the default, another is named with --split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    folder = tmp_path / "PsychoCounsel-Preference" / "data"
+    folder.mkdir(parents=True)
+    for split, texts in (("train", ["Train speech."]), ("test", ["Test speech one.", "Test speech two."])):
+        pq.write_table(pa.Table.from_pylist([{"question": t, "chosen": "ok", "rejected": "no"} for t in texts]),
+                       folder / f"{split}-00000-of-00001.parquet")
+    got, notes = counsel.load_statements(str(folder.parent))
+    assert [r["statement"] for r in got] == ["Test speech one.", "Test speech two."] and notes["text_field"] == "question"
+    got, _ = counsel.load_statements(str(folder.parent), split="train", baseline_field="chosen")
+    assert [(r["statement"], r["baseline"]) for r in got] == [("Train speech.", "ok")]
+    with pytest.raises(InputError, match="no such file or folder"):  # a path, never looked up on the hub
+        counsel.load_statements(str(tmp_path / "no-such-folder"))
+
+
+def test_a_hub_id_that_cannot_be_read_is_one_line(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'org/absent' on the Hub (LocalEntryNotFoundError)\nmore detail")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(InputError, match=r"^org/absent: cannot be read as a dataset \(Couldn't reach") as err:
+        counsel.load_statements("org/absent")
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("rows, message", [
     ([{"text": "hello"}], r"row 1: no client-statement field"),
     ([{"statement": "ok"}, {"statement": "  "}], r"row 2: field 'statement' is missing or empty"),
