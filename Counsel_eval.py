@@ -30,7 +30,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from mentalarena import cli, counsel, figures
-from mentalarena.backends import describe_routes, judge_route, make_backend, require_credentials, route, runs_on
+from mentalarena.backends import judge_route, make_backend, require_credentials, route, runs_on
 from mentalarena.cli import model_tag, names, request_seed, settings_hash
 from mentalarena.errors import InputError, check_choice
 from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
@@ -246,8 +246,7 @@ def judge_all(where, judging: dict, rows, responses, baselines, wanted, prompts:
     """The judge's replies: for each answered row, both pairwise orders (where a baseline exists) and
     one rubric call. Replies on file for the same judge settings and the same texts are reused."""
     block = counsel.principles_block(principles)
-    hashes = {kind: settings_hash({**judging, "kind": kind, "template": prompts.template(TEMPLATES[kind]),
-                                   "principles": block}) for kind in ("pairwise", "rubric") if kind in wanted}
+    hashes = {kind: settings_hash({**judging, "kind": kind}) for kind in ("pairwise", "rubric") if kind in wanted}
     asks = []  # (kind, row key, order, prompt), then with its id in front
     for r in rows:
         answer = responses.get(r["key"])
@@ -523,11 +522,13 @@ def _baseline_name(wanted, opponent, baseline_file, baseline_field, rows) -> str
 
 def _routes_line(contestant, judge, opponent) -> str:
     """Where every role's calls (and the client statements in them) go."""
-    line = describe_routes(contestant, None if judge in (None, contestant) else judge)
-    if judge is None:
-        line = line.split("; judge")[0]
-    line = line.replace("judge -> the base model (same client, shared batches)", "judge -> the evaluated model")
-    return line + (f"; baseline {opponent.model or 'embedded'!r} -> {opponent.where()}" if opponent is not None else "")
+    parts = [f"model {contestant.model or 'embedded'!r} -> {contestant.where()}"]
+    for role, where in (("judge", judge), ("baseline", opponent)):
+        if where is contestant:
+            parts.append(f"{role} -> the evaluated model")
+        elif where is not None:
+            parts.append(f"{role} {where.model or 'embedded'!r} -> {where.where()}")
+    return "; ".join(parts)
 
 
 def _settings(where, generation: dict) -> dict:

@@ -322,3 +322,22 @@ def test_reward_scorer_through_the_script(tmp_path, models, tokenizer, monkeypat
 def test_no_flagged_statement_means_one_subset(tmp_path, models):
     got = _run(tmp_path, _statements(tmp_path, risk=()), scorers="rubric")
     assert list(got["subsets"]) == ["all"] and got["subsets"]["all"]["rubric"]["overall"]["mean"] == 6.0
+
+
+def test_an_edited_judge_prompt_asks_the_judge_again(tmp_path, models):
+    """Judge replies are found by their exact prompt: an edited rubric template (or principles
+    file) asks the judge anew and reuses the answers; an unchanged one asks nothing."""
+    import shutil
+
+    data = _statements(tmp_path)
+    _run(tmp_path, data, scorers="rubric")
+    prompts = tmp_path / "prompts"
+    shutil.copytree(ROOT / "prompts", prompts)
+    _run(tmp_path, data, scorers="rubric", prompt_dir=str(prompts))
+    assert [name for name, _ in models.made] == ["contestant", "judge-model"]  # the same prompts: nothing asked
+    (prompts / "counsel_rubric.txt").write_text((prompts / "counsel_rubric.txt").read_text().replace(
+        "You are an experienced clinical supervisor.", "You are a strict clinical supervisor."))
+    _run(tmp_path, data, scorers="rubric", prompt_dir=str(prompts))
+    assert [name for name, _ in models.made] == ["contestant", "judge-model", "judge-model"]
+    assert all("strict clinical supervisor" in c[-1]["content"] for c in models.made[-1][1].seen)
+    assert len(models.made[-1][1].seen) == 6
