@@ -30,9 +30,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from mentalarena import cli, counsel, figures
-from mentalarena.backends import judge_route, make_backend, require_credentials, route, runs_on
+from mentalarena.backends import check_loadable, judge_route, make_backend, require_credentials, route, runs_on
 from mentalarena.cli import model_tag, names, request_seed, settings_hash
 from mentalarena.errors import InputError, check_choice
+from mentalarena.flags import check_numbers
+from mentalarena.files import write_atomic
 from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
 from mentalarena.locks import hold_all
 from mentalarena.progress import Progress
@@ -45,6 +47,9 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT / "data" / "counsel_sample.jsonl"
 EMBEDDED = "embedded:SmolLM2-135M-Instruct"
 SCORERS = ("reward", "pairwise", "rubric")
+# Flags that change how a run goes, not its answers (iterate.py lets a re-run change them).
+RUNNING_FLAGS = ("progress", "batch_size", "reward_batch_size", "device", "request_timeout", "api_key_env",
+                 "judge_api_key_env", "baseline_api_key_env")
 TEMPLATES = {"system": "counsel_system", "pairwise": "counsel_pairwise", "rubric": "counsel_rubric",
              "principles": "counsel_principles"}
 SUBSETS = (("all", lambda r: True), ("risk", lambda r: r["risk"]), ("no_risk", lambda r: not r["risk"]))
@@ -79,6 +84,10 @@ def run(
     baseline_model: str | None = None,  # pairwise: the opponent, answering the same statements the same way
     baseline_backend: str = "auto",
     baseline_api_base: str | None = None,
+    api_key_env: str | None = None,   # the environment variable with --api_base's key (None: none; the OpenAI API: OPENAI_API_KEY)
+    judge_api_key_env: str | None = None,  # the same for --judge_api_base (None: --api_base's, when served there)
+    baseline_api_key_env: str | None = None,  # the same for --baseline_api_base
+    request_timeout: float = 600.0,   # served models: seconds one request may take in all
     baseline_file: str | None = None,  # pairwise: baseline responses on file (fields id or statement, and response)
     baseline_field: str = "reference_response",  # pairwise: else the data file's own responses in this field
     reward_model: str | None = None,  # reward: a sequence-classification reward model (local path or hub id)
@@ -91,25 +100,20 @@ def run(
     progress: bool = True,
 ) -> dict:
     """Answer every statement, score the answers with `scorers`, write results; returns them."""
+    check_numbers(run, dict(locals()))
     wanted = _scorers(scorers)
-    for flag, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("reward_batch_size", reward_batch_size),
-                        ("judge_max_new_tokens", judge_max_new_tokens), ("reward_max_length", reward_max_length)):
-        if int(value) < 1:
-            raise InputError(f"--{flag} must be at least 1, not {value}")
-    if int(bootstrap) < 0 or (limit is not None and int(limit) < 1):
-        raise InputError("--bootstrap must be 0 or more and --limit at least 1")
     rows, source, dataset = _statements(data_file, from_records, split, text_field, baseline_field, limit)
     prompts = Prompts(prompt_dir)
     prompts.check([TEMPLATES[n] for n in ("system", "principles", *(s for s in ("pairwise", "rubric") if s in wanted))])
     principles = counsel.read_principles(prompts.template(TEMPLATES["principles"]),
                                          str(prompts.dir / f"{TEMPLATES['principles']}.txt"))
 
-    contestant = route(model, backend, api_base)
-    judge = (judge_route(contestant, judge_model, judge_backend, judge_api_base) or contestant) \
+    contestant = route(model, backend, api_base, api_key_env)
+    judge = (judge_route(contestant, judge_model, judge_backend, judge_api_base, judge_api_key_env) or contestant) \
         if {"pairwise", "rubric"} & set(wanted) else None
     # the opponent follows the judge's rule: served over the API, it goes where --api_base serves unless told
-    opponent = (judge_route(contestant, baseline_model, baseline_backend, baseline_api_base) or contestant) \
-        if baseline_model and "pairwise" in wanted else None
+    opponent = (judge_route(contestant, baseline_model, baseline_backend, baseline_api_base, baseline_api_key_env,
+                            "baseline_api_key_env") or contestant) if baseline_model and "pairwise" in wanted else None
     for r in (contestant, judge, opponent):
         if r is not None:
             require_credentials(r)
@@ -127,7 +131,8 @@ def run(
         baselines = {}
 
     generation = {"system": prompts.template(TEMPLATES["system"]), "temperature": float(temperature),
-                  "max_new_tokens": int(max_new_tokens), "seed": int(seed), "dtype": dtype, "device": device}
+                  "max_new_tokens": int(max_new_tokens), "seed": int(seed), "dtype": dtype, "device": device,
+                  "request_timeout": float(request_timeout)}
     settings = _settings(contestant, generation)
     model_dir = Path(output_dir) / model_tag(settings["model"])
     files = {"samples": model_dir / f"{dataset}.samples.jsonl", "judge": model_dir / f"{dataset}.judge.jsonl",
@@ -142,52 +147,65 @@ def run(
             baseline_samples = Path(output_dir) / model_tag(opponent.model or EMBEDDED) / f"{dataset}.samples.jsonl"
         hold_all(held, [files["samples"], files["judge"], files["reward"],
                         *([baseline_samples] if baseline_samples and baseline_samples != files["samples"] else [])])
+        # every route with something to ask is reached before the evaluated model is asked anything
+        # (served ones: their server answers and takes the key; local ones: loadable, loaded when used)
+        judging = None if judge is None else {
+            "model": judge.model or EMBEDDED, "runs_on": runs_on(judge), "temperature": float(judge_temperature),
+            "max_new_tokens": int(judge_max_new_tokens), "seed": int(seed), **_fingerprint(judge)}
+        needs = _needs(contestant, opponent, judging, rows, generation, files, baseline_samples, baselines, wanted,
+                       prompts, principles)
+        served = preflight({"responses": (contestant if needs["responses"] else None, temperature, max_new_tokens),
+                            "baseline": (opponent if needs["baseline"] else None, temperature, max_new_tokens),
+                            "judge": (judge if needs["judge"] else None, judge_temperature, judge_max_new_tokens)},
+                           generation, batch_size)
+        for chat in served.values():
+            held.callback(chat.close)
         model_dir.mkdir(parents=True, exist_ok=True)
         responses, failures["responses"] = respond(contestant, rows, generation, dataset, files["samples"], batch_size,
-                                                   "responses", progress)
+                                                   "responses", progress, served.get("responses"))
         if opponent is not None:
             baseline_samples.parent.mkdir(parents=True, exist_ok=True)
             answered, failures["baseline"] = respond(opponent, rows, generation, dataset, baseline_samples,
-                                                     batch_size, "baseline", progress)
+                                                     batch_size, "baseline", progress, served.get("baseline"))
             baselines = {k: a["response"] for k, a in answered.items()}
         verdicts = {}
         if judge is not None:
-            judging = {"model": judge.model or EMBEDDED, "runs_on": runs_on(judge), "temperature": float(judge_temperature),
-                       "max_new_tokens": int(judge_max_new_tokens), "seed": int(seed)}
             verdicts, failures["judge"] = judge_all(judge, judging, rows, responses, baselines, wanted, prompts,
-                                                    principles, files["judge"], generation, batch_size, progress)
+                                                    principles, files["judge"], generation, batch_size, progress,
+                                                    served.get("judge"))
         rewards = {}
         if "reward" in wanted:
             rewards = reward_all(reward_model, rows, responses, files["reward"], device, dtype,
                                  int(reward_batch_size), int(reward_max_length))
-    scored = _scored_rows(rows, responses, baselines, verdicts, rewards, wanted, principles)
-    write_rows(files["scored"], scored)
-    results = {
-        "model": settings["model"], "dataset": dataset, "source": source, "rows": len(rows),
-        "answered": len(responses), "complete": len(responses) == len(rows) and not any(failures.values()),
-        "failed_requests": failures, "scorers": wanted, "baseline": baseline_name,
-        "principles": [{"key": p.key, "title": p.title} for p in principles],
-        # risk and no_risk only where some statement is flagged (else no_risk would repeat all)
-        "subsets": {name: summarise([s for s in scored if keep(s)], wanted, principles, int(seed), int(bootstrap))
-                    for name, keep in SUBSETS if name == "all" or any(s["risk"] for s in scored)},
-        "settings": cli.public_settings(settings),
-        "judge": None if judge is None else {"model": judge.model or EMBEDDED, "runs_on": runs_on(judge),
-                                             "temperature": float(judge_temperature),
-                                             "max_new_tokens": int(judge_max_new_tokens)},
-        "reward": {"model": reward_model, "max_length": int(reward_max_length), "dtype": cli.auto_dtype(dtype, device)}
-        if "reward" in wanted else None, "bootstrap": int(bootstrap), "seed": int(seed),
-        "wall_seconds": round(time.perf_counter() - start, 1),
-        "files": {k: v.name for k, v in files.items() if k != "results"},
-    }
-    write_json_atomic(files["results"], results)
-    _print_results(results)
-    report(str(Path(output_dir)))
+        scored = _scored_rows(rows, responses, baselines, verdicts, rewards, wanted, principles)
+        write_rows(files["scored"], scored)
+        results = {
+            "model": settings["model"], "dataset": dataset, "source": source, "rows": len(rows),
+            "answered": len(responses), "complete": len(responses) == len(rows) and not any(failures.values()),
+            "failed_requests": failures, "scorers": wanted, "baseline": baseline_name,
+            "principles": [{"key": p.key, "title": p.title} for p in principles],
+            # risk and no_risk only where some statement is flagged (else no_risk would repeat all)
+            "subsets": {name: summarise([s for s in scored if keep(s)], wanted, principles, int(seed), int(bootstrap))
+                        for name, keep in SUBSETS if name == "all" or any(s["risk"] for s in scored)},
+            "settings": cli.public_settings(settings),
+            "judge": None if judge is None else {"model": judge.model or EMBEDDED, "runs_on": runs_on(judge),
+                                                 "temperature": float(judge_temperature),
+                                                 "max_new_tokens": int(judge_max_new_tokens)},
+            "reward": {"model": reward_model, "max_length": int(reward_max_length), "dtype": cli.auto_dtype(dtype, device)}
+            if "reward" in wanted else None, "bootstrap": int(bootstrap), "seed": int(seed),
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            "files": {k: v.name for k, v in files.items() if k != "results"},
+        }
+        write_json_atomic(files["results"], results)
+        _print_results(results)
+        report(str(Path(output_dir)))
     return results
 
 
 def report(output_dir: str = "outputs/counsel", output_file: str | None = None) -> str:
     """One markdown table across every model and dataset under `output_dir` (each subset: all, risk,
     no_risk), a per-principle rubric table, and `<report stem>_scores.png` beside it."""
+    check_numbers(report, dict(locals()))
     found = sorted(Path(output_dir).rglob("*.results.json"))
     rows = [json.loads(p.read_text(encoding="utf-8")) for p in found]
     rows = [r for r in rows if "subsets" in r and "principles" in r]
@@ -212,15 +230,16 @@ def report(output_dir: str = "outputs/counsel", output_file: str | None = None) 
              "one colour per model.", ""]
     markdown = "\n".join(text)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(markdown, encoding="utf-8")
+    write_atomic(target, markdown)
     return markdown
 
 
 # ---------------------------------------------------------------------------------- the calls
 def respond(where, rows: list[dict], generation: dict, dataset: str, samples: Path, batch_size: int, label: str,
-            progress: bool) -> tuple[dict[str, dict], int]:
+            progress: bool, chat=None) -> tuple[dict[str, dict], int]:
     """Every statement's response from the model at `where`, asked once: answers on file with these
-    settings are reused (others are kept and ignored). Returns (row key -> answer, failed calls)."""
+    settings are reused (others are kept and ignored). Returns (row key -> answer, failed calls).
+    `chat`: the route's backend when the preflight built it already (served models); else one is built."""
     run_hash = settings_hash(_settings(where, generation))
     done = _on_file(samples, run_hash)
     todo = [r for r in rows if r["key"] not in done]
@@ -230,8 +249,9 @@ def respond(where, rows: list[dict], generation: dict, dataset: str, samples: Pa
         conversations = [[{"role": "system", "content": generation["system"]}, {"role": "user", "content": r["statement"]}]
                          for r in todo]
         seeds = [request_seed(generation["seed"], dataset, r["key"]) for r in todo]
-        chat = _backend(where, generation["temperature"], generation["max_new_tokens"], generation, batch_size)
-        failed = _collect(chat, conversations, seeds, label, progress, lambda i, reply: append_jsonl(samples, {
+        owned = chat is None
+        chat = chat or _backend(where, generation["temperature"], generation["max_new_tokens"], generation, batch_size)
+        failed = _collect(chat, conversations, seeds, label, progress, owned, lambda i, reply: append_jsonl(samples, {
             "id": todo[i]["key"], "row": todo[i]["row"], "statement_id": todo[i]["id"], "statement": todo[i]["statement"],
             "risk": todo[i]["risk"], "response": reply.text, "seed": seeds[i], "prompt_tokens": reply.prompt_tokens,
             "completion_tokens": reply.completion_tokens, "truncated": reply.truncated, "settings_hash": run_hash}))
@@ -242,9 +262,35 @@ def respond(where, rows: list[dict], generation: dict, dataset: str, samples: Pa
 
 
 def judge_all(where, judging: dict, rows, responses, baselines, wanted, prompts: Prompts, principles, path: Path,
-              generation: dict, batch_size: int, progress: bool) -> tuple[dict[str, dict], int]:
+              generation: dict, batch_size: int, progress: bool, chat=None) -> tuple[dict[str, dict], int]:
     """The judge's replies: for each answered row, both pairwise orders (where a baseline exists) and
     one rubric call. Replies on file for the same judge settings and the same texts are reused."""
+    asks, todo, hashes = judge_asks(judging, rows, responses, baselines, wanted, prompts, principles, path)
+    print(f"[counsel] judge {judging['model']}: {len(asks) - len(todo)} verdicts on file, {len(todo)} to ask",
+          file=sys.stderr, flush=True)
+    failed = 0
+    if todo:
+        seeds = [request_seed(judging["seed"], "judge", a[0]) for a in todo]
+        owned = chat is None
+        chat = chat or _backend(where, judging["temperature"], judging["max_new_tokens"], generation, batch_size)
+        failed = _collect(chat, [[{"role": "user", "content": a[4]}] for a in todo], seeds, "judge", progress, owned,
+                          lambda i, reply: append_jsonl(path, {
+                              "id": todo[i][0], "kind": todo[i][1], "key": todo[i][2], "order": todo[i][3],
+                              "reply": reply.text, "seed": seeds[i], "prompt_tokens": reply.prompt_tokens,
+                              "completion_tokens": reply.completion_tokens, "truncated": reply.truncated,
+                              "settings_hash": hashes[todo[i][1]]}))
+    on_file = _judged(path, set(hashes.values()))
+    out: dict[str, dict] = {}
+    for ident, kind, key, order, _ in asks:
+        if ident in on_file:
+            out.setdefault(key, {})[order or kind] = on_file[ident]["reply"]
+    return out, failed
+
+
+def judge_asks(judging: dict, rows, responses, baselines, wanted, prompts: Prompts, principles, path: Path):
+    """(every judge request these answers call for, those not yet on file, the hash of each kind):
+    both pairwise orders where a baseline exists and one rubric call per answered row, each request
+    found again by its exact prompt and judge settings."""
     block = counsel.principles_block(principles)
     hashes = {kind: settings_hash({**judging, "kind": kind}) for kind in ("pairwise", "rubric") if kind in wanted}
     asks = []  # (kind, row key, order, prompt), then with its id in front
@@ -265,32 +311,16 @@ def judge_all(where, judging: dict, rows, responses, baselines, wanted, prompts:
     # a reply is found again by its exact prompt and judge settings: any edit asks anew
     asks = [(counsel.digest(kind, hashes[kind], prompt), kind, key, order, prompt) for kind, key, order, prompt in asks]
     on_file = _judged(path, set(hashes.values()))
-    todo = [a for a in asks if a[0] not in on_file]
-    print(f"[counsel] judge {judging['model']}: {len(asks) - len(todo)} verdicts on file, {len(todo)} to ask",
-          file=sys.stderr, flush=True)
-    failed = 0
-    if todo:
-        seeds = [request_seed(judging["seed"], "judge", a[0]) for a in todo]
-        chat = _backend(where, judging["temperature"], judging["max_new_tokens"], generation, batch_size)
-        failed = _collect(chat, [[{"role": "user", "content": a[4]}] for a in todo], seeds, "judge", progress,
-                          lambda i, reply: append_jsonl(path, {
-                              "id": todo[i][0], "kind": todo[i][1], "key": todo[i][2], "order": todo[i][3],
-                              "reply": reply.text, "seed": seeds[i], "prompt_tokens": reply.prompt_tokens,
-                              "completion_tokens": reply.completion_tokens, "truncated": reply.truncated,
-                              "settings_hash": hashes[todo[i][1]]}))
-        on_file = _judged(path, set(hashes.values()))
-    out: dict[str, dict] = {}
-    for ident, kind, key, order, _ in asks:
-        if ident in on_file:
-            out.setdefault(key, {})[order or kind] = on_file[ident]["reply"]
-    return out, failed
+    return asks, [a for a in asks if a[0] not in on_file], hashes
 
 
 def reward_all(reward_model: str, rows, responses, path: Path, device, dtype, batch_size: int, max_length: int) -> dict:
     """Row key -> {"score", "truncated"}: the reward model's score of each answered row, cached by
     reward settings and text."""
+    fingerprint = cli.model_fingerprint(reward_model)
     run_hash = settings_hash({"reward_model": reward_model, "max_length": max_length,
-                              "dtype": cli.auto_dtype(dtype, device)})
+                              "dtype": cli.auto_dtype(dtype, device),
+                              **({"model_fingerprint": fingerprint} if fingerprint else {})})
     on_file = {e["id"]: e for e in _entries(path) if e.get("settings_hash") == run_hash}
     answered = [(r, responses[r["key"]]["response"]) for r in rows if r["key"] in responses]
     todo = [(r, text) for r, text in answered if counsel.digest(r["statement"], text) not in on_file]
@@ -315,8 +345,9 @@ def reward_all(reward_model: str, rows, responses, path: Path, device, dtype, ba
             if counsel.digest(r["statement"], t) in on_file}
 
 
-def _collect(chat, conversations, seeds, label: str, progress: bool, keep) -> int:
-    """Stream the calls, `keep(index, reply)` each answer as it comes; returns the failures."""
+def _collect(chat, conversations, seeds, label: str, progress: bool, close: bool, keep) -> int:
+    """Stream the calls, `keep(index, reply)` each answer as it comes; returns the failures. `close`:
+    the backend was built for these calls (a local model's memory goes back at once)."""
     bar = Progress(len(conversations), label, enabled=progress)
     failed = 0
     try:
@@ -330,7 +361,8 @@ def _collect(chat, conversations, seeds, label: str, progress: bool, keep) -> in
                 bar.reply(reply)
     finally:
         bar.close()
-        chat.close()
+        if close:
+            chat.close()
     return failed
 
 
@@ -339,8 +371,50 @@ def _backend(where, temperature: float, max_new_tokens: int, generation: dict, b
                         temperature=temperature, max_new_tokens=max_new_tokens, seed=generation["seed"],
                         max_parallel=batch_size, max_batch_size=batch_size, device=generation["device"],
                         dtype=None if where.kind == "openai" else cli.auto_dtype(generation["dtype"], generation["device"]),
-                        prefix_cache_gb=0)
+                        prefix_cache_gb=0, key_env=where.key_env, key_flag=where.key_flag,
+                        request_timeout=generation["request_timeout"])
     return cli.checked(chat, "counsel")
+
+
+def _fingerprint(where) -> dict:
+    """{"model_fingerprint": ...} for a local model folder (retrained in place: another model), else {}."""
+    fingerprint = cli.model_fingerprint(where.model) if where.kind == "hf" else None
+    return {"model_fingerprint": fingerprint} if fingerprint else {}
+
+
+def _needs(contestant, opponent, judging, rows, generation, files, baseline_samples, baselines, wanted, prompts,
+           principles) -> dict[str, bool]:
+    """Which roles have something to ask (a re-run with everything on file builds no backend at all)."""
+    answered = _on_file(files["samples"], settings_hash(_settings(contestant, generation)))
+    needs = {"responses": any(r["key"] not in answered for r in rows), "baseline": False, "judge": False}
+    if opponent is not None:
+        on_file = _on_file(baseline_samples, settings_hash(_settings(opponent, generation)))
+        needs["baseline"] = any(r["key"] not in on_file for r in rows)
+        baselines = {k: a["response"] for k, a in on_file.items()}
+    if judging is not None:
+        needs["judge"] = needs["responses"] or needs["baseline"] or bool(
+            judge_asks(judging, rows, answered, baselines, wanted, prompts, principles, files["judge"])[1])
+    return needs
+
+
+def preflight(roles: dict, generation: dict, batch_size: int) -> dict:
+    """role -> backend, checked, for every role served over an API (its server answers, takes the
+    key, knows the model), before any statement is sent anywhere; a local model must be loadable
+    (`check_loadable`), and loads only when its role runs. A role that fails closes those built."""
+    served = {}
+    try:
+        for role, (where, temperature, max_new_tokens) in roles.items():
+            if where is None:
+                continue
+            if where.kind == "openai":
+                served[role] = _backend(where, float(temperature), int(max_new_tokens), generation, batch_size)
+            else:
+                check_loadable(where)
+    except BaseException:
+        for chat in served.values():
+            chat.close()
+        raise
+    return served
 
 
 # ---------------------------------------------------------------------------------- results
@@ -494,7 +568,7 @@ def _statements(data_file, from_records, split, text_field, baseline_field, limi
     if from_records:
         files = names(from_records)
         for name in files:
-            if not Path(name).is_file():
+            if not Path(name).exists():  # a folder: the reader's own line
                 raise InputError(f"{name}: --from_records file not found")
         rows, notes = counsel.load_record_turns(files, limit)
         return rows, notes, "records-" + model_tag(Path(files[0]).stem)
@@ -534,6 +608,8 @@ def _routes_line(contestant, judge, opponent) -> str:
 def _settings(where, generation: dict) -> dict:
     """What makes one model's responses: the model, where it runs, and the decoding settings."""
     return {"model": where.model or EMBEDDED, "runs_on": runs_on(where), "system": generation["system"],
+            # a local model retrained into the same folder is another model (hub ids and API names: none)
+            **_fingerprint(where),
             "temperature": generation["temperature"], "max_new_tokens": generation["max_new_tokens"],
             "seed": generation["seed"],
             "dtype": None if where.kind == "openai" else cli.auto_dtype(generation["dtype"], generation["device"])}

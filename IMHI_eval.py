@@ -31,7 +31,9 @@ from pathlib import Path
 from mentalarena import cli, figures, imhi
 from mentalarena.backends import endpoint_list, make_backend, resolve_backend
 from mentalarena.errors import InputError, check_choice
+from mentalarena.flags import check_numbers
 from mentalarena.cli import answers_on_file, auto_dtype, model_tag, names, request_seed, settings_hash
+from mentalarena.files import write_atomic
 from mentalarena.jsonl import append_jsonl, write_json_atomic
 from mentalarena.locks import hold_all
 from mentalarena.progress import Progress
@@ -50,6 +52,8 @@ TEST_SETS = {
                "human_evaluation/test_instruction_expert"),
 }
 EXPLANATION_METRICS = ("bart", "rouge", "bleu", "bertscore")
+# Flags that change how a run goes, not its answers (iterate.py lets a re-run change them).
+RUNNING_FLAGS = ("progress", "batch_size", "device", "request_timeout", "api_key_env")
 # The classifier labels scored against the goldens as each rule set reads them: `reference` with
 # label_inference.py's gold keywords (the MentaLLaMA paper's numbers), `fixed` with the fixed rules.
 CLASSIFIER_SCORES = {"reference": "classifier", "fixed": "classifier_fixed"}
@@ -75,7 +79,9 @@ def run(
     # model
     model: str | None = None,          # None: the embedded SmolLM2-135M-Instruct; a path / org/name: hf or seq2seq; else OpenAI
     backend: str = "auto",            # auto | embedded | hf | seq2seq | openai (seq2seq: found from the config's is_encoder_decoder)
-    api_base: str | None = None,      # an OpenAI-compatible server (vLLM, ...), or replicas as a comma list; key from OPENAI_API_KEY
+    api_base: str | None = None,      # an OpenAI-compatible server (vLLM, ...), or replicas as a comma list
+    api_key_env: str | None = None,   # the environment variable with --api_base's key (None: none; the OpenAI API: OPENAI_API_KEY)
+    request_timeout: float = 600.0,   # served models: seconds one request may take in all
     # data
     test_dataset: str = "IMHI",       # IMHI | IMHI-completion | expert, a comma list of them, or all
     test_dir: str | None = None,      # IMHI CSVs, or a folder with test_instruction/, test_complete/, expert/; None: data/imhi_sample
@@ -101,10 +107,7 @@ def run(
     progress: bool = True,
 ) -> list[dict]:
     """Generate answers for every chosen IMHI file and score them (or score `generated_dir`)."""
-    if limit is not None and int(limit) < 1:
-        raise InputError(f"--limit must be at least 1, not {limit}")
-    if int(batch_size) < 1:
-        raise InputError(f"--batch_size must be at least 1, not {batch_size}")
+    check_numbers(run, dict(locals()))
     wanted = [_canonical(name) for name in names(datasets)]
     if generated_dir:
         jobs = [_generated_job(name, path, limit) for name, path in _select(Path(generated_dir), wanted)]
@@ -118,6 +121,7 @@ def run(
     scorers = Scorers(names(rules), label_model_dir, names(explanation_metrics), bart_model, bertscore_model,
                       sorted({j.dataset for j in jobs}), device, int(batch_size))
     settings = _settings(model, backend, api_base, prompting, temperature, max_new_tokens, seed, dtype, device)
+    cli.require_keys(settings, api_key_env)  # a key that is not there: found before anything is written
     print("[imhi] settings " + json.dumps(cli.public_settings(settings)), file=sys.stderr, flush=True)
     model_dir = Path(output_dir) / model_tag(settings["model"])
     samples = [model_dir / job.test_set / f"{job.dataset}.samples.jsonl" for job in jobs]
@@ -126,7 +130,7 @@ def run(
         hold_all(held, samples)  # one writer per answers file
         for path in samples:  # answers of other settings on file stop the run before the model loads
             _answered(path, settings_hash(settings))
-        chat = _backend(settings, int(batch_size), device)
+        chat = _backend(settings, int(batch_size), device, api_key_env, request_timeout)
         try:
             for job in jobs:
                 generation = generate(chat, job, settings, model_dir / job.test_set, progress)
@@ -141,6 +145,7 @@ def report(output_dir: str = "outputs/imhi", output_file: str | None = None) -> 
     """One markdown table (rows: test set and dataset, columns: rule sets side by side) from every
     results JSON under `output_dir`, written to `output_file` (default `<output_dir>/report.md`), with
     a PNG beside it (`<report stem>_scores.png`, see `figure_panels`)."""
+    check_numbers(report, dict(locals()))
     found = sorted(Path(output_dir).rglob("*.results.json"))
     if not found:
         raise InputError(f"{output_dir}: no *.results.json files (run an evaluation first)")
@@ -167,7 +172,7 @@ def report(output_dir: str = "outputs/imhi", output_file: str | None = None) -> 
              "MentaLLaMA-chat-13B weighted F1 hatched (IMHI test sets only).", ""]
     markdown = "\n".join(text)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(markdown, encoding="utf-8")
+    write_atomic(target, markdown)
     return markdown
 
 
@@ -521,9 +526,10 @@ def _settings(model, backend, api_base, prompting, temperature, max_new_tokens, 
         raise InputError("--prompting raw needs a local model (an API takes chat messages); use --prompting chat")
     if kind == "seq2seq" and prompting == "chat":
         raise InputError("--prompting chat needs a chat model; an encoder-decoder reads the raw query")
-    if max_new_tokens is not None and int(max_new_tokens) < 1:
-        raise InputError(f"--max_new_tokens must be at least 1, not {max_new_tokens}")
+    fingerprint = cli.model_fingerprint(model) if kind in ("hf", "seq2seq") else None
     return {"model": model or EMBEDDED, "backend": kind, "api_base": api_base, "prompting": prompting,
+            # a local model retrained into the same folder is another model (hub ids and API names: none)
+            **({"model_fingerprint": fingerprint} if fingerprint else {}),
             "temperature": float(temperature), "max_new_tokens": None if max_new_tokens is None else int(max_new_tokens),
             "seed": int(seed), "dtype": None if kind == "openai" else auto_dtype(dtype, device)}
 
@@ -538,7 +544,8 @@ def _resolve_backend(model: str | None, backend: str, api_base: str | None) -> s
     return "seq2seq" if kind == "hf" and is_encoder_decoder(model) else kind
 
 
-def _backend(settings: dict, batch_size: int, device: str | None):
+def _backend(settings: dict, batch_size: int, device: str | None, api_key_env: str | None = None,
+             request_timeout: float | None = None):
     common = dict(temperature=settings["temperature"], seed=settings["seed"], device=device, dtype=settings["dtype"])
     if settings["backend"] == "seq2seq":
         return Seq2SeqBackend(settings["model"], max_new_tokens=settings["max_new_tokens"],
@@ -550,7 +557,7 @@ def _backend(settings: dict, batch_size: int, device: str | None):
                         max_batch_size=batch_size, prefix_cache_gb=0,
                         max_new_tokens=REFERENCE_MAX_LENGTH if reference else settings["max_new_tokens"],
                         max_context_tokens=REFERENCE_MAX_LENGTH if reference and settings["backend"] != "openai" else None,
-                        **common)
+                        key_env=api_key_env, request_timeout=request_timeout, **common)
     return cli.checked(chat, "imhi")
 
 

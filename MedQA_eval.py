@@ -13,6 +13,7 @@ from them); `<stem>.results.json` holds the figures and the settings that made t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import statistics
@@ -25,8 +26,10 @@ from pathlib import Path
 from mentalarena import cli, figures, qa
 from mentalarena.backends import endpoint_list, make_backend, resolve_backend
 from mentalarena.errors import InputError, ModelCallError, check_choice
+from mentalarena.flags import check_numbers
 from mentalarena.cli import answers_on_file, auto_dtype, model_tag, request_seed, settings_hash
-from mentalarena.jsonl import append_jsonl, read_jsonl, write_json_atomic
+from mentalarena.files import write_atomic
+from mentalarena.jsonl import append_jsonl, write_json_atomic
 from mentalarena.locks import hold_all
 from mentalarena.progress import Progress
 from mentalarena.prompts import Prompts
@@ -42,6 +45,8 @@ GENERALIZATION_TABLE = [("MedMCQA", s) for s in (
         "clinical_knowledge", "high_school_biology")]
 TABLES = {"main": MAIN_TABLE, "generalization": GENERALIZATION_TABLE}
 SCORERS = {"accuracy": "robust answer extraction", "accuracy_reference": "the reference's rule R (faithful)"}
+# Flags that change how a run goes, not its answers (iterate.py lets a re-run change them).
+RUNNING_FLAGS = ("progress", "batch_size", "device", "request_timeout", "api_key_env")
 # METHOD.md §7 (second-hand transcription of the paper's Table 2), accuracy %.
 PUBLISHED = {
     "GPT-3.5-turbo": {"MedQA": 64.16, "MedMCQA": 33.76, "PubMedQA": 44.68},
@@ -65,7 +70,9 @@ def run(
     # model
     model: str | None = None,          # None: the embedded SmolLM2-135M-Instruct; a path / org/name: hf; else OpenAI
     backend: str = "auto",            # auto | embedded | hf | openai
-    api_base: str | None = None,      # an OpenAI-compatible server (vLLM, ...), or replicas as a comma list; key from OPENAI_API_KEY
+    api_base: str | None = None,      # an OpenAI-compatible server (vLLM, ...), or replicas as a comma list
+    api_key_env: str | None = None,   # the environment variable with --api_base's key (None: none; the OpenAI API: OPENAI_API_KEY)
+    request_timeout: float = 600.0,   # served models: seconds one request may take in all
     # data
     dataset: str = "PubMedQA",        # MedQA | MedMCQA | PubMedQA | MMLU (the reference's default)
     name: str | None = None,          # MedMCQA subject (e.g. Anatomy) or MMLU subset (e.g. college_medicine)
@@ -88,14 +95,16 @@ def run(
     progress: bool = True,
 ) -> dict:
     """Evaluate one model on one dataset (and subset); returns the results dict."""
+    check_numbers(run, dict(locals()))
     job = _job(dataset, name, data_file, limit, cop_base)
     prompts = Prompts(prompt_dir)
     prompts.check(["qa_system", qa.benchmark(dataset).template])
     settings = _settings(model, backend, api_base, temperature, open_model, max_new_tokens, repeats, seed, with_context,
                          dtype, device)
+    cli.require_keys(settings, api_key_env)  # a key that is not there: found before anything is written
     with ExitStack() as held:
         hold_all(held, [_samples_file(Path(output_dir), settings, job)])
-        chat = _backend(settings, batch_size, dtype, device)
+        chat = _backend(settings, batch_size, dtype, device, api_key_env, request_timeout)
         try:
             return evaluate(chat, job, prompts, settings, Path(output_dir), progress)
         finally:
@@ -103,7 +112,8 @@ def run(
 
 
 def suite(
-    model: str | None = None, backend: str = "auto", api_base: str | None = None,
+    model: str | None = None, backend: str = "auto", api_base: str | None = None, api_key_env: str | None = None,
+    request_timeout: float = 600.0,
     tables: str = "main,generalization",  # which of the paper's tables: main, generalization
     data_dir: str | None = None,       # a folder laid out like the paper's data/ (medqa/, medmcqa/, ...); else the hub
     limit: int | None = None, with_context: bool = False, repeats: int = 5,
@@ -113,6 +123,7 @@ def suite(
     prompt_dir: str | None = None, progress: bool = True,
 ) -> dict:
     """Every dataset and subset of the paper's tables with one model loaded once, then the report."""
+    check_numbers(suite, dict(locals()))
     chosen = cli.names(tables)
     for t in chosen:
         check_choice("tables", t, tuple(TABLES))
@@ -121,10 +132,11 @@ def suite(
     prompts.check(["qa_system", "qa_choice", "qa_decision"])
     settings = _settings(model, backend, api_base, temperature, open_model, max_new_tokens, repeats, seed, with_context,
                          dtype, device)
+    cli.require_keys(settings, api_key_env)  # a key that is not there: found before anything is written
     results = {}
     with ExitStack() as held:
         hold_all(held, [_samples_file(Path(output_dir), settings, job) for job in jobs])
-        chat = _backend(settings, batch_size, dtype, device)
+        chat = _backend(settings, batch_size, dtype, device, api_key_env, request_timeout)
         try:
             for job in jobs:
                 out = evaluate(chat, job, prompts, settings, Path(output_dir), progress)
@@ -139,6 +151,7 @@ def report(output_dir: str = "outputs/eval", output_file: str | None = None) -> 
     """One markdown table (rows: models, columns: benchmarks, mean ± std over repeats) for each
     scorer, from every results JSON under `output_dir`, next to the paper's published numbers; beside
     the report, one PNG per scorer (`<report stem>_<scorer>.png`, see `figure_panel`)."""
+    check_numbers(report, dict(locals()))
     found = sorted(Path(output_dir).rglob("*.results.json"))
     if not found:
         raise InputError(f"{output_dir}: no *.results.json files (run an evaluation first)")
@@ -158,7 +171,7 @@ def report(output_dir: str = "outputs/eval", output_file: str | None = None) -> 
              "The paper's PubMedQA rows are 97.9 % 'yes' (the majority row above shows each set's "
              "constant-answer share); a score near it says little.", ""]
     markdown = "\n".join(text)
-    target.write_text(markdown, encoding="utf-8")
+    write_atomic(target, markdown)
     return markdown
 
 
@@ -194,14 +207,14 @@ def evaluate(chat, job: dict, prompts: Prompts, settings: dict, output_dir: Path
     run_hash = settings_hash({**{k: v for k, v in settings.items() if k != "repeats"}, "data": job["source"],
                               "templates": [prompts.template("qa_system"),
                                             prompts.template(qa.benchmark(job["dataset"]).template)]})
-    done = _answered(samples, run_hash, {i.id for i in items})
+    prompts_now = {item.id: qa.render_prompt(item, prompts, settings["with_context"]) for item in items}
+    done = _answered(samples, run_hash, prompts_now)
     todo = [(item, r) for item in items for r in range(settings["repeats"]) if (item.id, r) not in done]
     print(f"[eval] {job['dataset']}{'/' + job['subset'] if job['subset'] else ''}: {len(items)} questions "
           f"x {settings['repeats']} repeats from {job['source']}; {len(done)} answers on file, {len(todo)} to ask",
           file=sys.stderr, flush=True)
     system = prompts.render("qa_system")
-    conversations = [[{"role": "system", "content": system},
-                      {"role": "user", "content": qa.render_prompt(item, prompts, settings["with_context"])}]
+    conversations = [[{"role": "system", "content": system}, {"role": "user", "content": prompts_now[item.id]}]
                      for item, _ in todo]
     seeds = [request_seed(settings["seed"], item.id, r) for item, r in todo]
     failures = 0
@@ -219,14 +232,19 @@ def evaluate(chat, job: dict, prompts: Prompts, settings: dict, output_dir: Path
             bar.reply(reply)
     bar.close()
     wall = time.perf_counter() - start
-    results = _results(job, settings, read_jsonl(samples), run_hash, failures, wall, chat)
+    answers = _answered(samples, run_hash, prompts_now)
+    results = _results(job, settings, list(answers.values()), run_hash, failures, wall, chat)
     write_json_atomic(out_dir / f"{_stem(job)}.results.json", results)
     _print_results(results)
     return results
 
 
 def _results(job, settings, rows, run_hash, failures, wall, chat) -> dict:
-    wanted = {i.id for i in job["items"]}
+    """The figures, from each question's answers on file scored NOW against the question as the data
+    file has it (a corrected gold, another --cop_base: new verdicts from the stored answers)."""
+    items = {i.id: i for i in job["items"]}
+    rows = [{**row, **_verdicts(row["output"], items[row["id"]])} for row in rows if row["id"] in items]
+    wanted = set(items)
     per_repeat = []
     for r in range(settings["repeats"]):
         got = [row for row in rows if row["repeat"] == r and row["id"] in wanted]
@@ -240,6 +258,7 @@ def _results(job, settings, rows, run_hash, failures, wall, chat) -> dict:
     answered = sum(p["n"] for p in per_repeat)
     return {
         "benchmark": _stem(job), "dataset": job["dataset"], "subset": job["subset"], "source": job["source"],
+        "source_sha256": job.get("source_sha256"),
         "model": settings["model"], "backend": settings["backend"], "n": len(job["items"]),
         "repeats": settings["repeats"], "complete": answered == expected, "missing_answers": expected - answered,
         "accuracy": _mean(per_repeat, "accuracy"), "accuracy_std": _std(per_repeat, "accuracy"),
@@ -255,16 +274,23 @@ def _results(job, settings, rows, run_hash, failures, wall, chat) -> dict:
 
 
 def _sample_row(item: qa.QAItem, repeat: int, prompt: str, output: str, run_hash: str, seed: int) -> dict:
+    return {"id": item.id, "repeat": repeat, "seed": seed, "prompt": prompt, "output": output,
+            **_verdicts(output, item), "settings_hash": run_hash}
+
+
+def _verdicts(output: str, item: qa.QAItem) -> dict:
+    """An answer scored against the question's gold by both scorers."""
     extracted = qa.extract_answer(output, item)
-    return {"id": item.id, "repeat": repeat, "seed": seed, "prompt": prompt, "output": output, "gold": item.gold,
-            "extracted": extracted, "correct": extracted == item.gold,
-            "correct_reference": qa.score_reference(output, item), "settings_hash": run_hash}
+    return {"gold": item.gold, "extracted": extracted, "correct": extracted == item.gold,
+            "correct_reference": qa.score_reference(output, item)}
 
 
-def _answered(samples: Path, run_hash: str, ids: set[str]) -> set[tuple[str, int]]:
-    """(id, repeat) pairs already on file."""
-    return {(row["id"], row["repeat"]) for row in answers_on_file(samples, run_hash, ("id", "repeat"))
-            if row["id"] in ids}
+def _answered(samples: Path, run_hash: str, prompts: dict[str, str]) -> dict[tuple[str, int], dict]:
+    """(id, repeat) -> the answer on file to the question as it reads now: an answer to an edited
+    question (another prompt under the same id) is not its answer, and is asked again; the latest
+    of several answers wins."""
+    return {(row["id"], row["repeat"]): row for row in answers_on_file(samples, run_hash, ("id", "repeat"))
+            if row["id"] in prompts and row.get("prompt") == prompts[row["id"]]}
 
 
 # ---------------------------------------------------------------------------------- setup helpers
@@ -273,13 +299,13 @@ def _job(dataset: str, name: str | None, data_file: str | None, limit: int | Non
     subset = _subset(bench, name, data_file)
     items = qa.load_items(bench.name, name=name, data_file=data_file, cop_base=cop_base)
     if limit is not None:
-        if int(limit) < 1:
-            raise InputError(f"--limit must be at least 1, not {limit}")
         items = items[:int(limit)]
     if not items:
         raise InputError(f"{data_file or bench.hub_id}: no questions to evaluate")
     source = str(Path(data_file).resolve()) if data_file else f"hub:{bench.hub_id}"
-    return {"dataset": bench.name, "subset": subset, "items": items, "source": source, "limit": limit}
+    digest = hashlib.sha256(Path(data_file).read_bytes()).hexdigest()[:16] if data_file else None
+    return {"dataset": bench.name, "subset": subset, "items": items, "source": source, "limit": limit,
+            "source_sha256": digest}
 
 
 def _subset(bench: qa.Benchmark, name: str | None, data_file: str | None) -> str | None:
@@ -308,29 +334,30 @@ def _settings(model, backend, api_base, temperature, open_model, max_new_tokens,
               dtype=None, device=None) -> dict:
     api_base = ",".join(endpoint_list(api_base)) or None  # one server, or replicas as a comma list
     kind = resolve_backend(model, backend, api_base)
-    if int(repeats) < 1:
-        raise InputError(f"--repeats must be at least 1, not {repeats}")
     open_weights = kind != "openai" if open_model is None else bool(open_model)
     if temperature is None:  # the reference: 0 for API calls, 0.1 in its local pipeline
         temperature = 0.1 if open_weights else 0.0
         why = ("an open model: the reference's local pipeline used 0.1" if open_weights else
                "an API model, as the reference" + (" (a served open model: --open_model)" if api_base else ""))
         print(f"[eval] temperature {temperature} ({why}); --temperature sets another", file=sys.stderr, flush=True)
+    fingerprint = cli.model_fingerprint(model) if kind == "hf" else None
     return {"model": model or "embedded:SmolLM2-135M-Instruct", "backend": kind, "api_base": api_base,
+            # a local model retrained into the same folder is another model (hub ids and API names: none)
+            **({"model_fingerprint": fingerprint} if fingerprint else {}),
             "temperature": float(temperature), "max_new_tokens": int(max_new_tokens), "repeats": int(repeats),
             "seed": int(seed), "with_context": bool(with_context),
             # local weights answer differently in another precision; a served model's is the server's
             "dtype": None if kind == "openai" else auto_dtype(dtype, device)}
 
 
-def _backend(settings: dict, batch_size: int, dtype: str | None, device: str | None):
-    if int(batch_size) < 1:
-        raise InputError(f"--batch_size must be at least 1, not {batch_size}")
+def _backend(settings: dict, batch_size: int, dtype: str | None, device: str | None, api_key_env: str | None = None,
+             request_timeout: float | None = None):
     model = None if settings["backend"] == "embedded" else settings["model"]
     chat = make_backend(model, settings["backend"], settings["api_base"], temperature=settings["temperature"],
                         max_new_tokens=settings["max_new_tokens"], seed=settings["seed"],
                         max_parallel=int(batch_size), max_batch_size=int(batch_size),
-                        dtype=settings["dtype"], device=device, prefix_cache_gb=0)
+                        dtype=settings["dtype"], device=device, prefix_cache_gb=0, key_env=api_key_env,
+                        request_timeout=request_timeout)
     return cli.checked(chat, "eval")
 
 

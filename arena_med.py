@@ -22,15 +22,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mentalarena.backends import Reply, describe_routes, judge_route, require_credentials, route, runs_on
-from mentalarena.cli import auto_dtype, bool_words, checked, request_seed
+from mentalarena import cli
+from mentalarena.cli import auto_dtype, checked, request_seed
 from mentalarena.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
 from mentalarena.dialogue import HISTORY_MODES, Conversation, fresh as fresh_messages
 from mentalarena.engine import Gate, ModelClient
-from mentalarena.errors import InputError, check_choice
+from mentalarena.errors import InputError, ServiceRefused, check_choice
+from mentalarena.flags import check_numbers
 from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
 from mentalarena.locks import OutputLock
 from mentalarena.parsing import (parse_extraction, parse_extraction_reference, parse_group_number,
-                                 parse_score)
+                                 parse_score, parse_score_reference)
 from mentalarena.progress import SessionProgress
 from mentalarena.prompts import Prompts
 from mentalarena.similarity import BUNDLED_NAME, Encoder, threshold_for, top_k_groups
@@ -41,6 +43,12 @@ FEEDBACK_MODES = ("steer", "reference")  # steer: decoder feedback reaches the d
 DECODER_ITEMS = ("intermediate_belief", "intermediate_belief_depression", "coping_strategies", "situation")
 SWITCHES = ("on", "off")  # --symptom_encoder / --symptom_decoder: the paper's ablations
 PERSONA_TEMPLATES = ("patient_cbt", "patient_neutral")  # stored once per record, not at every turn
+# Flags that change how a run goes, not the records it makes (iterate.py lets a re-run change them).
+RUNNING_FLAGS = ("progress", "concurrency", "max_batch_size", "prefix_cache_gb", "device", "request_timeout",
+                 "api_key_env", "judge_api_key_env")
+# --score_parser: robust, the 1-10 health rating as a person reads it (off the scale: unscored);
+# reference, the reference's int() else first integer (a "32" ends the search as a top score)
+SCORE_PARSERS = {"robust": parse_score, "reference": parse_score_reference}
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,10 @@ class Settings:
     # the paper's ablations ("off": the component is left out of every session)
     symptom_encoder: str = "on"
     symptom_decoder: str = "on"
+    score_parser: str = "robust"  # how the judge's health rating is read (SCORE_PARSERS)
+    # the content of a local model folder (cli.model_fingerprint): retrained in place, it is another model
+    base_fingerprint: str = ""
+    judge_fingerprint: str = ""
 
     def digest(self) -> str:
         values = asdict(self)
@@ -84,6 +96,14 @@ class Settings:
         # them still resumes; "off" changes the hash, so an ablation never resumes into a full run.
         for key in ("symptom_encoder", "symptom_decoder"):
             if values[key] == "on":
+                del values[key]
+        # Older records were scored by the first integer, which "reference" reproduces (bar "-2" and
+        # "1_0"): left out of the hash there, so they resume under --score_parser reference; the
+        # default "robust" is hashed, so an old output is never resumed under another rule.
+        if values["score_parser"] == "reference":
+            del values["score_parser"]
+        for key in ("base_fingerprint", "judge_fingerprint"):  # none for hub ids, API models, the embedded one
+            if not values[key]:
                 del values[key]
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -294,11 +314,11 @@ async def try_and_reflect(s: Session, illness: str, persona_b: str, kind: str) -
                               s.render(f"patient_after_{kind}", candidate=candidate), persona_b)
         rating = await s.fresh(f"{kind}.{n}.score", "judge", "judge", "judge_health_score",
                                s.render("judge_health_score", state=state), persona_b)
-        score = parse_score(rating)
+        score = SCORE_PARSERS[cfg.score_parser](rating)  # 0: no score on the scale
         tries.append({"candidate": candidate, "patient_state": state, "judge_reply": rating, "score": score})
         if score > best_score:  # strictly higher, as the reference
             best, best_score = candidate, score
-    # Every score 0 (unparseable): keep the first candidate; the reference crashed here.
+    # Every score 0 (none on the scale): keep the first candidate; the reference crashed here.
     return {"best": best if best is not None else tries[0]["candidate"], "best_score": best_score,
             "fallback": best is None, "tries": tries}
 
@@ -337,6 +357,8 @@ async def run_all(arena: Arena, todo: list[tuple[dict, int]], output: Path, erro
             calls = None  # a failed session's calls are not known here
             try:
                 record = await run_session(patient, sample, arena)
+            except ServiceRefused:
+                raise  # the service refused the run (a key without credit, ...): every session would fail
             except Exception as exc:  # noqa: BLE001 - one failed session must not stop the run
                 counts["failed"] += 1
                 log.error("session %s/%s failed: %s", patient["id"], sample, exc)
@@ -438,6 +460,10 @@ def run(
     judge_model: str | None = None,    # helper calls (paper: gpt-4-turbo-2024-04-09); None: the base model
     judge_backend: str = "auto",
     judge_api_base: str | None = None,  # None: where the base model is served (rule: mentalarena.backends.judge_route)
+    api_key_env: str | None = None,    # the environment variable holding --api_base's key (None: no key; the
+                                       #   OpenAI API always gets OPENAI_API_KEY and no other server does)
+    judge_api_key_env: str | None = None,  # the same for --judge_api_base (None: the base model's, when served there)
+    request_timeout: float = 600.0,    # served models: seconds one request may take in all (a trickling server fails)
     merge_system: bool = False,        # system text into the user turn, for templates without a system role
     encoder_model: str | None = None,  # sentence encoder; None: bundled all-MiniLM-L6-v2; bert-base-uncased = paper
     similarity_threshold: float | None = None,  # None: the encoder's calibrated value (0.9 for bert-base-uncased)
@@ -459,6 +485,8 @@ def run(
     feedback_mode: str = "steer",      # steer: decoder feedback reaches the doctor; reference: dropped
     history_mode: str = "reference",   # reference: the reference's shared message list; roles: role-separated
     extraction_parser: str = "robust",  # robust | reference (the reference's block and fixed-offset slicing)
+    score_parser: str = "robust",      # robust: the 1-10 health rating, off the scale (32, "32 %") unscored;
+                                       #   reference: int() else the first integer (32 ends the search)
     illness_prompt: str = "name",      # name: the illness name only; reference: "which diagnosis is more accurate"
     top_p: float | None = None,        # None: the checkpoint's generation config (as the reference's pipeline)
     top_k: int | None = None,          #   or the server's default; 0 turns top-k off
@@ -481,12 +509,14 @@ def run(
     progress: bool = True,
 ) -> dict:
     """Run the self-play sessions and append one record per session to `output_file`."""
+    check_numbers(run, dict(locals()))
     check_choice("feedback_mode", feedback_mode, FEEDBACK_MODES)
     check_choice("history_mode", history_mode, HISTORY_MODES)
     check_choice("extraction_parser", extraction_parser, ("robust", "reference"))
     check_choice("illness_prompt", illness_prompt, ILLNESS_PROMPTS)
     check_choice("symptom_encoder", symptom_encoder, SWITCHES)
     check_choice("symptom_decoder", symptom_decoder, SWITCHES)
+    check_choice("score_parser", score_parser, tuple(SCORE_PARSERS))
     # Validate every input before any model loads or any file is touched.
     dtype = auto_dtype(dtype, device)
     all_patients = load_patients(patients_file or DEFAULT_PATIENTS_FILE)
@@ -495,8 +525,8 @@ def run(
     prompts = Prompts(prompt_dir)
     names = prompt_names(illness_prompt, extraction_parser, symptom_encoder, symptom_decoder)
     prompts.check(names)
-    base_route = route(base_model, backend, api_base)
-    judge = judge_route(base_route, judge_model, judge_backend, judge_api_base)
+    base_route = route(base_model, backend, api_base, api_key_env)
+    judge = judge_route(base_route, judge_model, judge_backend, judge_api_base, judge_api_key_env)
     for r in (base_route, judge):
         if r is not None:
             require_credentials(r)
@@ -517,7 +547,9 @@ def run(
         max_context_tokens=max_context_tokens, base_runs_on=runs_on(base_route),
         judge_runs_on=runs_on(judge or base_route), patients_hash=content_hash(all_patients),
         dtype=dtype if any(r is not None and r.kind != "openai" for r in (base_route, judge)) else None,
-        principles_hash=content_hash(groups), symptom_encoder=symptom_encoder, symptom_decoder=symptom_decoder)
+        principles_hash=content_hash(groups), symptom_encoder=symptom_encoder, symptom_decoder=symptom_decoder,
+        score_parser=score_parser, base_fingerprint=_fingerprint(base_route),
+        judge_fingerprint=_fingerprint(judge) if judge is not None else "")
     if patients:
         dry_run(settings, prompts, groups, patients[0])  # every template rendered, as a session would
     output = Path(output_file)
@@ -536,7 +568,7 @@ def run(
         common = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                       max_parallel=max(16, 4 * concurrency), device=device, dtype=dtype,
                       max_batch_size=max_batch_size, max_context_tokens=max_context_tokens,
-                      prefix_cache_gb=prefix_cache_gb, top_p=top_p, top_k=top_k)
+                      prefix_cache_gb=prefix_cache_gb, top_p=top_p, top_k=top_k, request_timeout=request_timeout)
         clients = _clients([base_route] + ([judge] if judge else []), common, merge_system)
         bar = None
         try:
@@ -561,6 +593,11 @@ def run(
     return summary
 
 
+def _fingerprint(r) -> str:
+    """A local model folder's content fingerprint; "" for hub ids, API models and the embedded model."""
+    return (cli.model_fingerprint(r.model) or "") if r.kind == "hf" else ""
+
+
 def _clients(routes, common: dict, merge_system: bool) -> list[ModelClient]:
     """One client per route (base, then judge if it has its own). Servers are reached first, so a
     wrong address, key or model name stops the run in seconds, before any local model loads."""
@@ -569,7 +606,8 @@ def _clients(routes, common: dict, merge_system: bool) -> list[ModelClient]:
     gate, built = Gate(), {}
     try:
         for r in sorted(routes, key=lambda r: r.kind != "openai"):
-            backend = checked(make_backend(r.model, r.kind, r.api_base, **common), "arena")
+            backend = checked(make_backend(r.model, r.kind, r.api_base, key_env=r.key_env, key_flag=r.key_flag,
+                                           **common), "arena")
             built[id(r)] = ModelClient(backend, gate, common["max_new_tokens"], merge_system,
                                        max_parallel=common["max_parallel"])
     except BaseException:
@@ -689,6 +727,7 @@ def report(input_file: str, output_dir: str = "outputs/report", labels: str | No
     PNG figures comparing record files (mentalarena/report.py). `--labels a,b` names the files (default:
     their stems); `--perplexity_model embedded|none|<model>` scores the SFT answers; `--max_records N`
     reads each file's first N records; `--encoder_model none` skips the embedding diversity."""
+    check_numbers(report, dict(locals()))
     from mentalarena.report import write_report
     return write_report(input_file, output_dir, labels, perplexity_model, max_records, encoder_model)
 
@@ -697,16 +736,13 @@ COMMANDS = {"report": report}  # a first word naming a command; anything else is
 
 
 def main(argv: list[str] | None = None) -> int:
-    import fire
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = COMMANDS[argv.pop(0)] if argv and argv[0] in COMMANDS else run
-    argv = bool_words(command, argv)  # --progress false, as written
-    try:
-        summary = fire.Fire(command, command=argv, serialize=lambda _: None)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """`arena_med.py [run] --flag ...` or `report ...`. Exit 0 when every session was written, 1 when
+    some failed (a re-run retries them), when a service refused the run or an output could not be
+    written (what was written resumes), 2 on bad input."""
+    return cli.main(COMMANDS, run, _exit_code, argv)
+
+
+def _exit_code(command, summary) -> int:
     if command is not run:
         return 0
     return 1 if isinstance(summary, dict) and summary.get("sessions_failed") else 0

@@ -23,24 +23,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import openai
-from openai import OpenAI
 
 from mentalarena import cli, preference
 from mentalarena.cli import names, public_url
 from mentalarena.data import one_line
 from mentalarena.errors import InputError, check_choice
+from mentalarena.flags import check_numbers
 from mentalarena.jsonl import write_json_atomic
 from mentalarena.locks import OutputLock
-from mentalarena.openai_backend import LOCAL_PLACEHOLDER_KEY, connection_cause
+from mentalarena.openai_client import (RETRY, STOP, Credentials, classify, connection_cause, credentials, describe,
+                                       is_openai_api, make_client, redact, retry_after, server_message, stop_reason)
 from mentalarena.selection import check_options as check_selection
 from mentalarena.selection import select as select_rows
 from mentalarena.selection import summary as selection_summary
@@ -55,10 +55,19 @@ SUFFIXES = {"sft": ".openai.jsonl", "dpo": ".openai_dpo.jsonl"}
 ENDED = {"succeeded", "failed", "cancelled"}
 RETRYABLE_END = {"failed", "cancelled"}  # a job that ended this way is not reused: a re-run tries again
 LEGACY_STATE = {"method": "sft", "beta": None}  # what a job record written before --method existed means
+# Flags that change how a run goes, not the job it makes (iterate.py lets a re-run change them).
+RUNNING_FLAGS = ("poll_seconds", "request_timeout", "api_key_env")
 
 
 class APIFailure(Exception):
-    """An API request failed after the SDK's retries; the message is one line without secrets."""
+    """An API request failed (after the retries a transient fault gets); the message is one line
+    without secrets."""
+
+
+# The job's metadata carries this run's request tag, so that after a failure whose outcome is
+# unknown (a timeout, a dropped connection) the job it may have created is found, never made twice.
+REQUEST_TAG = "mentalarena_request"
+IDEMPOTENT_ATTEMPTS = 4  # transient faults are retried; a job creation without an answer never is
 
 
 def run(
@@ -76,6 +85,8 @@ def run(
     # API
     api_key: str | None = None,  # accepted for the paper's command line; OPENAI_API_KEY is preferred
     api_base: str | None = None,  # any OpenAI-compatible server that implements files + fine-tuning
+    api_key_env: str | None = None,  # the environment variable with --api_base's key (None: none; the OpenAI API: OPENAI_API_KEY)
+    request_timeout: float = 600.0,  # seconds one API request may take in all (an upload of a large file too)
     suffix: str | None = None,  # added to the fine-tuned model's name
     wait: bool = False,  # poll until the job ends and print the fine-tuned model id
     poll_seconds: float = 30.0,
@@ -91,6 +102,7 @@ def run(
 ) -> dict:
     """Convert the records, check the file against the chat (or preference) format, upload it, create
     (or reuse) the job."""
+    check_numbers(run, dict(locals()))
     inputs = _paths(input_file)
     check_choice("method", method, METHODS)
     methods = check_selection(select, select_size, iqr_factor, select_model)
@@ -99,15 +111,12 @@ def run(
     beta = _beta(beta, method)
     base_model = base_model or DEFAULT_MODELS[method]
     finetune = Path(finetune_file) if finetune_file else Path(inputs[0]).with_suffix(SUFFIXES[method])
-    n_epochs = _epochs(n_epochs)
-    if not poll_seconds > 0:
-        raise InputError(f"--poll_seconds must be positive, not {poll_seconds}")
     if finetune.resolve() in {Path(p).resolve() for p in inputs}:
         raise InputError(f"--finetune_file {finetune} is also an input file: it would be overwritten")
 
     state_path = finetune.with_name(finetune.name + ".job.json")
     # Every check that can fail on input runs before the fine-tuning file is replaced.
-    key, old_state = (None, {}) if convert_only else (_api_key(api_key, api_base), _read_state(state_path))
+    creds, old_state = (None, {}) if convert_only else (_credentials(api_key, api_key_env, api_base), _read_state(state_path))
     if method == "dpo" and str(base_model).removeprefix("ft:").startswith("gpt-3.5"):
         print(f"warning: OpenAI offers DPO for the gpt-4.1 models, not {base_model}; the job will likely be "
               f"refused (--base_model {DEFAULT_MODELS['dpo']})", file=sys.stderr)
@@ -148,12 +157,12 @@ def run(
         if convert_only:
             return result
 
-        client = OpenAI(api_key=key, base_url=api_base, max_retries=5)
+        client = make_client(api_base, creds, float(request_timeout))
         settings = {"data_sha256": hashlib.sha256(finetune.read_bytes()).hexdigest(), "api_base": public_url(api_base),
                     "base_model": base_model, "method": method, "n_epochs": n_epochs, "beta": beta, "suffix": suffix,
                     "selection": selection["settings"] if selection else None}
         print(f"[data_process] job settings {json.dumps(settings)}", flush=True)
-        with _api(key, public_url(api_base) or "OpenAI API") as step:
+        with _api(creds, public_url(api_base) or "OpenAI API") as step:
             job, state = _job_for(client, settings, old_state, finetune, state_path, step)
             if wait:
                 job = _wait(client, job, poll_seconds, state, state_path, step)
@@ -163,12 +172,16 @@ def run(
 
 
 def _job_for(client, settings: dict, old: dict, finetune: Path, state_path: Path, step: list[str]):
-    """The job for this data and these settings: the recorded one unless it ended badly, else a new one."""
+    """The job for this data and these settings: the recorded one unless it ended badly, else a new
+    one. Creating a job costs money, so it is never retried blindly: the request's tag is fsynced into
+    the job record first, and after a failure whose outcome is unknown (here or in a run that died)
+    the job that request may have made is looked for before any other is created."""
     old = {**LEGACY_STATE, **old}  # a job recorded before --method existed was an SFT job
     same_data = all(old.get(k) == settings[k] for k in ("data_sha256", "api_base"))
-    if same_data and all(old.get(k) == settings[k] for k in settings) and old.get("job_id"):
+    same = same_data and all(old.get(k) == settings[k] for k in settings)
+    if same and old.get("job_id"):
         step[0] = f"retrieving job {old['job_id']}"
-        job = client.fine_tuning.jobs.retrieve(old["job_id"])
+        job = _retrying(lambda: client.fine_tuning.jobs.retrieve(old["job_id"]), step)
         if job.status not in RETRYABLE_END:
             print(f"[data_process] same data and settings as job {job.id}: reusing it (status {job.status})", flush=True)
             _save(old, state_path, job)
@@ -177,21 +190,91 @@ def _job_for(client, settings: dict, old: dict, finetune: Path, state_path: Path
     elif old.get("job_id"):
         changed = [k for k in settings if old.get(k) != settings[k]]
         print(f"[data_process] {', '.join(changed)} changed since job {old['job_id']}: creating a new job", flush=True)
+    pending = old.get("pending_request") if same and not old.get("job_id") else None
     state = {**settings, "finetune_file": str(finetune), "file_id": old.get("file_id") if same_data else None,
-             "job_id": None, "status": None, "fine_tuned_model": None,
+             "job_id": None, "status": None, "fine_tuned_model": None, "pending_request": pending,
              "previous_jobs": old.get("previous_jobs", []) + ([old["job_id"]] if old.get("job_id") else [])}
     if state["file_id"] is None:
         step[0] = f"uploading {finetune}"
         with open(finetune, "rb") as f:
-            state["file_id"] = client.files.create(file=f, purpose="fine-tune").id
+            state["file_id"] = _retrying(lambda: client.files.create(file=f, purpose="fine-tune"), step, rewind=f).id
         write_json_atomic(state_path, state)  # a crash after this reuses the upload
+    if pending:  # an earlier run asked for a job and never heard whether it was made
+        job = _find_job(client, state, step)
+        if job is not None:
+            print(f"[data_process] found job {job.id}, created by an earlier attempt that did not hear back "
+                  f"(request {pending['tag']}): using it (status {job.status})", flush=True)
+            state["pending_request"] = None
+            _save(state, state_path, job)
+            return job, state
+    state["pending_request"] = pending or {"tag": uuid.uuid4().hex, "since": int(time.time())}
+    write_json_atomic(state_path, state)  # fsynced before the job is asked for
     step[0] = "creating the fine-tuning job"
     extra = {"suffix": str(state["suffix"])} if state["suffix"] is not None else {}
-    job = client.fine_tuning.jobs.create(training_file=state["file_id"], model=settings["base_model"],
-                                         method=job_method(settings), **extra)
+    try:
+        job = _retrying(lambda: client.fine_tuning.jobs.create(
+            training_file=state["file_id"], model=settings["base_model"], method=job_method(settings),
+            metadata={REQUEST_TAG: state["pending_request"]["tag"]}, **extra), step, answered_only=True)
+    except openai.OpenAIError as exc:
+        if not _unanswered(exc):  # the server answered no: no job was made
+            raise
+        time.sleep(2.0)  # the server may still be making it
+        job = _find_job(client, state, step)
+        if job is None:
+            raise APIFailure(f"{public_url(settings['api_base']) or 'OpenAI API'}: creating the fine-tuning job failed "
+                             f"without an answer ({describe(exc)}), so it may or may not exist; none with request tag "
+                             f"{state['pending_request']['tag']} is listed yet. Re-run the same command: it looks for "
+                             "that job again before creating one") from None
+        print(f"[data_process] the job request got no answer ({describe(exc)}), but job {job.id} exists: using it",
+              flush=True)
+    state["pending_request"] = None
     _save(state, state_path, job)
     print(f"[data_process] created job {job.id} on file {state['file_id']} (status {job.status})", flush=True)
     return job, state
+
+
+def _find_job(client, state: dict, step: list[str]):
+    """The job that this state's pending request made, if it exists: tagged with its request tag, or
+    (servers that drop metadata) on the same uploaded file and base model, created since the request
+    and not one of the jobs this record replaced."""
+    tag, since = state["pending_request"]["tag"], state["pending_request"]["since"]
+    step[0] = f"looking for the job of request {tag}"
+    listed = _retrying(lambda: client.fine_tuning.jobs.list(limit=100, metadata={REQUEST_TAG: tag}), step)
+    for job in listed.data:
+        if (getattr(job, "metadata", None) or {}).get(REQUEST_TAG) == tag:
+            return job
+    for job in listed.data:
+        if (job.training_file == state["file_id"] and job.model == state["base_model"]
+                and job.id not in state["previous_jobs"] and (job.created_at or 0) >= since - 300):
+            return job
+    return None
+
+
+def _unanswered(err: Exception) -> bool:
+    """No answer came (a timeout, a dropped connection, a 5xx from a proxy): the request may have
+    been carried out. A 4xx is an answer: it was not."""
+    return isinstance(err, openai.APIConnectionError) or (isinstance(err, openai.APIStatusError) and err.status_code >= 500)
+
+
+def _retrying(call, step: list[str], rewind=None, answered_only: bool = False):
+    """A request with retries of transient faults only; anything else, or the last failure, goes up
+    as it is. `rewind`: a file to read again from the start. `answered_only` (job creation, which is
+    not idempotent): only faults the server answered (429 rate limits, 408) are retried, since the
+    request was then surely not carried out."""
+    for attempt in range(IDEMPOTENT_ATTEMPTS):
+        try:
+            return call()
+        except openai.OpenAIError as exc:
+            if classify(exc) != RETRY or attempt + 1 == IDEMPOTENT_ATTEMPTS or (answered_only and _unanswered(exc)):
+                raise
+            delay = retry_after(exc)
+            delay = min(30.0, 2.0 ** attempt) if delay is None else delay
+            print(f"warning: {step[0]}: {describe(exc)}; retry {attempt + 1}/{IDEMPOTENT_ATTEMPTS - 1} in {delay:.0f} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(delay)
+            if rewind is not None:
+                rewind.seek(0)
+    raise AssertionError("unreachable")
 
 
 def job_method(settings: dict) -> dict:
@@ -214,7 +297,7 @@ def _wait(client, job, poll_seconds: float, state: dict, state_path: Path, step:
             _save(state, state_path, job)
             last = job.status
         time.sleep(poll_seconds)
-        job = client.fine_tuning.jobs.retrieve(job.id)
+        job = _retrying(lambda job_id=job.id: client.fine_tuning.jobs.retrieve(job_id), step)
     _save(state, state_path, job)
     return job
 
@@ -263,34 +346,24 @@ def _paths(input_file) -> list[str]:
     return paths
 
 
-def _epochs(n_epochs) -> int | str:
-    if n_epochs == "auto" or (isinstance(n_epochs, int) and not isinstance(n_epochs, bool) and n_epochs >= 1):
-        return n_epochs
-    raise InputError(f"--n_epochs must be a whole number of at least 1 or auto, not {n_epochs!r}")
-
-
 def _beta(beta, method: str) -> float | None:
-    """DPO's beta: None (OpenAI chooses; also "auto") or a positive number; only for --method dpo."""
+    """DPO's beta (its range checked with the other flags): None (OpenAI chooses; also "auto") or a
+    positive number; only for --method dpo."""
     if beta is None or beta == "auto":
         return None
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-        raise InputError(f"--beta must be a positive number or auto, not {beta!r}")
     if method != "dpo":
         raise InputError("--beta is for --method dpo (the strength of DPO's preference penalty)")
     return float(beta)
 
 
-def _api_key(api_key: str | None, api_base: str | None) -> str:
-    env = os.environ.get("OPENAI_API_KEY")
+def _credentials(api_key: str | None, api_key_env: str | None, api_base: str | None) -> Credentials:
+    """What the fine-tuning server is sent: OPENAI_API_KEY for the OpenAI API, the variable named by
+    --api_key_env elsewhere, or --api_key (the paper's flag: warned about)."""
     if api_key:
-        print("warning: --api_key puts the key in your shell history and the process list; export "
-              "OPENAI_API_KEY instead" + (" (it is set, and used)" if env else ""), file=sys.stderr)
-    key = env or api_key
-    if key:
-        return str(key)
-    if api_base:
-        return LOCAL_PLACEHOLDER_KEY  # local servers ignore it, the SDK insists on one
-    raise InputError("OPENAI_API_KEY is not set: export it, or pass --api_base for an OpenAI-compatible server")
+        print("warning: --api_key puts the key in your shell history and the process list; export it and name "
+              "the variable with --api_key_env (OPENAI_API_KEY for the OpenAI API)", file=sys.stderr)
+        return Credentials(str(api_key), "--api_key", is_openai_api(api_base))
+    return credentials(api_base, api_key_env)
 
 
 def _read_state(path: Path) -> dict:
@@ -306,29 +379,21 @@ def _read_state(path: Path) -> dict:
 
 
 @contextmanager
-def _api(key: str, where: str) -> Iterator[list[str]]:
+def _api(creds: Credentials, where: str) -> Iterator[list[str]]:
     """Turns any SDK error into an APIFailure naming the server and the step; the caller updates
     step[0] as it goes."""
     step = ["calling the API"]
     try:
         yield step
     except openai.APIStatusError as exc:
-        body = exc.body if isinstance(exc.body, dict) else {}
-        code = f" {exc.code}" if exc.code else ""
-        message = f": {body['message']}" if isinstance(body.get("message"), str) else ""
-        detail = f"HTTP {exc.status_code} {type(exc).__name__}{code}{message}"
-        raise APIFailure(f"{where}: {_redact(f'{step[0]}: {detail}', key)}") from None
+        if classify(exc) == STOP and exc.status_code not in (400, 404):  # a key, its credit, a redirect
+            raise APIFailure(f"{where}: {step[0]}: " + stop_reason(exc, "the server", creds, "api_key_env")) from None
+        detail = server_message(exc, (creds.key,))
+        raise APIFailure(f"{where}: {step[0]}: {describe(exc)}" + (f": {detail}" if detail else "")) from None
     except openai.APIConnectionError as exc:
         raise APIFailure(f"{where}: {step[0]}: {connection_cause(exc)}") from None
     except openai.OpenAIError as exc:
-        raise APIFailure(f"{where}: {_redact(f'{step[0]}: {type(exc).__name__}: {exc}', key)}") from None
-
-
-def _redact(text: str, key: str) -> str:
-    """Servers quote keys back in part ("Incorrect API key provided: sk-ab***yz"): hide any of it."""
-    if key and key != LOCAL_PLACEHOLDER_KEY:
-        text = text.replace(key, "***")
-    return one_line(re.sub(r"sk-[A-Za-z0-9_*\-]+", "sk-***", text), 400)
+        raise APIFailure(f"{where}: {redact(f'{step[0]}: {type(exc).__name__}: {exc}', (creds.key,))}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ refused, unless --restart discards that step's outputs and those that depend on 
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -54,8 +55,11 @@ import IMHI_eval
 import llama_finetune
 import MedQA_eval
 from mentalarena import cli, figures
-from mentalarena.cli import names, public_url
+from mentalarena.cli import has_credentials, names, public_url
+from mentalarena.backends import judge_route, require_credentials, route
 from mentalarena.errors import InputError, check_choice
+from mentalarena.flags import check_numbers
+from mentalarena.files import write_atomic
 from mentalarena.jsonl import read_jsonl, write_json_atomic
 from mentalarena.locks import OutputLock
 
@@ -73,11 +77,15 @@ STEPS = ("generate", "finetune", "eval_qa", "eval_imhi", "eval_counsel")
 EVALS = {"qa": "eval_qa", "imhi": "eval_imhi", "counsel": "eval_counsel"}  # counsel: opt-in (it needs a judge)
 QA_SAMPLES = (("MedQA", ROOT / "data" / "qa_sample" / "medqa.jsonl"),
               ("PubMedQA", ROOT / "data" / "qa_sample" / "pubmedqa.jsonl"))
+STOP_WAIT = 30  # seconds a stage gets to stop by itself after Ctrl-C (a checkpoint being saved)
 WORK = "<work_dir>"  # how state.json writes paths inside --work_dir, so the folder can move
-# Stage flags that change how a step runs, not what it makes: a re-run may change them.
-RUNNING_KEYS = frozenset({"progress", "concurrency", "max_batch_size", "prefix_cache_gb", "batch_size", "device",
-                          "logging_steps", "save_steps", "save_total_limit", "gradient_checkpointing", "resume",
-                          "poll_seconds"})
+# Each stage's flags that change how a step runs, not what it makes (the stage says which): a re-run may
+# change them. A training batch size is not one of them: it changes the model.
+RUNNING_FLAGS = {"arena_med.py": arena_med.RUNNING_FLAGS, "llama_finetune.py": llama_finetune.RUNNING_FLAGS,
+                 "data_process.py": data_process.RUNNING_FLAGS, "MedQA_eval.py": MedQA_eval.RUNNING_FLAGS,
+                 "IMHI_eval.py": IMHI_eval.RUNNING_FLAGS, "Counsel_eval.py": Counsel_eval.RUNNING_FLAGS}
+# The flags the loop sets for a stage's outputs: never compared by content (they are what the step makes).
+OUTPUT_FLAGS = frozenset({"output_file", "output_dir", "finetune_file", "new_name"})
 IMHI_RULE_PREFERENCE = ("classifier", "classifier_fixed", "fixed", "reference")  # the summary's w-F1: the paper's labels first
 SUMMARY_FIGURE = "summary.png"  # beside summary.md: each benchmark by iteration
 
@@ -90,8 +98,15 @@ class Call:
     command: str | None = None
 
     def argv(self) -> list[str]:
-        flags = [f"--{key}={_flag_value(value)}" for key, value in self.args.items() if value is not None]
+        """The stage's command line. A server address with credentials in it is passed as
+        `env:<variable>` (see `secrets`), so no user:password ever shows in the process list."""
+        flags = [f"--{key}={_flag_value(f'env:{_secret_variable(key)}' if _secret_url(key, value) else value)}"
+                 for key, value in self.args.items() if value is not None]
         return ([self.command] if self.command else []) + flags
+
+    def secrets(self) -> dict[str, str]:
+        """The environment the stage needs for the addresses `argv` names by variable."""
+        return {_secret_variable(key): value for key, value in self.args.items() if _secret_url(key, value)}
 
     def shown(self, work_dir: Path) -> str:
         """The command as printed: paths under --work_dir relative to the current folder, no credentials."""
@@ -118,6 +133,7 @@ class Plan:
     evals: list[str]
     eval_base: bool
     api_base: str | None
+    api_key_env: str | None
     qa_data_dir: str | None
     imhi_test_dir: str | None
     counsel_data: str | None
@@ -149,7 +165,27 @@ class StepFailed(Exception):
 
 def run_stage(script: str, argv: list[str], launcher: list[str] | None = None) -> int:
     """Run one stage script in a child process (the tests replace this function); its exit status."""
-    return subprocess.run([*(launcher or [sys.executable]), str(ROOT / script), *argv], check=False).returncode
+    child = subprocess.Popen([*(launcher or [sys.executable]), str(ROOT / script), *argv])
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        _let_stop(child, script)
+        raise
+
+
+def _let_stop(child: subprocess.Popen, script: str) -> None:
+    """After Ctrl-C (which the child got too): give it time to finish a checkpoint or a row and stop by
+    itself, where `subprocess.run` would kill it 0.25 s later; killed after STOP_WAIT s or a second Ctrl-C."""
+    print(f"[iterate] waiting up to {STOP_WAIT} s for {script} to stop (it may be saving); "
+          "Ctrl-C again to kill it now", file=sys.stderr, flush=True)
+    try:
+        child.wait(timeout=STOP_WAIT)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        pass
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
 def run(
@@ -164,6 +200,8 @@ def run(
     num_samples: int | None = None,    # sessions per patient
     judge_model: str | None = None,    # the helper calls (paper: gpt-4-turbo-2024-04-09); None: the model itself
     api_base: str | None = None,       # openai backend: an OpenAI-compatible server for every stage
+    api_key_env: str | None = None,    # the environment variable with --api_base's key (None: none; the OpenAI API
+                                       #   always gets OPENAI_API_KEY, no other server does)
     # fine-tuning (llama_finetune.py)
     method: str | None = None,         # auto (qlora on CUDA, else lora) | qlora | lora | full
     max_steps: int | None = None,      # optimizer steps per iteration (overrides the epochs)
@@ -182,11 +220,13 @@ def run(
     finetune_args: dict | None = None,
     qa_args: dict | None = None,
     imhi_args: dict | None = None,
-    counsel_args: dict | None = None,  # its judge: counsel_args' judge_model, else --judge_model, else the starting model
+    counsel_args: dict | None = None,  # its judge: counsel_args' judge_model, else --judge_model where it runs where the
+                                       #   evaluated model runs, else the starting model (see _counsel_judge)
     restart: bool = False,             # discard the outputs of steps whose settings changed (and of what depends on them)
 ) -> dict:
     """Run (or resume) every step of every iteration; returns the summary rows and the exit status."""
     flags = dict(locals())
+    check_numbers(run, flags)
     plan = make_plan(**flags)
     plan.work_dir.mkdir(parents=True, exist_ok=True)
     with OutputLock(plan.state_file):  # one loop per work directory
@@ -202,6 +242,8 @@ def _run(plan: Plan, flags: dict, restart: bool) -> dict:
           f"{','.join(map(str, plan.epochs))}, evaluations {', '.join(plan.evals).replace('eval_', '') or 'none'} "
           f"-> {plan.work_dir}",
           flush=True)
+    for line in data_routes(plan):
+        print(f"[iterate] where the data goes: {line}", flush=True)
     failure = None
     for iteration, step in plan.steps():
         entry = state["steps"].get(_key(iteration, step))
@@ -217,7 +259,7 @@ def _run(plan: Plan, flags: dict, restart: bool) -> dict:
     figure = figures.iteration_lines(summary_figure_panels(rows), plan.work_dir / SUMMARY_FIGURE,
                                      f"MentalArena iterations in {plan.work_dir}")
     markdown = summary_markdown(plan, rows) + f"\nFigure: [{figure.name}]({figure.name}), each benchmark by iteration.\n"
-    _write_text(plan.work_dir / "summary.md", markdown)
+    write_atomic(plan.work_dir / "summary.md", markdown)
     print(markdown, flush=True)
     return {"exit_code": failure.code if failure else 0, "error": str(failure) if failure else None,
             "rows": rows, "state_file": str(plan.state_file)}
@@ -230,12 +272,14 @@ def execute(plan: Plan, state: dict, iteration: int, step: str) -> None:
     calls = calls_for(plan, iteration, step, model)
     key = _key(iteration, step)
     state["steps"][key] = {"iteration": iteration, "step": step, "status": "running",
-                           "calls": [c.record(plan.work_dir) for c in calls], "started_at": _now()}
+                           "calls": [c.record(plan.work_dir) for c in calls],
+                           "inputs": [input_digests(c, state) for c in calls], "started_at": _now()}
     _save(plan, state)
     (plan.work_dir / f"iter{iteration}").mkdir(exist_ok=True)
     started = time.time()
     for call in calls:
         print(f"[iterate] iteration {iteration}/{len(plan.epochs)} {step}: {call.shown(plan.work_dir)}", flush=True)
+        os.environ.update(call.secrets())  # inherited by the stage, never on its command line
         code = run_stage(call.script, call.argv(), plan.launcher if step == "finetune" else None)
         if code == 2:  # the stages check their input before they write anything: nothing to keep
             del state["steps"][key]
@@ -260,7 +304,7 @@ def execute(plan: Plan, state: dict, iteration: int, step: str) -> None:
 def calls_for(plan: Plan, iteration: int, step: str, model: str | None) -> list[Call]:
     """The stage commands of one step: the user's stage flags, then what the loop itself decides."""
     folder = plan.work_dir / f"iter{iteration}"
-    served = {"api_base": plan.api_base} if plan.api_base else {}
+    served = {"api_base": plan.api_base, "api_key_env": plan.api_key_env} if plan.api_base else {}
     records = str(folder / "records.jsonl")
     if step == "generate":
         return [Call("arena_med.py", {**plan.arena, "base_model": model, **served, "output_file": records})]
@@ -375,7 +419,7 @@ def _counsel_scores(folder: Path, work_dir: Path) -> dict:
 
 # ---------------------------------------------------------------------------------- settings and state
 def make_plan(work_dir, backend, base_model, iterations, epochs, patients_file, limit, num_samples, judge_model,
-              api_base, method, max_steps, objective, finetune_launcher, eval, eval_limit, eval_base, qa_data_dir,
+              api_base, api_key_env, method, max_steps, objective, finetune_launcher, eval, eval_limit, eval_base, qa_data_dir,
               imhi_test_dir, counsel_data, arena_args, finetune_args, qa_args, imhi_args, counsel_args, restart) -> Plan:
     """Every flag checked and resolved before anything runs or is written."""
     if not work_dir:
@@ -389,9 +433,6 @@ def make_plan(work_dir, backend, base_model, iterations, epochs, patients_file, 
         check_choice("eval", name, (*EVALS, "none"))
     if "none" in wanted and len(wanted) > 1:
         raise InputError(f"--eval none cannot be combined with other evaluations: {','.join(wanted)}")
-    for name, value in (("limit", limit), ("num_samples", num_samples), ("max_steps", max_steps),
-                        ("eval_limit", eval_limit)):
-        _positive_int(name, value)
     if backend == "openai":
         if method is not None or max_steps is not None:
             raise InputError("--method and --max_steps are for --backend open; OpenAI fine-tuning takes --epochs only")
@@ -399,11 +440,11 @@ def make_plan(work_dir, backend, base_model, iterations, epochs, patients_file, 
             raise InputError(f"--objective {objective} is for --backend open; OpenAI fine-tunes one method per job: "
                              "run the SFT iterations, then DPO ones from the SFT model (--objective dpo --base_model "
                              "<its ft: id>)")
-        if not (os.environ.get("OPENAI_API_KEY") or api_base):
-            raise InputError("OPENAI_API_KEY is not set: export it, or pass --api_base for an OpenAI-compatible server")
-    elif api_base:
-        raise InputError("--api_base is for --backend openai (a server that also fine-tunes); a served judge goes "
-                         "in --arena_args '{\"judge_api_base\": \"...\"}'")
+        require_credentials(route(base_model or data_process.DEFAULT_MODELS[objective], "openai", api_base, api_key_env))
+    elif api_base or api_key_env:
+        raise InputError(f"--{'api_base' if api_base else 'api_key_env'} is for --backend openai (a server that also "
+                         "fine-tunes); a served judge goes in --arena_args '{\"judge_api_base\": \"...\", "
+                         "\"judge_api_key_env\": \"...\"}'")
     if not isinstance(eval_base, bool) or not isinstance(restart, bool):
         raise InputError("--eval_base and --restart take True or False")
     for name, path, kind in (("patients_file", patients_file, "file"), ("qa_data_dir", qa_data_dir, "dir"),
@@ -427,29 +468,87 @@ def make_plan(work_dir, backend, base_model, iterations, epochs, patients_file, 
         raise InputError("--counsel_data and --counsel_args from_records both name the statements; give one")
     start = _absolute(base_model) if base_model is not None else (
         data_process.DEFAULT_MODELS[objective] if backend == "openai" else None)
-    # one judge for every iteration, or the scores are not comparable across them: the loop's judge, else
-    # the starting model ("embedded": Counsel_eval's name of the embedded model). Served, it goes to --api_base.
-    counsel.setdefault("judge_model", _absolute(judge_model) if judge_model else start or "embedded")
+    arena = _stage_args("arena_args", arena_args, arena_med.run, ARENA_RESERVED,
+                        {"patients_file": ("patients_file", _absolute(patients_file)), "limit": ("limit", limit),
+                         "num_samples": ("num_samples", num_samples), "judge_model": ("judge_model", judge_model)})
+    if "eval_counsel" in [EVALS[n] for n in EVALS if n in wanted]:
+        _counsel_judge(counsel, arena, backend, api_base, api_key_env, start)
     return Plan(
         work_dir=Path(work_dir).resolve(), backend=backend,
         base_model=start,
         epochs=_schedule(backend, epochs, iterations), objective=objective,
         evals=[EVALS[n] for n in EVALS if n in wanted],
-        eval_base=eval_base, api_base=api_base, qa_data_dir=_absolute(qa_data_dir),
+        eval_base=eval_base, api_base=api_base, api_key_env=api_key_env, qa_data_dir=_absolute(qa_data_dir),
         imhi_test_dir=_absolute(imhi_test_dir), counsel_data=_absolute(counsel_data),
-        arena=_stage_args("arena_args", arena_args, arena_med.run, ARENA_RESERVED,
-                          {"patients_file": ("patients_file", _absolute(patients_file)), "limit": ("limit", limit),
-                           "num_samples": ("num_samples", num_samples), "judge_model": ("judge_model", judge_model)}),
-        finetune=finetune,
+        arena=arena, finetune=finetune,
         qa=_stage_args("qa_args", qa_args, qa_stage, QA_RESERVED, {"limit": ("eval_limit", eval_limit)}),
         imhi=_stage_args("imhi_args", imhi_args, IMHI_eval.run, IMHI_RESERVED, {"limit": ("eval_limit", eval_limit)}),
         counsel=counsel,
         launcher=shlex.split(finetune_launcher) if finetune_launcher else None)
 
 
+def _counsel_judge(counsel: dict, arena: dict, backend: str, api_base: str | None, api_key_env: str | None,
+                   start: str | None) -> None:
+    """One counseling judge for every iteration (or the scores are not comparable across them): the one
+    named in --counsel_args; else the self-play judge, but only where it runs where the evaluated
+    model runs (the counseling statements never go to a third party unasked); else the starting model
+    ("embedded": Counsel_eval's name of the embedded model), which runs where the evaluated model runs."""
+    if counsel.get("judge_model"):
+        return
+    judge = arena.get("judge_model")
+    if judge:
+        model_route = _model_route(backend, start, api_base, api_key_env)
+        judge_where = judge_route(model_route, _absolute(judge), arena.get("judge_backend", "auto"),
+                                  arena.get("judge_api_base"), arena.get("judge_api_key_env"))
+        if judge_where is None or (judge_where.kind != "openai") == (model_route.kind != "openai") and \
+                judge_where.servers == model_route.servers:
+            counsel["judge_model"] = _absolute(judge)
+            return
+        print(f"[iterate] counseling judge: the starting model, not the self-play judge {judge!r}, which runs at "
+              f"{judge_where.where()}, not where the evaluated model runs; to send the counseling statements there, "
+              "name it in --counsel_args '{\"judge_model\": ...}'", flush=True)
+    counsel["judge_model"] = start or "embedded"
+
+
+def _model_route(backend: str, model: str | None, api_base: str | None, api_key_env: str | None):
+    """Where the evaluated (and trained) model runs: a local model (open backend), else --api_base or the OpenAI API."""
+    if backend == "open":
+        return route(model, "embedded" if model is None else "hf")
+    return route(model or "gpt", "openai", api_base, api_key_env)
+
+
+def data_routes(plan: Plan) -> list[str]:
+    """Where each stage's data goes, in one line per stage, printed before the first step."""
+    model = _model_route(plan.backend, plan.base_model, plan.api_base, plan.api_key_env)
+    arena = plan.arena
+    judge = judge_route(model, arena.get("judge_model"), arena.get("judge_backend", "auto"), arena.get("judge_api_base"),
+                        arena.get("judge_api_key_env"))
+    lines = [f"generate: patients to the model -> {model.where()}; to the judge -> "
+             + ("the model" if judge is None else f"{judge.model!r} at {judge.where()}")]
+    lines.append("finetune: the records stay on this machine (local training)" if plan.backend == "open" else
+                 f"finetune: the records are uploaded to {model.where()} for fine-tuning")
+    for step, what in (("eval_qa", "QA questions"), ("eval_imhi", "IMHI posts")):
+        if step in plan.evals:
+            lines.append(f"{step}: {what} -> {model.where()}")
+    if "eval_counsel" in plan.evals:
+        counsel = plan.counsel
+        named = counsel.get("judge_model")
+        cjudge = judge_route(model, None if named == "embedded" and model.kind == "embedded" else named,
+                             counsel.get("judge_backend", "auto"),
+                             counsel.get("judge_api_base"), counsel.get("judge_api_key_env"))
+        line = (f"eval_counsel: client statements -> {model.where()}; to the judge -> "
+                + ("the model" if cjudge is None else f"{cjudge.model!r} at {cjudge.where()}"))
+        if counsel.get("baseline_model"):
+            base = judge_route(model, counsel["baseline_model"], counsel.get("baseline_backend", "auto"),
+                               counsel.get("baseline_api_base"), counsel.get("baseline_api_key_env"), "baseline_api_key_env")
+            line += "; to the baseline -> " + ("the model" if base is None else f"{base.model!r} at {base.where()}")
+        lines.append(line)
+    return lines
+
+
 LOOP_MODEL = "the loop sets it: --base_model for the first iteration, then each iteration's fine-tuned model"
 ARENA_RESERVED = {"base_model": LOOP_MODEL, "output_file": "each iteration writes iterK/records.jsonl",
-                  "api_base": "use --api_base (with --backend openai)"}
+                  "api_base": "use --api_base (with --backend openai)", "api_key_env": "use --api_key_env"}
 FINETUNE_RESERVED = {
     "open": {"base_model": LOOP_MODEL, "new_name": "each iteration writes iterK/model",
              "output_dir": "each iteration writes iterK/model", "data_files": "the iteration's own records",
@@ -459,16 +558,18 @@ FINETUNE_RESERVED = {
                "finetune_file": "each iteration writes iterK/finetune.openai.jsonl (DPO: .openai_dpo.jsonl)",
                "method": "use --objective (sft or dpo)",
                "n_epochs": "use --epochs (one value per iteration)", "wait": "the next iteration needs the model id",
-               "convert_only": "the next iteration needs the model id", "api_base": "use --api_base"},
+               "convert_only": "the next iteration needs the model id", "api_base": "use --api_base",
+               "api_key_env": "use --api_key_env"},
 }
 QA_RESERVED = {"model": LOOP_MODEL, "output_dir": "each iteration writes iterK/eval/qa",
                "data_dir": "use --qa_data_dir", "dataset": "use --qa_data_dir for other sets",
-               "data_file": "use --qa_data_dir for other sets", "api_base": "use --api_base"}
+               "data_file": "use --qa_data_dir for other sets", "api_base": "use --api_base",
+               "api_key_env": "use --api_key_env"}
 IMHI_RESERVED = {"model": LOOP_MODEL, "output_dir": "each iteration writes iterK/eval/imhi",
                  "test_dir": "use --imhi_test_dir", "generated_dir": "the loop evaluates its own models",
-                 "api_base": "use --api_base"}
+                 "api_base": "use --api_base", "api_key_env": "use --api_key_env"}
 COUNSEL_RESERVED = {"model": LOOP_MODEL, "output_dir": "each iteration writes iterK/eval/counsel",
-                    "data_file": "use --counsel_data", "api_base": "use --api_base"}
+                    "data_file": "use --counsel_data", "api_base": "use --api_base", "api_key_env": "use --api_key_env"}
 
 
 def _stage_args(flag: str, given, function, reserved: dict, top: dict) -> dict:
@@ -495,6 +596,8 @@ def _stage_args(flag: str, given, function, reserved: dict, top: dict) -> dict:
             raise InputError(f"--{flag}: {key} is also given as --{top[key][0]}; give it once")
     merged = {key: value for key, (_, value) in top.items() if value is not None}
     merged.update({key: _json_literal(value) for key, value in given.items()})
+    # the stage's own range check, now: a bad value stops the loop before its first step (None: the default)
+    check_numbers(function, {key: value for key, value in merged.items() if value is not None}, f"--{flag}: ")
     return merged
 
 
@@ -508,8 +611,9 @@ def check_recorded(plan: Plan, state: dict, restart: bool) -> None:
             continue
         try:
             model = model_of(plan, state, iteration if step.startswith("eval") else iteration - 1)
-            now = [c.record(plan.work_dir) for c in calls_for(plan, iteration, step, model)]
-            changed = _differences(entry["calls"], now)
+            calls = calls_for(plan, iteration, step, model)
+            changed = _differences(entry["calls"], [c.record(plan.work_dir) for c in calls]) or \
+                _changed_inputs(entry.get("inputs"), [input_digests(c, state) for c in calls])
         except StepFailed:
             changed = "the model it was given no longer exists"
         if not changed:
@@ -696,7 +800,6 @@ def _schedule(backend: str, epochs, iterations) -> list:
         parsed.append(int(number) if number.is_integer() else number)
     if not parsed:
         raise InputError("--epochs is empty")
-    _positive_int("iterations", iterations)
     count = len(parsed) if iterations is None else iterations
     if len(parsed) == 1:
         return parsed * count
@@ -704,11 +807,6 @@ def _schedule(backend: str, epochs, iterations) -> list:
         raise InputError(f"--iterations {count} needs {count} epoch values, --epochs gives {len(parsed)} "
                          f"({','.join(map(str, parsed))}); give one per iteration, or one for all")
     return parsed[:count]
-
-
-def _positive_int(name: str, value) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise InputError(f"--{name} must be a whole number of at least 1, not {value!r}")
 
 
 def _json_literal(value):
@@ -749,15 +847,69 @@ def _absolute(path: str | None) -> str | None:
 
 
 def _differences(old: list[dict], new: list[dict]) -> str:
-    """'' when the calls agree on everything but the running flags; else what changed."""
+    """'' when the calls agree on everything but the stage's running flags (its RUNNING_FLAGS: how it
+    runs, not what it makes); else what changed."""
     if [(c["script"], c.get("command")) for c in old] != [(c["script"], c.get("command")) for c in new]:
         return "other stage commands: " + ", ".join(c["script"] for c in new)
     changes = []
     for o, n in zip(old, new):
+        running = RUNNING_FLAGS[n["script"]]
         for key in dict.fromkeys([*o["args"], *n["args"]]):
-            if key not in RUNNING_KEYS and o["args"].get(key) != n["args"].get(key):
+            if key not in running and o["args"].get(key) != n["args"].get(key):
                 changes.append(f"--{key} {o['args'].get(key)} -> {n['args'].get(key)}")
     return ", ".join(dict.fromkeys(changes))
+
+
+def input_digests(call: Call, state: dict) -> dict[str, str]:
+    """flag -> sha256 of the file or folder it names, for every input of the call that is a local
+    path (its outputs aside): a step is compared with what it read, not with a path. Digests are
+    remembered in state["digests"] by file size and modification time, so unchanged files (a merged
+    model's weights) are not read again at every resume."""
+    cache = state.setdefault("digests", {})
+    return {key: _path_digest(Path(value), cache) for key, value in call.args.items()
+            if key not in OUTPUT_FLAGS and isinstance(value, str) and value and _is_local_path(value)}
+
+
+def _changed_inputs(old: list[dict] | None, new: list[dict]) -> str:
+    """'' when every input recorded for the step has the content it had (a step recorded before
+    inputs were kept is compared by its flags only); else which changed."""
+    if not old:
+        return ""
+    changed = [key for o, n in zip(old, new) for key in o if key in n and o[key] != n[key]]
+    return ", ".join(f"--{key}: the content changed" for key in dict.fromkeys(changed))
+
+
+def _is_local_path(value: str) -> bool:
+    return "://" not in value and not value.startswith("env:") and Path(value).exists()
+
+
+def _path_digest(path: Path, cache: dict) -> str:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(path) if file != path else ''}\0{_file_digest(file, cache)}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+def _file_digest(file: Path, cache: dict) -> str:
+    stat = file.stat()
+    known = cache.get(str(file))
+    if known and known["size"] == stat.st_size and known["mtime_ns"] == stat.st_mtime_ns:
+        return known["sha256"]
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    cache[str(file)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    return cache[str(file)]["sha256"]
+
+
+def _secret_url(key: str, value) -> bool:
+    return key.endswith("api_base") and isinstance(value, str) and has_credentials(value)
+
+
+def _secret_variable(key: str) -> str:
+    return f"MENTALARENA_{key.upper()}"
 
 
 def _results(folder: Path, step: str) -> list[dict]:
@@ -813,12 +965,6 @@ def _fail(plan: Plan, state: dict, key: str, code: int) -> None:
 def _save(plan: Plan, state: dict) -> None:
     state["updated_at"] = _now()
     write_json_atomic(plan.state_file, state)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _key(iteration: int, step: str) -> str:

@@ -26,13 +26,17 @@ import platform
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from mentalarena.cli import main as cli_main
+from mentalarena.checkpoints import marker_callback
 from mentalarena.cli import names, settings_hash
 from mentalarena.errors import InputError, check_choice
+from mentalarena.flags import check_numbers
 from mentalarena.jsonl import write_json_atomic
+from mentalarena.locks import OutputLock
 from mentalarena.selection import parse_methods
 from mentalarena.sft import dedup, load_pairs, to_openai, to_text
 
@@ -109,8 +113,8 @@ def run(
 ) -> dict:
     """Convert, tokenize, train, save; returns the summary that is also printed."""
     flags = dict(locals())
+    check_numbers(run, flags)
     from mentalarena.hf_backend import EMBEDDED_GGUF, embedded_model_dir
-    from mentalarena.preference import check_options
     from mentalarena.selection import check_options as check_selection
     from mentalarena.training import FORMATS, resolve_dtype, resolve_method
 
@@ -123,20 +127,12 @@ def run(
     check_choice("objective", objective, OBJECTIVES)
     check_choice("format", format, FORMATS)
     check_choice("lr_scheduler", lr_scheduler, SCHEDULERS)
-    _check_numbers(nepoch=nepoch, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, batch_size=batch_size,
-                   grad_accum=grad_accum, max_seq_length=max_seq_length, logging_steps=logging_steps,
-                   save_steps=save_steps, beta=beta, dpo_lr=dpo_lr, **({"dpo_nepoch": dpo_nepoch} if dpo_nepoch else {}))
-    if dpo_nepoch is not None and not dpo_nepoch:
-        raise InputError(f"--dpo_nepoch must be a positive number, not {dpo_nepoch!r}")
-    check_options(min_margin, diagnosis_margin)
     check_choice("dpo_loss", dpo_loss, DPO_LOSSES)
     if check_selection(select, select_size, iqr_factor, select_model) and objective == "dpo":
         raise InputError("--select picks SFT rows, and --objective dpo trains on preference pairs only "
                          "(with --objective sft+dpo it selects the SFT stage's rows)")
     if objective == "dpo" and packing:
         raise InputError("--packing is for SFT examples; DPO trains on whole pairs (with sft+dpo it packs the SFT stage)")
-    if not 0 <= lora_dropout < 1 or not 0 <= warmup_ratio < 1 or (max_steps is not None and max_steps < 1):
-        raise InputError("--lora_dropout and --warmup_ratio must be in [0, 1), --max_steps at least 1")
     gguf = None
     if base_model in (None, "", "embedded"):
         base, gguf = embedded_model_dir(), EMBEDDED_GGUF
@@ -152,11 +148,18 @@ def run(
     modules = names(target_modules)
     modules = "all-linear" if modules == ["all-linear"] else modules or None
     model = {"base": base, "gguf": gguf, "method": method, "dtype": torch_dtype, "optim": optim, "modules": modules}
+    # one run per output folder (sft+dpo: both stages); under accelerate launch, the main process holds it
+    with OutputLock(Path(output_dir) / new_name) if _is_main() else nullcontext():
+        return _train(flags, files, model)
+
+
+def _train(flags: dict, files: list[str], model: dict) -> dict:
+    """One stage (sft or dpo), or sft+dpo: a complete SFT run in <new_name>/sft, then DPO from its
+    adapter (or model) in <new_name>."""
+    objective = flags["objective"]
     if objective != "sft+dpo":
         return _stage(flags, files, model, objective)
-
-    # ---- sft+dpo: a complete SFT run in <new_name>/sft, then DPO from its adapter (or model) in <new_name>
-    out = Path(output_dir) / new_name
+    out = Path(flags["output_dir"]) / flags["new_name"]
     _say(f"sft+dpo: stage 1 of 2, SFT -> {out / 'sft'}")
     sft = _stage({**flags, "output_dir": str(out), "new_name": "sft", "merge": False}, files, model, "sft")
     if not sft.get("ok"):
@@ -234,6 +237,7 @@ def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Pa
     else:
         trainer, params, stats = _dpo_trainer(model, tokenizer, rows, checkpoints, flags, start)
         stats["pairs"] = len(rows)
+    trainer.add_callback(marker_callback())  # each checkpoint marked complete once saved, for the resume above
     last = _last_checkpoint(checkpoints) if flags["resume"] else None
     if _is_main():
         checkpoints.mkdir(parents=True, exist_ok=True)
@@ -486,14 +490,13 @@ def _check_checkpoints(checkpoints: Path, digest: str, resume: bool) -> None:
 
 
 def _last_checkpoint(checkpoints: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-
-
-def _check_numbers(**values) -> None:
-    for name, value in values.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise InputError(f"--{name} must be a positive number, not {value!r}")
+    """The newest complete checkpoint: one a kill cut short while saving is named and moved aside
+    (mentalarena/checkpoints.py), not handed to the trainer."""
+    from mentalarena.checkpoints import newest_complete
+    last, notes = newest_complete(checkpoints, move_aside=_is_main())
+    for note in notes:
+        _say(note)
+    return last
 
 
 def _file_info(path: str) -> dict:

@@ -5,10 +5,10 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Iterator
-from urllib.parse import urlsplit
 
 from .cli import public_url
 from .errors import InputError, ModelCallError
+from .halving import run_halving
 
 
 @dataclass
@@ -51,15 +51,21 @@ class ChatBackend:
                chat: bool = True) -> Iterator[tuple[int, Reply | Exception]]:
         """(index, reply) pairs in completion order, for many independent requests. A request that
         failed after every retry yields its exception instead of a reply. `seeds` (one per request)
-        and `chat=False` (raw text prompts) are honoured by backends that can."""
+        and `chat=False` (raw text prompts) are honoured by backends that can.
+
+        Here: `generate` on chunks of `max_batch_size`; a chunk that fails is run again in halves
+        (halving.py), so only a request that fails alone yields a ModelCallError."""
+        def run(rows: list[int]) -> list[Reply]:
+            return self.generate([conversations[i] for i in rows], None if seeds is None else [seeds[i] for i in rows])
+
         step = getattr(self, "max_batch_size", 1)
         for start in range(0, len(conversations), step):
-            chunk = conversations[start:start + step]
+            chunk = list(range(start, min(start + step, len(conversations))))
             try:
-                replies = self.generate(chunk, None if seeds is None else seeds[start:start + step])
-            except ModelCallError as err:
+                replies = run_halving(run, chunk, self.name)
+            except ModelCallError as err:  # not one request's (a refused service, an overflow): the chunk's
                 replies = [err] * len(chunk)
-            yield from enumerate(replies, start)
+            yield from zip(chunk, replies)
 
     def stats(self) -> dict:
         """Backend-specific counters for the run summary."""
@@ -73,37 +79,60 @@ BACKENDS = ("auto", "embedded", "hf", "openai")
 
 
 def endpoint_list(api_base) -> list[str]:
-    """The servers of an --api_base: one URL, or several (replicas of one model) as a comma list."""
+    """The servers of an --api_base: one URL, or several (replicas of one model) as a comma list.
+    `env:NAME` stands for the URL(s) in the environment variable NAME, so that an address with
+    credentials in it (`https://user:pw@host/v1`) never has to be on a command line (iterate.py
+    hands such addresses to its stages this way)."""
     if not api_base:
         return []
     items = api_base if isinstance(api_base, (list, tuple)) else str(api_base).split(",")
-    return [str(item).strip() for item in items if str(item).strip()]
+    out = []
+    for item in (str(item).strip() for item in items):
+        if item.startswith("env:"):
+            value = os.environ.get(item[4:].strip())
+            if not value:
+                raise InputError(f"--api_base {item}: the environment variable {item[4:].strip()} is not set")
+            out += [part.strip() for part in value.split(",") if part.strip()]
+        elif item:
+            out.append(item)
+    return out
 
 
 @dataclass(frozen=True)
 class Route:
     """Where one role's calls go: a local model, or an OpenAI-compatible API at `servers`
-    (none given: the OpenAI API itself, or OPENAI_BASE_URL)."""
+    (none given: the OpenAI API itself, or OPENAI_BASE_URL). `key_env` names the environment
+    variable whose key those servers get (None: OPENAI_API_KEY for the OpenAI API, no key elsewhere);
+    `key_flag` is the flag that names it, for messages."""
     model: str | None
     kind: str
     servers: tuple[str, ...] = ()
+    key_env: str | None = None
+    key_flag: str = "api_key_env"
 
     @property
     def api_base(self) -> str | None:
         return ",".join(self.servers) or None
 
     def where(self) -> str:
+        """Where the calls go and which key goes with them (the variable's name, never the key)."""
         if self.kind != "openai":
             return "a local model in this process"
+        from .openai_client import OPENAI_KEY, default_base, is_openai_api
+        official = all(is_openai_api(s) for s in self.servers or (None,))
+        key = f"key ${self.key_env}" if self.key_env else f"key ${OPENAI_KEY}" if official else "no key"
         if self.servers:
-            return ", ".join(public_url(s) for s in self.servers)
-        default = public_url(os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1")
-        return f"the OpenAI API ({default})"
+            return ", ".join(public_url(s) for s in self.servers) + f" ({key})"
+        return f"the OpenAI API ({public_url(default_base())}, {key})"
 
 
-def route(model: str | None, backend: str = "auto", api_base=None) -> Route:
+def route(model: str | None, backend: str = "auto", api_base=None, key_env: str | None = None,
+          key_flag: str = "api_key_env") -> Route:
+    from .openai_client import check_key_env
+    check_key_env(key_env, key_flag)
     kind = resolve_backend(model, backend, ",".join(endpoint_list(api_base)) or None)
-    return Route(model, kind, tuple(endpoint_list(api_base)) if kind == "openai" else ())
+    served = kind == "openai"
+    return Route(model, kind, tuple(endpoint_list(api_base)) if served else (), key_env if served else None, key_flag)
 
 
 def runs_on(r: Route) -> str:
@@ -115,14 +144,20 @@ def runs_on(r: Route) -> str:
 
 
 def require_credentials(r: Route) -> None:
-    """The OpenAI API needs a key: its absence is bad input, found before anything loads."""
-    official = not r.servers or any(urlsplit(s).hostname == "api.openai.com" for s in r.servers)
-    if r.kind == "openai" and official and not os.environ.get("OPENAI_API_KEY"):
-        raise InputError(f"model {r.model!r} goes to {r.where()}, which needs OPENAI_API_KEY: export it, "
-                         "or pass --api_base for an OpenAI-compatible server")
+    """Every key the route's servers are to get is there (OPENAI_API_KEY for the OpenAI API, the
+    variable named by --*_api_key_env elsewhere): its absence is bad input, found before anything loads."""
+    if r.kind != "openai":
+        return
+    from .openai_client import credentials
+    try:
+        for server in r.servers or (None,):
+            credentials(server, r.key_env, r.key_flag)
+    except InputError as exc:
+        raise InputError(f"model {r.model!r}: {exc}") from None
 
 
-def judge_route(base: Route, judge_model: str | None, judge_backend: str = "auto", judge_api_base=None) -> Route | None:
+def judge_route(base: Route, judge_model: str | None, judge_backend: str = "auto", judge_api_base=None,
+                judge_key_env: str | None = None, key_flag: str = "judge_api_key_env") -> Route | None:
     """Where a judge's calls go; None when the judge *is* the base model (same client, shared batches).
 
     A judge naming the base model, with no other backend or server, is the base model. Any other
@@ -130,14 +165,29 @@ def judge_route(base: Route, judge_model: str | None, judge_backend: str = "auto
     served over the API goes where the base model is served (--api_base), never elsewhere by
     itself: the OpenAI API is reached from a served base only when named (--judge_api_base
     https://api.openai.com/v1). With no --api_base at all, the ordinary rule applies (gpt-4-turbo:
-    the OpenAI API; a path or org/name: a local model)."""
+    the OpenAI API; a path or org/name: a local model). A judge served where the base model is
+    gets the base model's key (`key_env`) unless it names its own."""
     servers = endpoint_list(judge_api_base)
     if judge_model in (None, base.model) and judge_backend in ("auto", base.kind) and \
-            (not servers or tuple(servers) == base.servers):
+            (not servers or tuple(servers) == base.servers) and judge_key_env in (None, base.key_env):
         return None
     if not servers and judge_backend in ("auto", "openai"):
         servers = list(base.servers)
-    return route(judge_model or base.model, judge_backend, servers)
+        if servers and judge_key_env is None:
+            judge_key_env, key_flag = base.key_env, base.key_flag
+    return route(judge_model or base.model, judge_backend, servers, judge_key_env, key_flag)
+
+
+def check_loadable(r: Route) -> None:
+    """A local model can be loaded at all: the embedded package is installed, a local folder holds a
+    model (config.json, or a LoRA adapter's adapter_config.json). A hub id is left to the loader."""
+    if r.kind == "embedded":
+        from .hf_backend import embedded_model_dir
+        embedded_model_dir()
+    elif r.kind != "openai" and r.model and os.path.exists(r.model):
+        if not os.path.isdir(r.model) or not any(
+                os.path.isfile(os.path.join(r.model, name)) for name in ("config.json", "adapter_config.json")):
+            raise InputError(f"{r.model}: not a model folder (no config.json or adapter_config.json in it)")
 
 
 def describe_routes(base: Route, judge: Route | None) -> str:
@@ -173,16 +223,20 @@ def make_backend(model: str | None, backend: str = "auto", api_base: str | None 
                  temperature: float, max_new_tokens: int, seed: int, max_parallel: int = 16,
                  device: str | None = None, dtype: str | None = None, max_batch_size: int = 16,
                  max_context_tokens: int | None = None, prefix_cache_gb: float = 8.0,
-                 top_p: float | None = None, top_k: int | None = None) -> ChatBackend:
-    """Build the backend for one model; heavy imports happen only for the backend chosen."""
+                 top_p: float | None = None, top_k: int | None = None, key_env: str | None = None,
+                 key_flag: str = "api_key_env", request_timeout: float | None = None) -> ChatBackend:
+    """Build the backend for one model; heavy imports happen only for the backend chosen.
+    `key_env`, `key_flag` and `request_timeout` concern served models only (see openai_client)."""
     kind = resolve_backend(model, backend, api_base)
     if kind == "openai":
         from .openai_backend import OpenAIBackend
+        from .openai_client import DEFAULT_REQUEST_TIMEOUT
         if not model:
             raise InputError("--backend openai needs --base_model (the served model name)")
         return OpenAIBackend(model, api_base=api_base, temperature=temperature, max_new_tokens=max_new_tokens,
                              max_parallel=max_parallel, seed=seed, context_limit=max_context_tokens,
-                             top_p=top_p, top_k=top_k)
+                             top_p=top_p, top_k=top_k, key_env=key_env, key_flag=key_flag,
+                             request_timeout=request_timeout or DEFAULT_REQUEST_TIMEOUT)
     from .hf_backend import EMBEDDED_GGUF, HFBackend, embedded_model_dir
     local = dict(temperature=temperature, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                  max_batch_size=max_batch_size, max_context_tokens=max_context_tokens, seed=seed,

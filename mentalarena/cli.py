@@ -5,20 +5,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import InputError
+from .errors import InputError, ServiceRefused, StorageError
 from .jsonl import read_jsonl, repair_torn_tail
 
 
 def main(commands: dict[str, Callable], default: Callable, exit_code: Callable[[Callable, object], int],
          argv: list[str] | None = None, failures: tuple[type[Exception], ...] = ()) -> int:
     """`script.py [command] --flag ...` through fire; a command that is not named is `default`.
-    Bad input is one line and exit 2; an exception in `failures` (a remote service that failed) is
-    one line and exit 1; otherwise `exit_code(command, result)` decides (0 complete, 1 not)."""
+    Bad input is one line and exit 2; a service that refused the run (`ServiceRefused`), an output
+    that could not be written (`StorageError`) or an exception in `failures` (a remote service that
+    failed) is one line and exit 1; otherwise `exit_code(command, result)` decides (0 complete, 1 not)."""
     import fire
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -29,7 +31,7 @@ def main(commands: dict[str, Callable], default: Callable, exit_code: Callable[[
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except failures as exc:
+    except (ServiceRefused, StorageError, *failures) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return exit_code(command, out)
@@ -74,20 +76,44 @@ def names(value) -> list[str]:
     return [str(item).strip() for item in items if str(item).strip()]
 
 
+# Query parameters that carry credentials in the addresses people paste (`?api_key=...`, `?token=...`).
+_SECRET_PARAMS = re.compile(r"(?i)(api[-_]?key|x-api-key|key|token|access[-_]?token|auth|password|passwd|secret|"
+                            r"sig|signature)")
+
+
 def public_url(url: str | None) -> str | None:
-    """A server address (or a comma list of them) without any user:password part, fit for logs,
-    results and state files."""
-    if not url or "@" not in url:
+    """A server address (or a comma list of them) without credentials, fit for logs, results and
+    state files: no user:password part (with or without a scheme), no key-like query parameters, no
+    fragment."""
+    if not url or not isinstance(url, str):
         return url
     if "," in url:
         return ",".join(public_url(part.strip()) for part in url.split(","))
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    scheme_less = "://" not in url
+    parts = urlsplit("//" + url if scheme_less else url)
+    query = "&".join(pair for pair in parts.query.split("&")
+                     if pair and not _SECRET_PARAMS.fullmatch(pair.split("=")[0].strip()))
+    shown = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query, fragment=""))
+    return shown[2:] if scheme_less else shown
+
+
+def has_credentials(url: str | None) -> bool:
+    """The address carries something `public_url` would cut (a user:password part, a key parameter)."""
+    return bool(url) and isinstance(url, str) and public_url(url) != url.strip()
 
 
 def public_settings(settings: dict) -> dict:
     """Settings as they are printed and recorded: server addresses without credentials."""
     return {**settings, "api_base": public_url(settings.get("api_base"))} if settings.get("api_base") else settings
+
+
+def require_keys(settings: dict, api_key_env: str | None) -> None:
+    """An evaluation of a served model: the key its server is to get is there (backends.require_credentials)."""
+    from .backends import Route, endpoint_list, require_credentials
+    from .openai_client import check_key_env
+    check_key_env(api_key_env, "api_key_env")
+    if settings["backend"] == "openai":
+        require_credentials(Route(settings["model"], "openai", tuple(endpoint_list(settings["api_base"])), api_key_env))
 
 
 def settings_hash(obj) -> str:
@@ -106,10 +132,45 @@ def request_seed(*parts) -> int:
 
 
 def model_tag(model: str) -> str:
-    """A folder name for a model: the last part of a local path, `org--name` for a hub id."""
+    """A folder name for a model: `org--name` for a hub id or an API model name; for a local path its
+    last part and 8 hex digits of its absolute path, so that two checkpoints that share a name
+    (`a/merged`, `b/merged`, `checkpoint-500`) never write into one folder."""
     tail = model.rstrip("/").replace(":", "-")
-    tail = tail.split("/")[-1] if Path(model).exists() else tail.replace("/", "--")
+    if Path(model).exists():
+        where = hashlib.sha256(str(Path(model).resolve()).encode()).hexdigest()[:8]
+        tail = f"{tail.split('/')[-1]}-{where}"
+    else:
+        tail = tail.replace("/", "--")
     return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in tail)
+
+
+# What makes a local model answer as it does: its config, generation config, tokenizer and weights.
+_FINGERPRINTED = ("*.json", "*.safetensors", "*.bin", "*.gguf", "*.model", "*.txt", "*.jinja", "*.pt")
+
+
+def _derived(relative: Path) -> bool:
+    """Inside an adapter folder of llama_finetune.py: its trainer checkpoints and its merged copy,
+    which are not what loads when the folder is given as the model."""
+    return any(part.startswith("checkpoint") or part == "merged" for part in relative.parts[:-1])
+
+
+def model_fingerprint(model: str | None) -> str | None:
+    """16 hex digits of the content of a local model folder (or file) - the model is retrained into
+    the same folder: another fingerprint, so answers of the old weights are never taken for its own.
+    None for a hub id, an API model or the embedded model (their names say which weights they are).
+    Every byte is read (a LoRA merge changes only some tensors; about 1.5 GB/s)."""
+    if not model or not Path(model).exists():
+        return None
+    path = Path(model)
+    files = [path] if path.is_file() else sorted({f for pattern in _FINGERPRINTED for f in path.rglob(pattern)
+                                                   if f.is_file() and not _derived(f.relative_to(path))})
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
+        with open(file, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def auto_dtype(dtype: str | None, device: str | None) -> str | None:

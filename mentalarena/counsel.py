@@ -6,15 +6,16 @@ parsers, the two-order pairwise arithmetic and the bootstrap intervals. The scri
 """
 from __future__ import annotations
 
-import csv
 import hashlib
+import itertools
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .jsonl import read_jsonl
+from .inputs import duplicate_id, json_lines, read_table
+from .parsing import skip_scale, strip_emphasis
 
 # The client's words are read from the first of these fields a row has (or --text_field).
 TEXT_FIELDS = ("statement", "question", "prompt", "client", "input", "query")
@@ -31,12 +32,12 @@ def load_statements(source: str, *, split: str | None = None, text_field: str | 
     {"row", "id", "key", "statement", "risk", "condition", "severity"[, "baseline"]}.
     `source` is a .jsonl/.json/.csv/.parquet file, or a folder / hub id read by `datasets`."""
     raw, where = _read_rows(source, split)
-    field = text_field or next((f for f in TEXT_FIELDS if raw and f in raw[0]), None)
+    field = text_field or next((f for f in TEXT_FIELDS if raw and f in raw[0][1]), None)
     if raw and field is None:
-        raise InputError(f"{where}: row 1: no client-statement field (looked for {', '.join(TEXT_FIELDS)}; "
+        raise InputError(f"{where}: row {raw[0][0]}: no client-statement field (looked for {', '.join(TEXT_FIELDS)}; "
                          "name yours with --text_field)")
-    rows, seen, duplicates, ids = [], set(), 0, set()
-    for number, item in enumerate(raw, 1):
+    rows, seen, duplicates, ids = [], set(), 0, {}
+    for number, item in raw:
         text = _text(item.get(field), "user", where, number, field)
         if text is None or not text.strip():
             raise InputError(f"{where}: row {number}: field {field!r} is missing or empty")
@@ -46,8 +47,8 @@ def load_statements(source: str, *, split: str | None = None, text_field: str | 
         seen.add(text.strip())
         ident = str(item["id"]) if item.get("id") not in (None, "") else str(number)
         if ident in ids:
-            raise InputError(f"{where}: row {number}: field 'id' repeats {ident!r}")
-        ids.add(ident)
+            raise duplicate_id(where, ids[ident], number, ident)
+        ids[ident] = number
         row = {"row": len(rows), "id": ident, "key": row_key(ident, text), "statement": text.strip(),
                "risk": _flag(item.get("risk"), where, number),
                "condition": _plain(item.get("condition")), "severity": _plain(item.get("severity"))}
@@ -66,7 +67,7 @@ def load_record_turns(files: list[str], limit: int | None = None) -> tuple[list[
     `<patient_id>/<sample>/<step>`. Records without a transcript (the reference's six fields) have none."""
     rows, without, seen = [], 0, set()
     for name in files:
-        for number, record in enumerate(read_jsonl(name), 1):
+        for number, record in json_lines(name):
             if not isinstance(record, dict):
                 raise InputError(f"{name}: line {number}: not a JSON object")
             turns = record.get("transcript")
@@ -98,7 +99,7 @@ def load_baseline_file(path: str, field: str, rows: list[dict]) -> dict[str, str
     by_id = {r["id"]: r["key"] for r in rows}
     by_text = {r["statement"]: r["key"] for r in rows}
     out = {}
-    for number, item in enumerate(raw, 1):
+    for number, item in raw:
         name = field if field in item else "response" if "response" in item else None
         if name is None:
             raise InputError(f"{where}: row {number}: no {field!r} or 'response' field")
@@ -121,30 +122,21 @@ def digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def _read_rows(source: str, split: str | None) -> tuple[list[dict], str]:
+def _read_rows(source: str, split: str | None) -> tuple[list[tuple[int, dict]], str]:
+    """(row number, row) pairs (mentalarena/inputs.py numbers a file's rows) and the source's name."""
     path = Path(source)
     suffix = path.suffix.lower()
-    if path.is_file():
-        if suffix in (".jsonl", ".json"):
-            rows = read_jsonl(path) if suffix == ".jsonl" else _json_list(path)
-        elif suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-            rows = pq.read_table(path).to_pylist()
-        else:
+    tables = (".jsonl", ".json", ".csv", ".parquet")
+    if path.is_file() or (suffix in tables and path.is_dir()):  # a folder named like a file: one line
+        if suffix not in tables:
             raise InputError(f"{path}: --data_file must be .jsonl, .json, .csv or .parquet "
                              "(or a folder / hub id that `datasets` reads)")
-        for number, row in enumerate(rows, 1):
-            if not isinstance(row, dict):
-                raise InputError(f"{path}: row {number}: not an object")
-        return rows, str(path)
-    if suffix in (".jsonl", ".json", ".csv", ".parquet") and not path.exists():
+        return read_table(path), str(path)
+    if suffix in tables and not path.exists():
         raise InputError(f"{path}: no such file")
     if not path.exists() and (source.startswith(("/", "./", "../", "~")) or source.count("/") > 1):
         raise InputError(f"{path}: no such file or folder")  # only a hub id (org/name) is looked up
-    return _hub_rows(source, split), f"{source}" + (f" ({split})" if split else "")
+    return list(enumerate(_hub_rows(source, split), 1)), f"{source}" + (f" ({split})" if split else "")
 
 
 def _hub_rows(source: str, split: str | None) -> list[dict]:
@@ -160,17 +152,6 @@ def _hub_rows(source: str, split: str | None) -> list[dict]:
         name = "test" if "test" in found else next(iter(found))
         found = found[name]
     return found.to_list()
-
-
-def _json_list(path: Path) -> list:
-    import json
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, list):
-        raise InputError(f"{path}: a .json file must hold a list of objects")
-    return data
 
 
 def _text(value, role: str, where: str, number: int, field: str) -> str | None:
@@ -229,37 +210,167 @@ def principles_block(principles: list[Principle]) -> str:
 
 
 # ---------------------------------------------------------------------------------- judge replies
-_VERDICT = re.compile(r"verdict\W{0,6}(?:is\W{0,3})?(?:a\s+(?=tie|draw))?(?:response\s+|assistant\s+|option\s+)?"
-                      r"(tie|draw|equal|equally|both|neither|a|b)\b", re.I)
-_BRACKETS = re.compile(r"\[\[\s*(a|b|c|tie)\s*\]\]", re.I)
-_BETTER = re.compile(r"(?:response|assistant)\s+([ab])\s+(?:is|was)\s+(?:clearly\s+|slightly\s+|much\s+)?"
-                     r"(?:better|stronger|preferred|superior)|(?:prefer|choose|pick)\s+(?:response\s+|assistant\s+)?([ab])\b",
-                     re.I)
-_TIE_WORDS = ("tie", "draw", "equal", "equally", "both", "neither", "c")
+# What the judge is told to end with is `Verdict: A|B|tie`; judges also write other labels, Markdown,
+# a sentence after the letter, negations and articles. A person reads them; so does parse_verdict.
+_LABEL = re.compile(r"\b(?:verdict|decision|winner|final\s+(?:answer|choice)|(?:preferred|better)\s+response)"
+                    r"(?:\s*(?:[:=–—]|\bis\b|\bgoes\s+to\b)|\s+-|\s*$|\s+(?=(?:response\s+|assistant\s+)?(?:[ab]|tie)\b))",
+                    re.I)
+_BRACKETS = re.compile(r"\[\[\s*(a|b|c|tie)\s*\]\]", re.I)  # MT-bench style, C the tie
+_TOKEN = re.compile(r"\[\[\s*(\w+)\s*\]\]|([A-Za-z]+(?:'[A-Za-z]+)?)|([.,;:!?()\-–—])")
+_TIE_WORDS = {"tie", "tied", "draw", "equal", "equally", "neither"}  # "both" opens prose too often
+_BRACKET_CHOICE = {"a": "A", "b": "B", "c": "tie", "tie": "tie"}
+# A word before a choice (within its clause, a few words back) that turns it down: "not A", "B over A".
+_NEGATORS = {"not", "no", "never", "nor", "over", "than", "instead", "versus", "vs", "unlike", "against", "without"}
+_CLAUSE_BREAKS = {"but", "while", "whereas", "however", "though", "although", "yet", "so"}
+# After "A", these make it the letter ("A is better", "A because ..."); another lower-case word makes
+# it the article ("a slight edge to B").
+_PREDICATES = {"is", "was", "wins", "won", "edges", "better", "clearly", "slightly", "because", "since", "as",
+               "for", "with", "by", "and", "or", "but", "over", "than", "which", "remains", "seems", "does",
+               "has", "offers", "gets", "takes", "comes", "would", "should", "will", "provides", "shows",
+               "overall", "here", "again", "too", "nor"}
+_BARE = re.compile(r"\W*(?:(?:response|assistant|option)\s+)?(a|b|tie|draw|equal|both)\W*", re.I)
+_X = r"(?:(?i:response|assistant|option)\s+)?([AB])(?![\w'])"  # in free text only capitals name a response
+_GOOD = (r"(?i:(?:(?:clearly|slightly|much|far|somewhat|definitely|marginally|overall|the|a|bit|little|way)\s+)*"
+         r"(?:better|stronger|preferable|preferred|superior|best|winner|warmer|safer|more\s+(?:appropriate|helpful|"
+         r"empathetic|effective|supportive|validating|skilled|therapeutic)))")
+_PREFERENCES = [re.compile(p) for p in (
+    rf"{_X}\s+(?i:is|was|seems|feels|looks|reads|would\s+be)\s+{_GOOD}",
+    rf"(?i:prefer|preferred|choose|chose|pick|picked|go\s+with|went\s+with|select|favou?r|recommend|"
+    rf"side\s+with|lean(?:ing)?\s+(?:towards?|to))\s+{_X}",
+    rf"{_X}\s+(?i:wins|won|edges\s+(?:it|out)|comes\s+out\s+(?:ahead|on\s+top)|is\s+ahead|takes\s+it|"
+    rf"has\s+the\s+edge|is\s+the\s+(?:clear\s+)?winner)",
+    rf"(?i:edge|advantage|win|nod|preference|point)\s+(?i:(?:goes|go|went)\s+)?(?i:to|for)\s+{_X}",
+    rf"(?i:winner|better\s+(?:one|response|choice)|stronger\s+(?:one|response))\s+(?i:here\s+)?(?i:is|would\s+be)\s+{_X}",
+    rf"{_X}\s+(?i:over|rather\s+than|instead\s+of)\s+(?:(?i:response|assistant|option)\s+)?[AB](?![\w'])",
+)]
+_TIE_PHRASES = re.compile(r"\b(?:(?:it'?s|it\s+is|this\s+is|that'?s|call\s+it)\s+(?:a\s+)?(?:tie|draw)\b|"
+                          r"(?:both|they)\s+(?:are\s+)?(?:equally\s+(?:good|strong|effective|helpful|appropriate)|tied)|"
+                          r"neither\s+(?:response\s+|one\s+)?is\s+(?:clearly\s+)?better|no\s+clear\s+winner)", re.I)
 
 
 def parse_verdict(reply: str) -> str | None:
-    """"A", "B", "tie" or None (unreadable). The last `Verdict: X` wins (judges reason first and may
-    quote the format); else the last [[A]]/[[B]]/[[C]]; else a bare answer; else one clear
-    "Response X is better" / "I prefer X" (both letters named that way: unreadable)."""
-    text = (reply or "").replace("*", "").replace("`", "")
-    for pattern in (_VERDICT, _BRACKETS):
-        found = pattern.findall(text)
-        if found:
-            word = found[-1].lower()
-            return "tie" if word in _TIE_WORDS else word.upper()
-    bare = re.fullmatch(r"\W*(?:response\s+)?(a|b|tie)\W*", text.strip(), re.I)
-    if bare:
-        return "tie" if bare.group(1).lower() == "tie" else bare.group(1).upper()
-    named = {(a or b).upper() for a, b in _BETTER.findall(text)}
-    return named.pop() if len(named) == 1 else None
+    """"A", "B", "tie" or None (unreadable), read as a person reads the judge. Markdown is ignored and
+    a line naming all of A, B and tie is the instruction echoed, never a verdict. Then, first that
+    answers: the last labelled line ("Verdict: X", "Final verdict -", "Winner:", "### Verdict" with X
+    below), its first choice that is neither negated ("not A", "B over A") nor the article ("a slight
+    edge to B"); else the last [[A]]/[[B]]/[[C]]; else a bare last (or first) line; else one clear
+    preference in the prose ("I prefer B", "B wins"; two different ones: unreadable)."""
+    lines = [_plain_line(line) for line in strip_emphasis(reply or "").replace("’", "'").splitlines()]
+    lines = [line for line in lines if line and not _is_echo(line)]
+    # each reader: False when it finds nothing of its kind, else its answer (None: found but unreadable)
+    for read in (_labelled_verdict, _bracket_verdict, _bare_verdict, _prose_verdict):
+        found = read(lines)
+        if found is not False:
+            return found
+    return None
+
+
+def _plain_line(line: str) -> str:
+    return re.sub(r"^\s*(?:#+|>+|[-+•]\s|\d+[.)]\s)\s*", "", line).strip()  # headings, quotes, list marks
+
+
+def _is_echo(line: str) -> bool:
+    """A labelled or bracketed line naming A, B and tie: the judge quoting its instruction."""
+    names_tie = re.search(r"\b(?:tie|draw)\b|\[\[\s*c\s*\]\]", line, re.I)
+    if not names_tie or not (_LABEL.search(line) or _BRACKETS.search(line)):
+        return False
+    return {"A", "B", "tie"} <= {c for c, negated in _choices(line) if not negated}
+
+
+def _labelled_verdict(lines: list[str]):
+    """The last label that is followed by a choice decides (its first one not turned down, else None)."""
+    for i in range(len(lines) - 1, -1, -1):
+        for label in reversed(list(_LABEL.finditer(lines[i]))):
+            after = lines[i][label.end():]
+            if not re.search(r"\w", after) and i + 1 < len(lines):
+                after = lines[i + 1]  # "### Verdict" or "Verdict:" with the answer on the next line
+            bare, named = _bare_verdict([after.strip()]), _choices(after)
+            if bare:
+                return bare  # "Verdict: Both"
+            if named:
+                return next((c for c, negated in named if not negated), None)
+    return False
+
+
+def _bracket_verdict(lines: list[str]):
+    found = [b for line in lines for b in _BRACKETS.findall(line)]
+    return _BRACKET_CHOICE[found[-1].lower()] if found else False
+
+
+def _bare_verdict(lines: list[str]):
+    """A line that is only the answer ("B", "Response A.", "__tie__"): the last line, else the first
+    (not "A:", a speaker tag the small models write before their own text)."""
+    for line in (lines[-1:] + lines[:1]) if lines else []:
+        bare = _BARE.fullmatch(line)
+        if bare and not line.endswith(":"):
+            word = bare.group(1).lower()
+            return word.upper() if word in ("a", "b") else "tie"
+    return False
+
+
+def _prose_verdict(lines: list[str]):
+    picks = set()
+    for line in lines:
+        for pattern in _PREFERENCES:
+            picks |= {m.group(1) for m in pattern.finditer(line) if not _negated(_clause_words(line[:m.start()]))}
+        picks |= {"tie" for m in _TIE_PHRASES.finditer(line) if not _negated(_clause_words(line[:m.start()]))}
+    return picks.pop() if len(picks) == 1 else None
+
+
+def _choices(text: str) -> list[tuple[str, bool]]:
+    """(choice, turned down) for every choice `text` names, in order; the article "a" is none."""
+    out, clause = [], []
+    tokens = _TOKEN.findall(text)
+    for i, (bracket, word, mark) in enumerate(tokens):
+        if mark or word.lower() in _CLAUSE_BREAKS:
+            clause = []
+            continue
+        following = tokens[i + 1][1] if i + 1 < len(tokens) else ""
+        choice = _BRACKET_CHOICE.get(bracket.lower()) if bracket else _choice_word(word, following)
+        if choice:
+            out.append((choice, _negated(clause) or _put_down(tokens[i + 1:i + 4])))
+        clause.append(word.lower())
+    return out
+
+
+def _put_down(following: list[tuple[str, str, str]]) -> bool:
+    """A choice whose own clause goes on to turn it down: "A is not better", "A isn't", "A is worse"."""
+    words = [w.lower() for _, w, mark in itertools.takewhile(lambda t: not t[2], following)]
+    if not words or (words[0] not in ("is", "was", "does", "seems", "would") and not words[0].endswith("n't")):
+        return False
+    return any(w in ("not", "never", "worse", "weaker") or w.endswith("n't") for w in words)
+
+
+def _choice_word(word: str, following: str) -> str | None:
+    low = word.lower()
+    if low in _TIE_WORDS:
+        return "tie"
+    if low not in ("a", "b"):
+        return None
+    if low == "a" and following and (following.lower() in ("tie", "draw")
+                                     or (following.islower() and following not in _PREDICATES)):
+        return None  # the article: "a slight edge to B", "A tie"
+    return low.upper()
+
+
+def _clause_words(text: str) -> list[str]:
+    """The words of the last clause of `text` (what a negation before a match could belong to)."""
+    words = []
+    for _, word, mark in _TOKEN.findall(text):
+        words = [] if mark or word.lower() in _CLAUSE_BREAKS else words + [word.lower()]
+    return words
+
+
+def _negated(clause: list[str]) -> bool:
+    return any(w in _NEGATORS or w.endswith("n't") for w in clause[-4:])
 
 
 def parse_rubric(reply: str, principles: list[Principle]) -> dict[str, float | None]:
     """Principle key -> its score on 1-10 (the first number after the principle's key or title on a
-    line; "7/10" and "7.5" read as 7 and 7.5), None where missing or off the scale (0, 11, 85)."""
+    line, a scale written there skipped: "Empathy (1-10): 8" is 8; "7/10" and "7.5" read as 7 and
+    7.5), None where missing or off the scale (0, 11, 85)."""
     out: dict[str, float | None] = {p.key: None for p in principles}
-    for line in (reply or "").replace("*", "").splitlines():
+    for line in strip_emphasis(reply or "").splitlines():
         for p in principles:
             if out[p.key] is not None:
                 continue
@@ -267,7 +378,7 @@ def parse_rubric(reply: str, principles: list[Principle]) -> dict[str, float | N
                 after = _after_name(line, re.sub(r"[^a-z0-9]+", "", name.lower()))
                 if after is None:
                     continue
-                number = re.search(r"(?<![\d.])(\d{1,3}(?:\.\d+)?)", after)
+                number = re.search(r"(?<![\d.])(\d{1,3}(?:\.\d+)?)", skip_scale(after))  # not "(1-10)"
                 if number:
                     value = float(number.group(1))
                     out[p.key] = value if 1 <= value <= 10 else None

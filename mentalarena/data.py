@@ -5,13 +5,12 @@ field, so a user can fix a hand-written file without reading a traceback.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .inputs import csv_rows, json_type as _json_type, parse_json as _parse_json, read_text
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_PATIENTS_FILE = DATA_DIR / "sample_patients.json"
@@ -37,35 +36,7 @@ CSV_GROUP_COLUMN = "CreatorID"
 CSV_TEXT_COLUMN = "Principles"
 
 
-# ---------------------------------------------------------------- shared file reading
-
-def read_text(path: Path) -> str:
-    try:
-        # utf-8-sig: files saved by spreadsheet tools often start with a BOM.
-        return path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, expected a file") from None
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text (bad byte at offset {err.start})") from None
-    except OSError as err:
-        raise InputError(f"{path}: cannot read file ({err.strerror or err})") from None
-
-
-def _parse_json(path: Path, text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-
-
-def _json_type(value: Any) -> str:
-    """The JSON name of a parsed value's type, for messages aimed at people who wrote JSON."""
-    names = {dict: "object", list: "list", str: "string", bool: "boolean",
-             int: "number", float: "number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
+# ---------------------------------------------------------------- shared
 
 def one_line(text: str, limit: int = 60) -> str:
     """Squash whitespace so user-provided names cannot break the one-line message."""
@@ -187,36 +158,27 @@ def _find_column(header: list[str], wanted: str) -> int | None:
 
 
 def _principles_from_csv(path: Path, text: str) -> dict[str, list[str]]:
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader, None)
-        if header is None:
-            raise InputError(f"{path}: the file is empty (expected header {CSV_GROUP_COLUMN},{CSV_TEXT_COLUMN})")
-        columns = {}
-        for wanted in (CSV_GROUP_COLUMN, CSV_TEXT_COLUMN):
-            columns[wanted] = _find_column(header, wanted)
-            if columns[wanted] is None:
-                found = ", ".join(one_line(h, 30) for h in header) or "nothing"
-                raise InputError(f'{path}: line 1 (header): column "{wanted}" is missing (found: {found})')
-        groups: dict[str, list[str]] = {}
-        line = reader.line_num + 1
-        for row in reader:
-            # A quoted principle may span lines: report the line where its row starts.
-            start, line = line, reader.line_num + 1
-            if not any(cell.strip() for cell in row):
-                continue
-            cells = {name: row[i] if i < len(row) else "" for name, i in columns.items()}
-            group = cells[CSV_GROUP_COLUMN].strip()
-            if not group:
-                raise InputError(f'{path}: line {start}: field "{CSV_GROUP_COLUMN}" is missing or empty')
-            if not cells[CSV_TEXT_COLUMN].strip():
-                raise InputError(
-                    f'{path}: line {start} ({CSV_GROUP_COLUMN} {one_line(group, 30)}): '
-                    f'field "{CSV_TEXT_COLUMN}" is missing or empty'
-                )
-            groups.setdefault(group, []).append(cells[CSV_TEXT_COLUMN])
-    except csv.Error as err:
-        raise InputError(f"{path}: line {reader.line_num}: malformed CSV ({err})") from None
+    header, rows = csv_rows(path, text)
+    if header is None:
+        raise InputError(f"{path}: the file is empty (expected header {CSV_GROUP_COLUMN},{CSV_TEXT_COLUMN})")
+    columns = {}
+    for wanted in (CSV_GROUP_COLUMN, CSV_TEXT_COLUMN):
+        columns[wanted] = _find_column(header, wanted)
+        if columns[wanted] is None:
+            found = ", ".join(one_line(h, 30) for h in header) or "nothing"
+            raise InputError(f'{path}: line 1 (header): column "{wanted}" is missing (found: {found})')
+    groups: dict[str, list[str]] = {}
+    for start, row in rows:  # a quoted principle may span lines: `start` is where its row starts
+        cells = {name: row[i] if i < len(row) else "" for name, i in columns.items()}
+        group = cells[CSV_GROUP_COLUMN].strip()
+        if not group:
+            raise InputError(f'{path}: line {start}: field "{CSV_GROUP_COLUMN}" is missing or empty')
+        if not cells[CSV_TEXT_COLUMN].strip():
+            raise InputError(
+                f'{path}: line {start} ({CSV_GROUP_COLUMN} {one_line(group, 30)}): '
+                f'field "{CSV_TEXT_COLUMN}" is missing or empty'
+            )
+        groups.setdefault(group, []).append(cells[CSV_TEXT_COLUMN])
     if not groups:
         raise InputError(f"{path}: no principles found (only a header)")
     return groups

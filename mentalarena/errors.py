@@ -20,8 +20,19 @@ def check_choice(flag: str, value: str, choices: tuple) -> None:
         raise InputError(f"--{flag} must be one of {', '.join(choices)}, not {value!r}")
 
 
+class StorageError(Exception):
+    """An output could not be written (a full disk, a quota, a file too large for the file system, a
+    symbolic link where an output goes). The message is one line naming the file; whatever was
+    written before is left whole, so a re-run resumes from it."""
+
+
 class ModelCallError(Exception):
     """A model call failed after all retries. The message never contains secrets."""
+
+
+class ServiceRefused(ModelCallError):
+    """The service refused the run in a way no retry can fix (a key refused or without credit, a
+    model not found, a request the server calls invalid): the run stops at once, with one line."""
 
 
 class ContextOverflow(ModelCallError):

@@ -1,8 +1,9 @@
 """Figures written next to the tables (matplotlib, headless: nothing is shown, PNG files are written)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from .files import atomic_file
 
 # DPO's logged quantities, each on its own panel: (log key, label); the loss comes first for every objective
 DPO_PANELS = (("rewards/margins", "reward margin (chosen - rejected)"),
@@ -47,14 +48,11 @@ def save(fig, path: str | Path) -> Path:
     """PNG through a temporary file and a rename, so a crash never leaves half a figure."""
     plt = _pyplot()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_file(path) as f:  # mentalarena/files.py
+            fig.savefig(f, format="png", dpi=110)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 

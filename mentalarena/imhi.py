@@ -16,7 +16,6 @@ Metrics come from `sklearn.metrics`, averaged as MentaLLaMA averages them.
 from __future__ import annotations
 
 import csv
-import io
 import re
 import warnings
 from collections import Counter
@@ -26,6 +25,8 @@ from pathlib import Path
 from sklearn.metrics import accuracy_score, f1_score
 
 from .errors import InputError
+from .files import atomic_file
+from .inputs import csv_rows
 
 QUERY_COLUMN = "query"
 GOLDEN_COLUMN = "gpt-3.5-turbo"
@@ -344,32 +345,16 @@ def dataset_name(path: str | Path) -> str:
 
 def _read_rows(path: Path, columns: tuple[str, ...]) -> list[tuple[int, int, dict]]:
     """(row number from 1, line number, {column: text}) per non-blank data row."""
-    try:
-        # newline="": keep "\r\n" inside quoted fields; utf-8-sig: spreadsheet tools add a BOM
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            text = handle.read()
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text (bad byte at offset {err.start})") from None
-    except OSError as err:
-        raise InputError(f"{path}: cannot read file ({err.strerror or err})") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader, None)
-        if not header:
-            raise InputError(f"{path}: the file is empty (expected columns {', '.join(columns)})")
-        for column in columns:
-            if column not in header:
-                raise InputError(f'{path}: line 1 (header): column "{column}" is missing '
-                                 f"(found: {', '.join(header)})")
-        index = {column: header.index(column) for column in columns}
-        rows, line = [], reader.line_num + 1
-        for cells in reader:
-            start, line = line, reader.line_num + 1  # a quoted field may span lines
-            if any(cell.strip() for cell in cells):
-                rows.append((len(rows) + 1, start,
-                             {c: cells[i] if i < len(cells) else "" for c, i in index.items()}))
-    except csv.Error as err:
-        raise InputError(f"{path}: line {reader.line_num}: malformed CSV ({err})") from None
+    header, found = csv_rows(path)
+    if not header:
+        raise InputError(f"{path}: the file is empty (expected columns {', '.join(columns)})")
+    for column in columns:
+        if column not in header:
+            raise InputError(f'{path}: line 1 (header): column "{column}" is missing '
+                             f"(found: {', '.join(header)})")
+    index = {column: header.index(column) for column in columns}
+    rows = [(number, start, {c: cells[i] if i < len(cells) else "" for c, i in index.items()})
+            for number, (start, cells) in enumerate(found, 1)]
     if not rows:
         raise InputError(f"{path}: no data rows (only a header)")
     return rows
@@ -402,9 +387,7 @@ def write_generated_csv(path: str | Path, goldens: list[str], generated: list[st
     are not doubled as in the reference's `escapechar='\\\\'`); None is written as ""."""
     if len(goldens) != len(generated):
         raise ValueError(f"{len(goldens)} goldens but {len(generated)} generated texts")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="") as handle:
+    with atomic_file(path, "w", encoding="utf-8", newline="") as handle:  # whole or not at all: files.py
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(GENERATED_COLUMNS)
         writer.writerows(zip(goldens, ("" if text is None else text for text in generated)))

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from .errors import InputError
+from .files import append, truncate
+from .files import write_json_atomic  # noqa: F401  (its home is files.py; imported from here by older code)
 
 log = logging.getLogger("mentalarena.jsonl")
 
@@ -23,15 +24,7 @@ def dumps_line(row) -> str:
 def append_jsonl(path: str | Path, row: dict) -> None:
     """Append one row with a single write, then flush and fsync, so a kill leaves no half rows behind
     except possibly a torn final line, which `repair_torn_tail` removes."""
-    data = (dumps_line(row) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append(path, (dumps_line(row) + "\n").encode("utf-8"))  # mentalarena/files.py: no link followed, full disk cut back
 
 
 def read_jsonl(path: str | Path, allow_torn_tail: bool = False) -> list[dict]:
@@ -70,15 +63,5 @@ def repair_torn_tail(path: str | Path) -> int:
         return 0
     log.warning("%s: removing an incomplete last line (%d bytes) left by an interrupted run",
                 path, len(raw) - complete)
-    with open(path, "r+b") as f:
-        f.truncate(complete)
-        os.fsync(f.fileno())
+    truncate(path, complete)
     return len(raw) - complete
-
-
-def write_json_atomic(path: str | Path, data) -> None:
-    """Write a derived JSON file whole: to a temporary name, then rename over the old one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -3,12 +3,15 @@
 The lock is the kernel's (`flock`), so it dies with its process: a run killed by `kill -9` leaves
 at most an unlocked file behind, and the next run takes it at once. The file also says who holds
 it (pid, host, start time, script), for the message a second run gets. A run that finishes
-removes its lock file.
+removes its lock file. On a file system without `flock` (some Lustre and NFS mounts) a run says
+so in one warning line and goes on unlocked.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
@@ -17,6 +20,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .errors import BusyError
+from .files import open_nofollow
+
+log = logging.getLogger("mentalarena.locks")
+# flock's answers where the file system has no locks at all (not: another process holds it)
+NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+_warned: set[Path] = set()  # folders already warned about: one line per file system, not per output
 
 
 class OutputLock:
@@ -26,11 +35,16 @@ class OutputLock:
         self.target = Path(target)
         self.path = self.target.with_name(self.target.name + ".lock")
         self._fd: int | None = None
+        self._made: list[Path] = []  # folders made for the lock, deepest first
 
     def acquire(self) -> "OutputLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._made = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)  # a planted link is refused, never truncated
+            except FileNotFoundError:  # its folder was removed by a run that just ended (see release)
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -38,6 +52,12 @@ class OutputLock:
                 os.close(fd)
                 raise BusyError(f"{self.target}: another run is writing it ({holder}); wait for it to end, "
                                 "or choose another output") from None
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in NO_LOCKS:
+                    raise
+                self._warn_unlocked()
+                return self  # unlocked: release() has nothing to undo, and leaves the file to whoever else runs
             # The previous holder may have removed the file between our open and our lock: then we
             # hold a lock on a file nobody else can see. Start again on the current one.
             if _same_file(fd, self.path):
@@ -58,6 +78,17 @@ class OutputLock:
             pass
         os.close(self._fd)
         self._fd = None
+        for folder in self._made:  # made for the lock alone (a run stopped by bad input): nothing is left behind
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the run wrote there
+                break
+
+    def _warn_unlocked(self) -> None:
+        if self.path.parent not in _warned:
+            _warned.add(self.path.parent)
+            log.warning("%s: this file system does not support locks (flock): two runs writing %s at once would "
+                        "corrupt it; make sure only one runs", self.path, self.target)
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()

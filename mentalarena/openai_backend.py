@@ -1,25 +1,30 @@
 """Chat backend for the OpenAI API and OpenAI-compatible servers (vLLM, llama.cpp server, Ollama).
 
-All retrying happens in `OpenAIBackend._complete`; the SDK clients are built with `max_retries=0` so that
-retries, backoff and their logging live in one place.
+All retrying happens in `OpenAIBackend._complete`; the SDK clients (built by `openai_client.make_client`:
+each server's own key only, no redirects, an overall deadline per request) never retry by themselves,
+so that retries, backoff and their logging live in one place, with one reading of errors
+(`openai_client.classify`): transient faults are retried, a refused service stops the run
+(`ServiceRefused`), anything else fails the one request.
 
 Several endpoints (`api_base="URL1,URL2"`, replicas of one model) share the requests: each request goes
 to the endpoint with the fewest requests outstanding; an endpoint that fails `remove_after` times in a
-row leaves the rotation for `cooldown` seconds, and its requests are retried on the others at once.
+row leaves the rotation for `cooldown` seconds, then gets one request to prove itself before it takes
+more, and its requests are retried on the others at once.
+
+Models that refuse a sampling parameter (OpenAI's reasoning models reject `max_tokens` and any
+temperature but their default) are learned from their first 400: the request is sent again as the
+model accepts it, once said in a warning, and what is sent is kept in `sampling["sent"]` and the stats.
 """
 from __future__ import annotations
 
-import email.utils
 import logging
-import math
-import os
 import random
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import openai
 from openai import OpenAI
@@ -27,13 +32,13 @@ from openai.types.chat import ChatCompletion
 
 from .backends import ChatBackend, Reply, endpoint_list
 from .cli import public_url
-from .errors import ContextOverflow, EndpointError, InputError, ModelCallError
+from .errors import ContextOverflow, EndpointError, InputError, ModelCallError, ServiceRefused
+from .openai_client import (DEFAULT_REQUEST_TIMEOUT, PREFLIGHT_TIMEOUT, RETRY, STOP, Credentials, classify,
+                            connection_cause, credentials, deadline, default_base, describe, make_client,
+                            plain_http_warning, retry_after, server_fault, stop_reason, warn)
 
 log = logging.getLogger("mentalarena.openai")
 
-# Local servers ignore the key, but the SDK refuses to build a client without one.
-LOCAL_PLACEHOLDER_KEY = "not-needed"
-OPENAI_API = "https://api.openai.com/v1"
 # Context windows (prompt + reply, tokens) of OpenAI's chat models, as OpenAI's model pages give
 # them; a name takes the entry of its longest matching prefix, a fine-tuned "ft:<base>:org::id" that
 # of its base. Used when neither --max_context_tokens nor the server says otherwise.
@@ -52,18 +57,14 @@ def known_window(model: str) -> int | None:
     return KNOWN_WINDOWS[max(matches, key=len)] if matches else None
 
 
-# 408 request timeout and 429 rate limit heal by waiting, as do 5xx; other 4xx mean the request is wrong.
-_RETRYABLE_4XX = {408, 429}
 # With tools, a null content is expected; without them it means the server sent a broken message.
 _TOOL_FINISH_REASONS = {"tool_calls", "function_call"}
-# A Retry-After longer than this is a misbehaving server; waiting that long would look like a hang.
-_MAX_RETRY_AFTER_S = 600.0
-# Server-chosen error codes are quoted in messages only when they look like identifiers, never free text.
-_SAFE_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # vLLM states a context overflow only in its message: "maximum context length is 4096 tokens ...
 # (4900 in the messages, ...)" or "... your request has 4900 input tokens". Only the numbers are read.
 _WINDOW_SAID = re.compile(r"maximum context length is (\d+)")
 _PROMPT_SAID = re.compile(r"(\d+) (?:in the messages|input tokens)|messages resulted in (\d+) tokens")
+# Sampling parameters a model may refuse (400 unsupported_parameter / unsupported_value): left out then.
+_DROPPABLE = ("temperature", "top_p", "top_k", "seed")
 
 
 class _MalformedResponse(Exception):
@@ -75,9 +76,11 @@ class Endpoint:
     """One server of the rotation, with its own client and counters."""
     shown: str                 # its address without credentials, for messages and summaries
     client: OpenAI
+    creds: Credentials
     outstanding: int = 0
     in_a_row: int = 0          # failures since the last success
     back_at: float = 0.0       # time.monotonic() when it rejoins the rotation
+    probation: bool = False    # back from a cool-down: one request at a time until one succeeds
     counts: dict = field(default_factory=lambda: {"requests": 0, "ok": 0, "errors": 0, "removed": 0,
                                                   "prompt_tokens": 0, "completion_tokens": 0})
 
@@ -88,10 +91,11 @@ class OpenAIBackend(ChatBackend):
     batched = False
 
     def __init__(self, model: str, api_base: str | list[str] | None = None, temperature: float = 0.8,
-                 max_new_tokens: int = 256, max_retries: int = 8, timeout: float = 120.0,
+                 max_new_tokens: int = 256, max_retries: int = 8, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
                  max_parallel: int = 16, backoff_base: float = 1.0, backoff_max: float = 60.0,
                  seed: int | None = None, context_limit: int | None = None, remove_after: int = 3,
-                 cooldown: float = 30.0, top_p: float | None = None, top_k: int | None = None) -> None:
+                 cooldown: float = 30.0, top_p: float | None = None, top_k: int | None = None,
+                 key_env: str | None = None, key_flag: str = "api_key_env") -> None:
         self.model = model
         self.name = f"openai:{model}"
         self.api_base = api_base
@@ -101,19 +105,26 @@ class OpenAIBackend(ChatBackend):
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.seed = seed
+        self.request_timeout = request_timeout
+        self.key_flag = key_flag
         # None: not sent, the server's default applies (OpenAI: top_p 1; vLLM: the checkpoint's
         # generation config). top_k is not an OpenAI API parameter: sent only when asked for.
         self.top_p, self.top_k = top_p, top_k
+        # what each request carries, as the model accepts it (see _adapt); shown in `sampling`
+        self.sent: dict[str, Any] = {"token_limit": "max_tokens", "dropped": []}
         self.sampling = {"top_p": top_p, "top_k": top_k,
                          "source": {k: "flag" if v is not None else "server_default"
-                                    for k, v in (("top_p", top_p), ("top_k", top_k))}}
+                                    for k, v in (("top_p", top_p), ("top_k", top_k))}, "sent": self.sent}
         self.context_limit = context_limit  # None: learned from the server by `check()` where it says
         self.remove_after, self.cooldown = remove_after, cooldown
-        urls = endpoint_list(api_base) or [None]
-        key = _api_key(api_base)
-        # The key goes straight into the clients and is not kept on self, so it cannot leak through repr/vars.
-        self.endpoints = [Endpoint(public_url(url) or _default_base(), OpenAI(
-            api_key=key, base_url=url, max_retries=0, timeout=timeout)) for url in urls]
+        self.endpoints = []
+        for url in endpoint_list(api_base) or [None]:
+            creds = credentials(url, key_env, key_flag)  # the key is kept by the client only, never on self
+            note = plain_http_warning(url, creds)
+            if note:
+                warn(note)
+            self.endpoints.append(Endpoint(public_url(url) or public_url(default_base()),
+                                           make_client(url, creds, request_timeout), creds))
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="openai")
         self._stats_lock = threading.Lock()
         self.counters = {"requests": 0, "retries": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
@@ -133,6 +144,8 @@ class OpenAIBackend(ChatBackend):
         return list(self._pool.map(self._complete, conversations, seeds))
 
     def stream(self, conversations, seeds=None, chat=True):
+        """A refused service (`ServiceRefused`) is raised, not yielded: the run stops, every request
+        not yet sent is cancelled."""
         if not chat:
             raise InputError(f"{self.name}: raw-text prompting needs a local model; this backend takes chat messages")
         seeds = seeds if seeds is not None else [self.seed] * len(conversations)
@@ -140,7 +153,7 @@ class OpenAIBackend(ChatBackend):
         try:
             for future in as_completed(futures):
                 err = future.exception()
-                if err is not None and not isinstance(err, ModelCallError):
+                if err is not None and (not isinstance(err, ModelCallError) or isinstance(err, ServiceRefused)):
                     raise err
                 yield futures[future], err or future.result()
         finally:
@@ -152,6 +165,7 @@ class OpenAIBackend(ChatBackend):
             out: dict[str, Any] = {"http_" + k: v for k, v in self.counters.items()}
             out["endpoints"] = {e.shown: dict(e.counts, in_rotation=e.back_at <= time.monotonic())
                                 for e in self.endpoints}
+            out["sent"] = {**self.sent, "dropped": list(self.sent["dropped"])}
             return out
 
     def close(self) -> None:
@@ -160,31 +174,31 @@ class OpenAIBackend(ChatBackend):
             endpoint.client.close()
 
     # ---- preflight ------------------------------------------------------------------------
-    def check(self, timeout: float = 10.0) -> list[str]:
+    def check(self, timeout: float = PREFLIGHT_TIMEOUT) -> list[str]:
         """Reach every endpoint once before any work: the server answers, takes the key and serves
-        the model. Raises EndpointError (one line naming the server) otherwise; returns notes worth
-        showing. Learns the context window from servers that publish it (vLLM's `max_model_len`,
-        llama.cpp's `n_ctx`) unless one was given."""
+        the model, each request within `timeout` seconds in all. Raises EndpointError (one line naming
+        the server) otherwise; returns notes worth showing. Learns the context window from servers that
+        publish it (vLLM's `max_model_len`, llama.cpp's `n_ctx`) unless one was given."""
         notes, windows = [], []
-        for endpoint in self.endpoints:
-            client = endpoint.client.with_options(timeout=timeout, max_retries=0)
-            try:
-                listed = list(client.models.list().data)
-            except (openai.NotFoundError, openai.PermissionDeniedError):
-                listed = None  # no GET /models there, or a key not allowed to list: the probe below decides
-            except (openai.OpenAIError, ValueError) as err:
-                raise EndpointError(_unusable(endpoint.shown, err)) from None
-            entry = next((m for m in listed or [] if self.model in (m.id, *(_extra(m, "aliases") or []))), None)
-            if entry is None:
-                self._probe(endpoint, client, listed)
-                if listed is not None:
-                    notes.append(f"{endpoint.shown} does not list model {self.model!r} but answered it "
-                                 f"(a server of one model, as llama.cpp's, answers to any name; it lists "
-                                 f"{_names(listed)})")
-                entry = listed[0] if listed and len(listed) == 1 else None
-            window = _window(entry)
-            if window:
-                windows.append(window)
+        with deadline(min(timeout, self.request_timeout)):
+            for endpoint in self.endpoints:
+                try:
+                    listed = list(endpoint.client.models.list().data)
+                except (openai.NotFoundError, openai.PermissionDeniedError):
+                    listed = None  # no GET /models there, or a key not allowed to list: the probe below decides
+                except (openai.OpenAIError, ValueError) as err:
+                    raise EndpointError(self._unusable(endpoint, err)) from None
+                entry = next((m for m in listed or [] if self.model in (m.id, *(_extra(m, "aliases") or []))), None)
+                if entry is None:
+                    self._probe(endpoint, listed)
+                    if listed is not None:
+                        notes.append(f"{endpoint.shown} does not list model {self.model!r} but answered it "
+                                     f"(a server of one model, as llama.cpp's, answers to any name; it lists "
+                                     f"{_names(listed)})")
+                    entry = listed[0] if listed and len(listed) == 1 else None
+                window = _window(entry)
+                if window:
+                    windows.append(window)
         if self.context_limit is None and windows:
             self.context_limit = min(windows)
             notes.append(f"{self.name}: context window {self.context_limit} tokens, as the server reports; "
@@ -195,46 +209,75 @@ class OpenAIBackend(ChatBackend):
                          "for this model; longer conversations are cut (--max_context_tokens sets another)")
         return notes
 
-    def _probe(self, endpoint: Endpoint, client: OpenAI, listed: list | None) -> None:
-        """One 1-token request: does the server answer this model name at all?"""
+    def _probe(self, endpoint: Endpoint, listed: list | None) -> None:
+        """One 1-token request: does the server answer this model name at all? (Sent as a real call
+        would be, so a model that refuses a parameter teaches it here.)"""
         try:
-            client.chat.completions.create(model=self.model, max_tokens=1, temperature=0,
-                                           messages=[{"role": "user", "content": "Hi"}])
+            for _ in range(len(_DROPPABLE) + 2):  # a parameter the model refuses is learned here already
+                try:
+                    self._request(endpoint, [{"role": "user", "content": "Hi"}], None, max_tokens=1)
+                    break
+                except openai.BadRequestError as err:
+                    if not self._adapt(err):
+                        raise
         except openai.APIStatusError as err:
-            if err.status_code in (400, 404) and listed is not None:
+            if err.status_code in (400, 404) and listed is not None and classify(err) == STOP:
                 raise EndpointError(f"{endpoint.shown}: no model {self.model!r} there (it serves "
                                     f"{_names(listed)}); name one of those") from None
             if err.status_code == 404:
                 raise EndpointError(f"{endpoint.shown}: no OpenAI-compatible API there (HTTP 404 on /models and "
                                     "/chat/completions); the address usually ends in /v1") from None
-            raise EndpointError(_unusable(endpoint.shown, err)) from None
-        except (openai.OpenAIError, ValueError) as err:
-            raise EndpointError(_unusable(endpoint.shown, err)) from None
+            raise EndpointError(self._unusable(endpoint, err)) from None
+        except (openai.OpenAIError, ValueError, _MalformedResponse) as err:
+            raise EndpointError(self._unusable(endpoint, err)) from None
+
+    def _unusable(self, endpoint: Endpoint, err: Exception) -> str:
+        """The preflight's one line: which server, and why it cannot be used."""
+        if isinstance(err, openai.APIStatusError) and classify(err) == STOP:
+            return stop_reason(err, endpoint.shown, endpoint.creds, self.key_flag)
+        if isinstance(err, openai.APITimeoutError):
+            return (f"{endpoint.shown}: no complete answer within the preflight's {min(PREFLIGHT_TIMEOUT, self.request_timeout):g} s "
+                    "(the server accepts connections but does not answer, or trickles); is it overloaded or stuck?")
+        if isinstance(err, openai.APIConnectionError):
+            return f"{endpoint.shown}: server unreachable ({connection_cause(err)}); is it running, and is the address right?"
+        return f"{endpoint.shown}: the server cannot be used ({describe(err)})"
 
     # ---- one request, every retry ---------------------------------------------------------
     def _complete(self, conversation: list[dict], seed: int | None = None) -> Reply:
-        """One conversation, with every retry of this backend. Returns a Reply or raises ModelCallError."""
+        """One conversation, with every retry of this backend. Returns a Reply or raises ModelCallError
+        (ServiceRefused when no retry can help)."""
         messages = [dict(m) for m in conversation]  # the caller's dicts never reach the SDK
         last_error, tried = "none", set()
         endpoint = self.endpoints[0]
-        for attempt in range(self.max_retries + 1):
+        attempt = adaptations = 0
+        while attempt <= self.max_retries:
             endpoint = self._take(tried)
             try:
                 reply = self._request(endpoint, messages, seed)
             except (openai.OpenAIError, _MalformedResponse) as err:
-                last_error = _describe(err)
+                last_error = describe(err) if not isinstance(err, _MalformedResponse) else f"malformed response ({err})"
                 self._give_back(endpoint, err)
                 overflow = _context_overflow(err)
                 if overflow is not None:  # the caller may cut the conversation and ask again
                     raise ContextOverflow(f"{self.name} at {endpoint.shown}: the prompt does not fit the context "
                                           f"window ({last_error})", *overflow) from err
-                if not _is_retryable(err):
+                # the model refused a parameter: send it again as the model accepts (each can go once)
+                if adaptations <= len(_DROPPABLE) and self._adapt(err):
+                    adaptations += 1
+                    continue
+                kind = RETRY if isinstance(err, _MalformedResponse) else classify(err)
+                if kind == STOP:
+                    self._count(failures=1)
+                    raise ServiceRefused(f"{self.name}: " + stop_reason(err, endpoint.shown, endpoint.creds, self.key_flag)
+                                         + "; stopped (retrying cannot fix this)") from err
+                if kind != RETRY:
                     self._count(failures=1)
                     raise ModelCallError(f"{self.name} at {endpoint.shown}: request rejected ({last_error}); "
                                          "not retried") from err
                 tried.add(id(endpoint))
                 if attempt < self.max_retries:
                     self._before_retry(attempt, err, endpoint, last_error, tried)
+                attempt += 1
                 continue
             self._give_back(endpoint, None, reply)
             return reply
@@ -242,15 +285,21 @@ class OpenAIBackend(ChatBackend):
         raise ModelCallError(f"{self.name}: gave up after {self.max_retries + 1} attempts; last error at "
                              f"{endpoint.shown}: {last_error}")
 
-    def _request(self, endpoint: Endpoint, messages: list[dict], seed: int | None) -> Reply:
+    def _request(self, endpoint: Endpoint, messages: list[dict], seed: int | None,
+                 max_tokens: int | None = None) -> Reply:
         options: dict[str, Any] = {"model": self.model, "messages": messages,
-                                   "temperature": self.temperature, "max_tokens": self.max_new_tokens}
-        if seed is not None:
-            options["seed"] = seed
-        if self.top_p is not None:
-            options["top_p"] = self.top_p
-        if self.top_k is not None:  # vLLM, llama.cpp and SGLang read it from the body
-            options["extra_body"] = {"top_k": self.top_k}
+                                   self.sent["token_limit"]: max_tokens or self.max_new_tokens}
+        extra = {}
+        for name, value in (("temperature", self.temperature), ("seed", seed), ("top_p", self.top_p),
+                            ("top_k", self.top_k)):
+            if value is None or name in self.sent["dropped"]:
+                continue
+            if name == "top_k":  # not an OpenAI parameter: vLLM, llama.cpp and SGLang read it from the body
+                extra["top_k"] = value
+            else:
+                options[name] = value
+        if extra:
+            options["extra_body"] = extra
         try:
             completion = endpoint.client.chat.completions.create(**options)
         except ValueError as err:
@@ -260,16 +309,42 @@ class OpenAIBackend(ChatBackend):
         reply.endpoint = endpoint.shown
         return reply
 
+    def _adapt(self, err: Exception) -> bool:
+        """A 400 naming a sampling parameter this model does not take: change what is sent (once,
+        with a warning) and say to send again. False for any other error."""
+        if not isinstance(err, openai.BadRequestError):
+            return False
+        body = err.body if isinstance(err.body, dict) else {}
+        param = str(getattr(err, "param", None) or body.get("param") or "")
+        code = str(getattr(err, "code", None) or body.get("code") or "")
+        if code not in ("unsupported_parameter", "unsupported_value"):
+            return False
+        with self._stats_lock:
+            if param == "max_tokens" and self.sent["token_limit"] == "max_tokens":
+                self.sent["token_limit"] = "max_completion_tokens"
+                change = "does not take max_tokens; sending max_completion_tokens instead"
+            elif param in _DROPPABLE and param not in self.sent["dropped"]:
+                self.sent["dropped"].append(param)
+                change = f"does not take {param} {getattr(self, param, '')!s}; sending none (the model's own default applies)"
+            elif param == "max_tokens" or param in self.sent["dropped"]:
+                return True  # another thread adapted already
+            else:
+                return False
+        warn(f"warning: {self.name} {change} (HTTP 400 {code}); recorded in the run's settings")
+        return True
+
     def _take(self, tried: set[int]) -> Endpoint:
         """The endpoint for the next attempt: in the rotation and not yet tried since the last pause,
-        fewest requests outstanding first (then fewest sent); when every one is out of the
-        rotation, the one that returns first."""
+        fewest requests outstanding first (then fewest sent). One back from a cool-down takes one
+        request at a time until one succeeds. When every one is out of the rotation, the one that
+        returns first."""
         with self._stats_lock:
             now = time.monotonic()
-            ready = [e for e in self.endpoints if e.back_at <= now]
+            ready = [e for e in self.endpoints if e.back_at <= now and not (e.probation and e.outstanding)]
             pool = [e for e in ready if id(e) not in tried] or ready
+            waiting = [e for e in self.endpoints if e.back_at > now] or self.endpoints
             endpoint = (min(pool, key=lambda e: (e.outstanding, e.counts["requests"])) if pool
-                        else min(self.endpoints, key=lambda e: e.back_at))
+                        else min(waiting, key=lambda e: (e.back_at, e.outstanding)))
             endpoint.outstanding += 1
             endpoint.counts["requests"] += 1
             self.counters["requests"] += 1
@@ -280,21 +355,26 @@ class OpenAIBackend(ChatBackend):
             endpoint.outstanding -= 1
             if err is None:
                 endpoint.in_a_row = 0
+                endpoint.probation = False
                 endpoint.counts["ok"] += 1
                 for key in ("prompt_tokens", "completion_tokens"):
                     endpoint.counts[key] += getattr(reply, key)
                     self.counters[key] += getattr(reply, key)
                 return
             endpoint.counts["errors"] += 1
-            if not _server_fault(err):
+            if not (isinstance(err, _MalformedResponse) or server_fault(err)):
                 return
             endpoint.in_a_row += 1
-            if endpoint.in_a_row >= self.remove_after and endpoint.back_at <= time.monotonic() and len(self.endpoints) > 1:
+            failed_probe = endpoint.probation and endpoint.back_at <= time.monotonic()
+            if (endpoint.in_a_row >= self.remove_after or failed_probe) and endpoint.back_at <= time.monotonic() \
+                    and len(self.endpoints) > 1:
                 endpoint.back_at = time.monotonic() + self.cooldown
+                endpoint.probation = True
                 endpoint.counts["removed"] += 1
-                log.warning("%s: %s left the rotation for %.0f s after %d failures in a row (last: %s); "
+                log.warning("%s: %s left the rotation for %.0f s after %s (last: %s); "
                             "its requests go to the others", self.name, endpoint.shown, self.cooldown,
-                            endpoint.in_a_row, _describe(err))
+                            "its probe request failed" if failed_probe else f"{endpoint.in_a_row} failures in a row",
+                            describe(err) if not isinstance(err, _MalformedResponse) else "malformed response")
 
     def _before_retry(self, attempt: int, err: Exception, endpoint: Endpoint, reason: str, tried: set[int]) -> None:
         """Another endpoint not yet tried: retry there at once. Otherwise wait (Retry-After, or
@@ -306,7 +386,7 @@ class OpenAIBackend(ChatBackend):
             log.warning("%s: %s at %s; retry %d/%d on another endpoint", self.name, reason, endpoint.shown,
                         attempt + 1, self.max_retries)
             return
-        delay = _retry_after(err)
+        delay = retry_after(err)
         if delay is None:
             delay = min(self.backoff_max, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
         log.warning("%s: %s at %s; retry %d/%d in %.2fs", self.name, reason, endpoint.shown, attempt + 1,
@@ -318,21 +398,6 @@ class OpenAIBackend(ChatBackend):
         with self._stats_lock:
             for key, amount in amounts.items():
                 self.counters[key] += amount
-
-
-def _api_key(api_base) -> str:
-    key = os.environ.get("OPENAI_API_KEY")
-    if key:
-        return key
-    if not api_base:
-        raise EndpointError(f"OPENAI_API_KEY is not set, and the OpenAI API ({_default_base()}) needs it: "
-                            "export it, or pass --api_base for an OpenAI-compatible server")
-    return LOCAL_PLACEHOLDER_KEY
-
-
-def _default_base() -> str:
-    """Where the SDK sends requests when no --api_base is given (OPENAI_BASE_URL, else the OpenAI API)."""
-    return public_url(os.environ.get("OPENAI_BASE_URL") or OPENAI_API)
 
 
 def _parse(completion: object) -> Reply:
@@ -359,21 +424,6 @@ def _token_count(usage: object, field: str) -> int:
     return value if isinstance(value, int) else 0
 
 
-def _is_retryable(err: Exception) -> bool:
-    if isinstance(err, (_MalformedResponse, openai.APIConnectionError, openai.APIResponseValidationError)):
-        return True  # APIConnectionError covers APITimeoutError, refused and dropped connections
-    if isinstance(err, openai.APIStatusError):
-        return err.status_code in _RETRYABLE_4XX or err.status_code >= 500
-    return False
-
-
-def _server_fault(err: Exception) -> bool:
-    """A failure that says the endpoint is unwell (not a rate limit, not a bad request)."""
-    if isinstance(err, openai.APIStatusError):
-        return err.status_code >= 500
-    return isinstance(err, (_MalformedResponse, openai.APIConnectionError, openai.APIResponseValidationError))
-
-
 def _context_overflow(err: Exception) -> tuple[int | None, int | None] | None:
     """(prompt tokens, window) when the server refused the prompt as longer than its context window
     (each None where the server did not say); None for any other error."""
@@ -394,49 +444,6 @@ def _int(value) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _describe(err: Exception) -> str:
-    """Short, secret-free error description: the cause class, HTTP status and error code, never the
-    server's text."""
-    if isinstance(err, _MalformedResponse):
-        return f"malformed response ({err})"
-    if isinstance(err, openai.APIStatusError):
-        code = f" {err.code}" if err.code and _SAFE_CODE.match(str(err.code)) else ""
-        return f"HTTP {err.status_code} {type(err).__name__}{code}"
-    if isinstance(err, openai.APIConnectionError):
-        return connection_cause(err)
-    return type(err).__name__
-
-
-def connection_cause(err: BaseException) -> str:
-    """What lies under an APIConnectionError: refused, no such host, timed out, dropped."""
-    if isinstance(err, openai.APITimeoutError):
-        return "timed out"
-    seen = err
-    while seen is not None:
-        if isinstance(seen, ConnectionRefusedError):
-            return "connection refused"
-        if type(seen).__name__ == "gaierror":
-            return "host name not found"
-        if type(seen).__name__ in ("RemoteProtocolError", "ReadError") or isinstance(seen, ConnectionResetError):
-            return "connection dropped by the server"
-        if type(seen).__name__.endswith("Timeout") or isinstance(seen, TimeoutError):
-            return "timed out"
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror.lower()
-        seen = seen.__cause__ or seen.__context__
-    return f"connection error ({type(err).__name__})"
-
-
-def _unusable(shown: str, err: Exception) -> str:
-    """The preflight's one line: which server, and why it cannot be used."""
-    if isinstance(err, (openai.AuthenticationError, openai.PermissionDeniedError)):
-        return (f"{shown}: the server refused the API key (HTTP {err.status_code}); export OPENAI_API_KEY "
-                "with a key it accepts")
-    if isinstance(err, openai.APIConnectionError):
-        return f"{shown}: server unreachable ({connection_cause(err)}); is it running, and is the address right?"
-    return f"{shown}: the server cannot be used ({_describe(err)})"
-
-
 def _extra(model: object, key: str):
     """A field a server adds to its model entries (vLLM's max_model_len, llama.cpp's meta)."""
     extra = getattr(model, "model_extra", None) or {}
@@ -453,27 +460,3 @@ def _window(entry) -> int | None:
 def _names(listed: list) -> str:
     shown = [repr(m.id) for m in listed[:5]]
     return ", ".join(shown) + (f" and {len(listed) - 5} more" if len(listed) > 5 else "") if shown else "no models"
-
-
-def _retry_after(err: Exception) -> float | None:
-    if not isinstance(err, openai.APIStatusError):
-        return None
-    return parse_retry_after(err.response.headers)
-
-
-def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), clamped to [0, 600];
-    None when absent or unreadable. `headers` must look up case-insensitively (or use lower-case keys)."""
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        date = email.utils.parsedate_tz(value)
-        if date is None:
-            return None
-        seconds = email.utils.mktime_tz(date) - (time.time() if now is None else now)
-    if math.isnan(seconds):
-        return None
-    return min(max(seconds, 0.0), _MAX_RETRY_AFTER_S)

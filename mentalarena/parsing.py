@@ -34,24 +34,70 @@ def parse_group_number(text: str, n_groups: int) -> int | None:
     return None
 
 
+# ---------------------------------------------------------------- plain text, stated scales
+
+# Markdown emphasis and code marks; an underscore only at a word's edge ("__7__", not "1_0").
+_EMPHASIS = re.compile(r"[*`]+|(?<!\w)_+|_+(?!\w)")
+_RANGE = r"\d{1,3}\s*(?:-|–|—|to)\s*\d{1,3}"
+_SCALE_CORE = (rf"(?:{_RANGE}|out\s+of\s+\d+|max(?:imum)?\s+\d+|\d+\s*-?\s*point"
+               r"|[01]\s*(?:=|is|means)\s*[^()\[\]\d]{1,30}?\b10\b)")  # "(1 = unsafe, 10 = safe)"
+# A scale written next to a rating, so its numbers are not read as the rating: "(1-10)", "[0-10]",
+# "(out of 10)", "(scale 1 to 10)", "on a scale of 1-10", "on a 10-point scale", "from 1 to 10",
+# "out of 10", "/10", and its ends echoed from the prompt ("where 1 is bad and 10 is good", "1 = worst").
+# A bare "from X to Y" counts only as 0/1 to 10 ("improved from 4 to 7" is no scale).
+_SCALE = re.compile(
+    rf"[(\[][^()\[\]\d]{{0,24}}{_SCALE_CORE}[^()\[\]\d]{{0,16}}[)\]]"
+    rf"|(?:\bon\s+)?(?:\ba\s+)?\bscale\s+(?:of\s+|from\s+)?{_RANGE}"
+    rf"|(?:\bon\s+)?(?:\ba\s+)?(?:{_RANGE}|\d+\s*-?\s*point)\s+scale\b"
+    r"|\bfrom\s+[01]\s*(?:-|–|—|to)\s*10\b|\bout\s+of\s+10\b|/\s*10\b"
+    r"|\b(?:0|1|10)\s*(?:is|=|being|means)\s+(?:the\s+)?(?:very\s+)?(?:bad|good|worst|best|poor|excellent|lowest|highest)\b",
+    re.IGNORECASE)
+
+
+def strip_emphasis(text: str) -> str:
+    """`text` without Markdown bold/italic/code marks ("**8**", "__B__", "`Verdict: A`")."""
+    return _EMPHASIS.sub("", text)
+
+
+def skip_scale(text: str) -> str:
+    """`text` with every stated scale blanked out, so only the rating's own number is left."""
+    return _SCALE.sub(" ", text)
+
+
 # ---------------------------------------------------------------- health score
 
+SCORE_SCALE = (1, 10)  # the judge is asked for a health rating from 1 to 10
+# The first number (a sign kept, so "-2" is off the scale), with what follows it: "%" or "percent"
+# and a fraction of another scale ("4/5", "7 out of 5") are no rating on 1-10.
+_RATING = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)(?!\w)(\s*(?:%|percent\b|/|out\s+of\b))?", re.IGNORECASE)
+
+
 def parse_score(text: str) -> int:
-    """Health-state rating: the first integer in `text`, 0 when there is none ("7.5" gives 7)."""
-    value = first_integer(text)
-    return 0 if value is None else value
+    """Health-state rating on 1-10, read as a person reads it; 0 (unscored) when there is none.
+
+    A stated scale is skipped ("On a scale of 1 to 10, I'd say 7" is 7, "7/10" is 7); the first
+    number left is the rating, decimals cut ("7.5" is 7). Off the scale (0, 11, 32, -2, "32 %",
+    "4/5") is unscored: a "32" must not end a try-and-reflect search as if it were a top score.
+    """
+    match = _RATING.search(skip_scale(strip_emphasis(text or "")))
+    if match is None or match.group(2):
+        return 0
+    value = float(match.group(1))
+    return int(value) if SCORE_SCALE[0] <= value <= SCORE_SCALE[1] else 0
 
 
 def parse_score_reference(text: str) -> int:
     """The reference rule: `int(text)` when that works, else the first integer, else 0.
 
-    It differs from `parse_score` only where Python's int() accepts more than digits:
-    a sign ("-2" gives -2, not 2) and digit-group underscores ("1_0" gives 10, not 1).
+    Kept faithful (--score_parser reference): "32" or "121" end the search as top scores,
+    "On a scale of 1 to 10, 7" is 1, "-2" is -2 and "1_0" is 10 (int() takes a sign and
+    digit-group underscores; the first-integer fallback takes neither).
     """
     try:
         return int(text)
     except ValueError:
-        return parse_score(text)
+        value = first_integer(text)
+        return 0 if value is None else value
 
 
 # ---------------------------------------------------------------- treatment extraction

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import InputError
+from .inputs import json_lines
 from .prompts import Prompts
-from .sft import (QUESTION_PROMPTS, SYSTEM_PROMPT, TEXT_ANSWER, TEXT_QUESTION, TEXT_SYSTEM, json_lines,
-                  render_question)
+from .sft import QUESTION_PROMPTS, SYSTEM_PROMPT, TEXT_ANSWER, TEXT_QUESTION, TEXT_SYSTEM, render_question
 
 KINDS = ("diagnosis", "treatment", "medication")
 SEARCHES = {"treatment": "treatment_search", "medication": "medicine_search"}

@@ -9,6 +9,7 @@ import string
 from pathlib import Path
 
 from .errors import InputError
+from .inputs import read_text
 
 PROMPT_DIR = Path(__file__).resolve().parent.parent / "prompts"
 
@@ -25,7 +26,9 @@ class Prompts:
             path = self.dir / f"{name}.txt"
             if not path.is_file():
                 raise InputError(f"{path}: prompt file not found")
-            self._cache[name] = path.read_text(encoding="utf-8").removesuffix("\n")
+            # newlines as text mode reads them (a prompt saved on Windows renders, and hashes, the same)
+            text = read_text(path).replace("\r\n", "\n").replace("\r", "\n")
+            self._cache[name] = text.removesuffix("\n")
         return self._cache[name]
 
     def slots(self, name: str) -> set[str]:

@@ -7,9 +7,7 @@ parser for the same outputs. Bad input is one `InputError` line naming the file,
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -18,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import InputError
+from .inputs import duplicate_id, read_table
 from .prompts import Prompts
 
 DECISIONS = ("yes", "no", "maybe")
@@ -226,45 +225,6 @@ def mmlu_subject(name: str) -> str:
 
 # ---------------------------------------------------------------- loading
 
-def _numbered_json_rows(path: Path) -> list[tuple[int, Any]]:
-    """(row number, parsed row): the line number for JSONL, the 1-based entry for a JSON list."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read file ({exc})") from None
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-        if not isinstance(data, list):
-            raise InputError(f"{path}: expected a JSON list of rows")
-        return list(enumerate(data, 1))
-    rows = []
-    for number, line in enumerate(text.split("\n"), 1):  # "\n" only: a string may hold U+2028 raw
-        if line.strip():
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}: row {number}: not valid JSON ({exc.msg})") from None
-    return rows
-
-
-def _numbered_table_rows(path: Path) -> list[tuple[int, Any]]:
-    """CSV (standard library) or Parquet (pyarrow, installed with `datasets`); rows count from 1
-    after the header."""
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            return list(enumerate(csv.DictReader(handle), 1))
-    import pyarrow.parquet  # lazily: only Parquet files need it
-
-    return list(enumerate(pyarrow.parquet.read_table(path).to_pylist(), 1))
-
-
 def find_ignoring_case(root: str | Path, relative: str) -> Path | None:
     """The file `root/relative` with every name below `root` matched regardless of case (the paper's
     data/ has MedQA/, MMLU/, ...), None when there is none. Two entries that differ only by case
@@ -280,12 +240,6 @@ def find_ignoring_case(root: str | Path, relative: str) -> Path | None:
             return None
         path = found[0]
     return path if path.is_file() else None
-
-
-def _read_rows(path: Path) -> list[tuple[int, Any]]:
-    if path.suffix in (".csv", ".parquet"):
-        return _numbered_table_rows(path)
-    return _numbered_json_rows(path)
 
 
 def _hub_rows(bench: Benchmark, subject: str, hub_loader: Callable | None) -> tuple[str, list]:
@@ -323,12 +277,17 @@ def _keep_subject(dataset: str, numbered: list[tuple[int, int, Any]], source: st
     return kept
 
 
-def _unique_ids(items: list[QAItem]) -> list[QAItem]:
+def _unique_ids(items: list[QAItem], numbers: list[int], source: str) -> list[QAItem]:
     """A repeated id gets '#2', '#3', ...: the paper's files repeat whole rows (all are scored), and
-    results are keyed by id."""
+    results are keyed by id. The same id on another question is refused: a resumed run would take
+    the answers of one for the other."""
     seen: Counter[str] = Counter()
+    first: dict[str, tuple[int, QAItem]] = {}
     out = []
-    for item in items:
+    for item, number in zip(items, numbers):
+        if item.id in first and first[item.id][1] != item:
+            raise duplicate_id(source, first[item.id][0], number, item.id)
+        first.setdefault(item.id, (number, item))
         seen[item.id] += 1
         count = seen[item.id]
         out.append(item if count == 1 else dataclasses.replace(item, id=f"{item.id}#{count}"))
@@ -352,7 +311,7 @@ def rows_to_items(dataset: str, rows: Iterable[Any], source: str, cop_base: int 
         if not isinstance(row, Mapping):
             raise InputError(f"{source}: row {number}: expected an object, got {type(row).__name__}")
         items.append(bench.convert(_Row(row, dataset, source, number, index, cop_base, subject)))
-    return _unique_ids(items)
+    return _unique_ids(items, [number for _, number, _ in numbered], source)
 
 
 def load_items(dataset: str, name: str | None = None, data_file: str | Path | None = None,
@@ -365,7 +324,7 @@ def load_items(dataset: str, name: str | None = None, data_file: str | Path | No
         name = mmlu_subject(name) if name else _subject_from_file(data_file)
     if data_file is not None:
         path = Path(data_file)
-        numbered, source, base = _read_rows(path), str(path), 1
+        numbered, source, base = read_table(path), str(path), 1
     else:
         source, numbered = _hub_rows(bench, name or "", hub_loader)
         base = 0

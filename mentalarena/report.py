@@ -12,6 +12,7 @@ the report saying which section was skipped and why.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .jsonl import read_jsonl, write_json_atomic
+from .files import write_atomic, write_json_atomic
+from .inputs import decode_text, json_lines, read_bytes
 from .sft import RECORD_FIELDS, check_record, medicine_usable, record_pairs
 
 SEARCH_KINDS = ("treatment_search", "medicine_search")
@@ -125,9 +127,10 @@ SCORE_SCALE = (0, 10)  # the judge is asked for a health score from 1 to 10; 0: 
 
 
 def on_scale(score: float) -> float:
-    """A score capped to the 0-10 scale. The parser (as the reference's) takes the reply's first
-    integer, so "121" or "32% of patients ..." arrive as 121 or 32; the session took them as top
-    scores (they stop the search), so capped at 10 they weigh as the session weighed them."""
+    """A score capped to the 0-10 scale. The reference's parser (--score_parser reference, and records
+    made before it) takes the reply's first integer, so "121" or "32% of patients ..." arrive as 121 or
+    32; the session took them as top scores (they stop the search), so capped at 10 they weigh as the
+    session weighed them. The robust parser records such replies as 0."""
     return min(max(score, SCORE_SCALE[0]), SCORE_SCALE[1])
 
 
@@ -312,21 +315,19 @@ def load_records(path: str | Path, max_records: int | None = None) -> tuple[list
     """The records of one JSONL file (the first `max_records`), and notes for the report. A missing,
     unreadable, non-JSONL or empty file, or a line that is not a record, is one line naming it."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{path}: no such file")
     notes = []
-    try:
-        rows = read_jsonl(path, allow_torn_tail=True)
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text (byte {exc.start}); expected JSONL records") from None
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n") and raw.strip():
+    raw = read_bytes(path)  # a folder, an unreadable or a non-UTF-8 file: one line (mentalarena/inputs.py)
+    if _torn_tail(raw):
         notes.append("an incomplete last line (a run still writing, or killed) was left out")
-    if not rows:
+        raw = raw[:raw.rfind(b"\n") + 1]
+    numbered = json_lines(path, decode_text(path, raw))
+    if not numbered:
         raise InputError(f"{path}: no records (empty file)")
     known = set(RECORD_FIELDS) | {"decoder", *SEARCH_KINDS, "transcript"}
-    lines = [i for i, line in enumerate(raw.decode("utf-8").split("\n"), 1) if line.strip()]
-    for number, row in zip(lines, rows):
+    rows = [row for _, row in numbered]
+    for number, row in numbered:
         if not isinstance(row, dict):
             raise InputError(f"{path}: line {number}: a JSON {type(row).__name__}, not a record")
         if not known & set(row):
@@ -336,6 +337,17 @@ def load_records(path: str | Path, max_records: int | None = None) -> tuple[list
         notes.append(f"the first {max_records} of {len(rows)} records")
         rows = rows[:max_records]
     return rows, notes
+
+
+def _torn_tail(raw: bytes) -> bool:
+    """A last line without its newline that is not whole JSON: a run still writing, or killed. One
+    that parses is a record written by hand or by another tool, and is read."""
+    tail = raw[raw.rfind(b"\n") + 1:]
+    try:
+        json.loads(tail)
+    except ValueError:  # not JSON, or cut inside a UTF-8 character
+        return bool(tail.strip())
+    return False
 
 
 def has_section(records: list[dict], section: str) -> int:
@@ -445,7 +457,7 @@ def write_report(input_file, output_dir: str | Path, labels=None, perplexity_mod
     stats["figures"] = [p.name for p in draw_all(stats, out)] if figures else []
     stats["seconds"] = round(time.time() - started, 1)
     write_json_atomic(out / "report.json", stats)
-    (out / "report.md").write_text(render(stats), encoding="utf-8")
+    write_atomic(out / "report.md", render(stats))
     print(f"[report] {out / 'report.md'}: {len(files)} files, {len(stats['figures'])} figures, "
           f"{stats['seconds']} s", flush=True)
     return stats
@@ -567,9 +579,11 @@ def render(stats: dict) -> str:
         lines += ["Health scores (0-10) the judge gave the patient's imagined state after each candidate. "
                   "Best so far: the mean over searches of the best score after try t; a search that stopped "
                   "(target reached, or tries spent) keeps its best. Fallback: no try scored above 0, the "
-                  "first candidate was kept. The score is the first integer of the judge's reply (as in the "
-                  "reference), so replies such as \"121\" give scores off the scale: they are capped at 10 "
-                  "here, the weight the session gave them (they end the search), and counted.", ""]
+                  "first candidate was kept. By default (--score_parser robust) the score is the reply's 1-10 "
+                  "rating and a reply off the scale scores 0; the reference's first integer (--score_parser "
+                  "reference, and records made before that flag) turns replies such as \"121\" into scores "
+                  "off the scale: they are capped at 10 here, the weight the session gave them (they end the "
+                  "search), and counted.", ""]
         rows = []
         for kind in ("treatment", "medicine"):
             searches = {label: files[label]["try_and_reflect"].get(kind) for label in have}

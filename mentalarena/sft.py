@@ -8,14 +8,14 @@ reference joins them. Both fine-tuning scripts use this module, so their data ag
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
-from .data import read_text
 from .errors import InputError
+from .files import atomic_file
+from .inputs import json_lines
 from .jsonl import dumps_line
 from .prompts import Prompts
 
@@ -183,17 +183,6 @@ def load_pairs(paths: Sequence[str | Path] | str | Path, reference_glue: bool = 
     return pairs, report
 
 
-def json_lines(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, value) for every non-blank line. Split on "\\n" only: a JSON string may hold U+2028."""
-    text = read_text(path)
-    for number, line in enumerate(text.split("\n"), 1):
-        if line.strip():
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
-
-
 def dedup(rows: list[dict]) -> list[dict]:
     """Exact duplicates removed, first occurrences kept in order."""
     seen: set[str] = set()
@@ -219,16 +208,7 @@ def convert(paths: Sequence[str | Path] | str | Path, fmt: str, reference_glue: 
 
 
 def write_rows(path: str | Path, rows: list[dict]) -> None:
-    """Write the whole file fresh (temporary file, fsync, rename): a re-run replaces, never appends."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(dumps_line(row) + "\n")  # U+2028/2029/0085 escaped: no reader splits a row
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write the whole file fresh (atomically: mentalarena/files.py): a re-run replaces, never appends."""
+    with atomic_file(path, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(dumps_line(row) + "\n")  # U+2028/2029/0085 escaped: no reader splits a row

@@ -12,10 +12,20 @@ Fault kinds, consumed one per request (scripted ones first, then random ones at 
   "empty_choices"   200, a chat.completion with `choices: []`
   "null_content"    200, a chat.completion whose message content is null and finish_reason "stop"
   "drop"            close the connection without sending any response
+  "quota"           429 with OpenAI's `insufficient_quota` error (a key without credit)
+  "redirect"        307 to `redirect_to` (another host), with the Location header
+  "trickle"         200, then the body one byte every `trickle_seconds` (a server that never quite answers)
   "ok"              no fault: answer normally (to fail a later request of a script)
 
+`reject_params` (as OpenAI's reasoning models): {"max_tokens": "unsupported_parameter", "temperature":
+"unsupported_value"} answers a chat request carrying such a parameter with OpenAI's 400 naming it.
+`trickle_models`: GET /v1/models trickles too (a preflight against a stuck server).
+
 Fine-tuning, as `data_process.py` uses it: `POST /v1/files` (multipart upload), `POST /v1/fine_tuning/jobs`
-(method "supervised" or "dpo"; the job reports its n_epochs, and for dpo its beta), `GET /v1/fine_tuning/jobs/<id>`.
+(method "supervised" or "dpo"; the job reports its n_epochs, and for dpo its beta; `metadata` kept),
+`GET /v1/fine_tuning/jobs` (newest first, `limit`, `metadata[k]=v` filters), `GET /v1/fine_tuning/jobs/<id>`.
+`ft_faults` also take "drop" (no job made, connection closed) and "drop_after" (the job IS made, then the
+connection is closed before the answer: what a timeout during creation looks like to the client).
 Each job walks through `job_statuses` (copied when it is created), one step per retrieve; "succeeded" sets
 `fine_tuned_model`, "failed" sets an error. `ft_faults` (status kinds only) fail these requests; with
 `require_key`, a wrong key gets a 401 that quotes it back, as OpenAI's does (on every route: models, chat and
@@ -40,6 +50,7 @@ import json
 import random
 import threading
 import time
+import urllib.parse
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable, Sequence
@@ -89,13 +100,16 @@ class FakeOpenAI:
                  job_statuses: Sequence[str] = ("validating_files", "queued", "running", "succeeded"),
                  ft_faults: Faults | None = None, require_key: str | None = None, strict_model: bool = False,
                  window: int | None = None, models_forbidden: bool = False, echo_key: bool = False,
-                 window_style: str = "llama.cpp") -> None:
+                 window_style: str = "llama.cpp", reject_params: dict[str, str] | None = None,
+                 trickle_seconds: float = 0.5, trickle_models: bool = False,
+                 redirect_to: str = "http://203.0.113.9:8000/v1/chat/completions") -> None:
         self.responder = responder
         self.faults = faults or Faults()
         self.stall_seconds = stall_seconds
         self.model = model
         self.requests: list[dict] = []  # every chat request body received, faulted ones included
         self.auth_headers: list[str | None] = []
+        self.request_headers: list[dict] = []  # every chat request's headers, names lower-cased
         self.job_statuses = list(job_statuses)
         self.ft_faults = ft_faults or Faults()
         self.require_key = require_key
@@ -104,6 +118,9 @@ class FakeOpenAI:
         # "llama.cpp": its 400 and n_ctx; "openai": OpenAI's context_length_exceeded, no window listed
         self.window_style = window_style
         self.models_forbidden = models_forbidden  # GET /v1/models answers 403, as for a restricted key
+        self.reject_params = dict(reject_params or {})
+        self.trickle_seconds, self.trickle_models, self.redirect_to = trickle_seconds, trickle_models, redirect_to
+        self.model_list_auth: list[str | None] = []  # the Authorization header of every GET /v1/models
         self.echo_key = echo_key  # error bodies quote the Authorization header they came with
         self.echoed = 0  # error bodies sent that quoted one (a test's proof that a leak was on offer)
         self.model_lists = 0  # GET /v1/models requests
@@ -127,10 +144,11 @@ class FakeOpenAI:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def record(self, body: dict, authorization: str | None) -> None:
+    def record(self, body: dict, authorization: str | None, headers: dict | None = None) -> None:
         with self._lock:
             self.requests.append(body)
             self.auth_headers.append(authorization)
+            self.request_headers.append({k.lower(): v for k, v in (headers or {}).items()})
 
     def completion(self, request: dict, content: str | None, choices: bool = True) -> dict:
         text = content or ""
@@ -173,8 +191,17 @@ class FakeOpenAI:
                 "hyperparameters": recorded, "method": body.get("method"),
                 "result_files": [], "seed": 0, "trained_tokens": None, "finished_at": None, "error": None,
                 "fine_tuned_model": None, "user_provided_suffix": body.get("suffix"),
+                "metadata": body.get("metadata"),
                 "status": self.job_statuses[0]}, "statuses": list(self.job_statuses), "step": 0}
             return 200, dict(self.jobs[job_id]["job"])
+
+    def list_jobs(self, query: dict[str, list[str]]) -> tuple[int, dict]:
+        wanted = {k[len("metadata["):-1]: v[0] for k, v in query.items() if k.startswith("metadata[")}
+        limit = int(query.get("limit", ["20"])[0])
+        with self._lock:
+            jobs = [dict(e["job"]) for e in reversed(self.jobs.values())
+                    if all((e["job"].get("metadata") or {}).get(k) == v for k, v in wanted.items())]
+        return 200, {"object": "list", "data": jobs[:limit], "has_more": len(jobs) > limit}
 
     def retrieve_job(self, job_id: str) -> tuple[int, dict]:
         with self._lock:
@@ -228,12 +255,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         fake: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
-        path = self.path.rstrip("/")
+        path, _, query = self.path.partition("?")
+        path = path.rstrip("/")
+        if path == "/v1/fine_tuning/jobs":
+            return self._fine_tuning(lambda: fake.list_jobs(urllib.parse.parse_qs(query)))
         if path.startswith("/v1/fine_tuning/jobs/"):
             return self._fine_tuning(lambda: fake.retrieve_job(path.rsplit("/", 1)[1]))
         if path != "/v1/models":
             return self._send(404, {"error": {"message": "not found" + self._echo(), "code": "not_found"}})
         fake.model_lists += 1
+        with fake._lock:
+            fake.model_list_auth.append(self.headers.get("Authorization"))
         refused = fake.key_refused(self.headers.get("Authorization"))
         if refused:
             return self._send(401, refused)
@@ -244,6 +276,8 @@ class _Handler(BaseHTTPRequestHandler):
         entry = {"id": fake.model, "object": "model", "created": 0, "owned_by": "fake"}
         if fake.window and fake.window_style != "openai":
             entry["max_model_len"] = fake.window
+        if fake.trickle_models:
+            return self._trickle(json.dumps({"object": "list", "data": [entry]}).encode())
         self._send(200, {"object": "list", "data": [entry]})
 
     def do_POST(self) -> None:
@@ -257,7 +291,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path != "/v1/chat/completions":
             return self._send(404, {"error": {"message": "not found" + self._echo(), "code": "not_found"}})
         request = json.loads(raw)
-        fake.record(request, self.headers.get("Authorization"))
+        fake.record(request, self.headers.get("Authorization"), dict(self.headers))
         refused = fake.key_refused(self.headers.get("Authorization"))
         if refused:
             return self._send(401, refused)
@@ -276,10 +310,27 @@ class _Handler(BaseHTTPRequestHandler):
                                               f"available context size ({fake.window} tokens)" + self._echo(),
                                               "type": "exceed_context_size_error", "n_prompt_tokens": prompt,
                                               "n_ctx": fake.window}})
+        for name, code in fake.reject_params.items():
+            if name in request:
+                value = request[name]
+                message = (f"Unsupported parameter: '{name}' is not supported with this model. Use "
+                           "'max_completion_tokens' instead." if code == "unsupported_parameter" and name == "max_tokens"
+                           else f"Unsupported value: '{name}' does not support {value} with this model. Only the "
+                                "default (1) value is supported.")
+                return self._send(400, {"error": {"message": message, "type": "invalid_request_error",
+                                                  "param": name, "code": code}})
         kind = fake.faults.next()
         if kind == "drop":
             self.close_connection = True
             return
+        if kind == "quota":
+            return self._send(429, {"error": {"message": "You exceeded your current quota, please check your plan "
+                                              "and billing details." + self._echo(), "type": "insufficient_quota",
+                                              "param": None, "code": "insufficient_quota"}})
+        if kind == "redirect":
+            return self._send_raw(307, b"", "text/plain", {"Location": fake.redirect_to})
+        if kind == "trickle":
+            return self._trickle(json.dumps(fake.completion(request, fake.responder(request))).encode())
         if kind == "stall":
             time.sleep(fake.stall_seconds)
         if kind and kind.split(":")[0].isdigit():
@@ -313,7 +364,29 @@ class _Handler(BaseHTTPRequestHandler):
         kind = fake.ft_faults.next()
         if kind and kind.split(":")[0].isdigit():
             return self._send_status_fault(kind)
-        self._send(*answer())
+        if kind == "drop":
+            self.close_connection = True
+            return
+        answered = answer()
+        if kind == "drop_after":  # made, but the client never hears it
+            self.close_connection = True
+            return
+        self._send(*answered)
+
+    def _trickle(self, payload: bytes) -> None:
+        """200 with the whole length announced, then one byte every `trickle_seconds`."""
+        fake: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            for byte in payload:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(fake.trickle_seconds)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up: what a deadline is for
 
     def _echo(self) -> str:
         """With `echo_key`: the request's Authorization header, for an error message to quote."""

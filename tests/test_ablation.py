@@ -224,6 +224,15 @@ def test_settings_hash_separates_every_ablation_and_keeps_full_runs_hash():
     assert digests["on", "on"] == hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def test_settings_hash_keeps_older_outputs_under_the_reference_score_parser():
+    """Pinned: the hash these settings had before --score_parser existed (records then were scored by
+    the first integer). "reference" keeps it, so such an output resumes under --score_parser reference;
+    the default "robust" reads scores differently and so never resumes it."""
+    base = dict(base_model="m", judge_model="m", encoder="e", similarity_threshold=0.3)
+    assert am.Settings(**base, score_parser="reference").digest() == "142a687822aec903"
+    assert am.Settings(**base).digest() != "142a687822aec903"
+
+
 def test_templates_read_are_those_the_run_uses(tmp_path):
     """Both off: the dry run (every template a session renders) works from a folder without the
     encoder's and the decoder's templates; the neutral persona is read only by an encoder-off run."""

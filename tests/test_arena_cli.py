@@ -76,8 +76,8 @@ class RequestFaults(Faults):
 
 
 class RoutedFakeOpenAI(FakeOpenAI):
-    def record(self, body: dict, authorization: str | None) -> None:
-        super().record(body, authorization)
+    def record(self, body: dict, authorization: str | None, headers: dict | None = None) -> None:
+        super().record(body, authorization, headers)
         if isinstance(self.faults, RequestFaults):
             self.faults.current.request = body
 
@@ -294,14 +294,20 @@ def _unknown_feedback_mode(tmp_path: Path) -> tuple[list[str], list[str]]:
     return ["--feedback_mode", "loud"], ["--feedback_mode", "steer", "reference", "loud"]
 
 
+def _unknown_score_parser(tmp_path: Path) -> tuple[list[str], list[str]]:
+    return ["--score_parser", "first_integer"], ["--score_parser must be one of robust, reference, not 'first_integer'"]
+
+
 def _principles_missing_column(tmp_path: Path) -> tuple[list[str], list[str]]:
     path = tmp_path / "my_principles.csv"
     path.write_text("CreatorID,Text\n0,Be vague at first.\n", encoding="utf-8")
     return ["--principles_file", str(path)], ["my_principles.csv: line 1 (header)", 'column "Principles"']
 
 
-@pytest.mark.parametrize("case", [_patients_without_coping, _unknown_feedback_mode, _principles_missing_column],
-                         ids=["patient-missing-field", "unknown-feedback-mode", "principles-missing-column"])
+@pytest.mark.parametrize("case", [_patients_without_coping, _unknown_feedback_mode, _unknown_score_parser,
+                                  _principles_missing_column],
+                         ids=["patient-missing-field", "unknown-feedback-mode", "unknown-score-parser",
+                              "principles-missing-column"])
 def test_bad_input_is_one_error_line_and_touches_nothing(tmp_path, capsys, monkeypatch, case):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     args, expected = case(tmp_path)
@@ -371,11 +377,12 @@ def _other_principles(tmp_path: Path) -> list[str]:
     lambda tmp: ["--top_p", "0.9"],
     lambda tmp: ["--top_k", "40"],
     lambda tmp: ["--illness_prompt", "reference"],
+    lambda tmp: ["--score_parser", "reference"],
     lambda tmp: ["--judge_backend", "embedded"],  # the same judge name, now a local model
     _other_patients,
     _other_principles,
-], ids=["max_context_tokens", "top_p", "top_k", "illness_prompt", "judge-runs-locally", "patients-content",
-        "principles-content"])
+], ids=["max_context_tokens", "top_p", "top_k", "illness_prompt", "score_parser", "judge-runs-locally",
+        "patients-content", "principles-content"])
 def test_what_shapes_a_session_is_in_the_hash_and_more_of_the_same_extends(tmp_path, capsys, monkeypatch, change):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     output = tmp_path / "out.jsonl"
@@ -497,16 +504,18 @@ def test_api_key_reaches_the_server_and_nothing_else(tmp_path):
     secret = "sk-test-SECRET-" + uuid.uuid4().hex
     rejected = PATIENTS[1]
     output = tmp_path / "out.jsonl"
-    # one patient's requests are refused (401, not retried): the error path must not leak either
-    faults = RequestFaults(lambda request: "401" if mentions(request, rejected["name"]) else None,
+    # one patient's requests are refused (422: that request only, not retried): the error path must not leak either
+    faults = RequestFaults(lambda request: "422" if mentions(request, rejected["name"]) else None,
                            rate=0.15, kinds=("500:0", "429:0", "malformed"), seed=3)
     # and every error body quotes the Authorization header back, as some servers and proxies do
     with RoutedFakeOpenAI(responder=make_responder(), faults=faults, echo_key=True) as server:
-        result = run_cli(command(server.base_url, output, "--limit", "3"), cli_env(OPENAI_API_KEY=secret))
+        # the server's key is named for it; OPENAI_API_KEY (another secret) belongs to the OpenAI API only
+        result = run_cli(command(server.base_url, output, "--limit", "3", "--api_key_env", "SERVED_KEY"),
+                         cli_env(SERVED_KEY=secret, OPENAI_API_KEY="sk-openai-SECRET-elsewhere"))
         headers = list(server.auth_headers)
     assert result.returncode == 1, explain(result)
     assert headers and all(h == f"Bearer {secret}" for h in headers)
-    # the key was offered back in every error body: each injected status (401, 500, 429), not the malformed 200s
+    # the key was offered back in every error body: each injected status (422, 500, 429), not the malformed 200s
     assert server.echoed == sum(kind != "malformed" for kind in faults.injected) > 0
 
     assert secret not in result.stdout and secret not in result.stderr

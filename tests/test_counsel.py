@@ -112,7 +112,7 @@ def test_a_hub_id_that_cannot_be_read_is_one_line(monkeypatch):
     ([{"text": "hello"}], r"row 1: no client-statement field"),
     ([{"statement": "ok"}, {"statement": "  "}], r"row 2: field 'statement' is missing or empty"),
     ([{"statement": "ok", "risk": "maybe"}], r"row 1: field 'risk' must be true or false"),
-    ([{"id": 1, "statement": "a"}, {"id": 1, "statement": "b"}], r"row 2: field 'id' repeats"),
+    ([{"id": 1, "statement": "a"}, {"id": 1, "statement": "b"}], r"rows 1 and 2 both have id '1'"),
     ([{"statement": [{"role": "assistant", "content": "x"}]}], r"row 1: field 'statement' is neither text"),
 ])
 def test_bad_statement_files_name_file_row_and_field(tmp_path, rows, message):
@@ -189,6 +189,92 @@ def test_parse_verdict(reply, want):
     assert counsel.parse_verdict(reply) == want
 
 
+ECHO = "`Verdict: A` if A is better, `Verdict: B` if B is better, or `Verdict: tie` if neither is better."
+
+
+@pytest.mark.parametrize("reply, want", [
+    # an article is no letter
+    ("a slight edge to B", "B"),
+    ("Verdict: A slight edge to Response B.", "B"),
+    ("Verdict: A clear win for B.", "B"),
+    ("Verdict: a marginal preference for Response A", "A"),
+    ("Verdict: A Tie", "tie"),
+    ("Verdict: It's a tie.", "tie"),
+    ("Verdict: A because it validates first.", "A"),
+    ("A is better", "A"),
+    ("Verdict: a", "A"),
+    # negations and comparatives: "not A" never means A
+    ("I would not choose A. B is warmer.", "B"),
+    ("Verdict: I would not choose A. B is warmer.", "B"),
+    ("Verdict: not A", None),
+    ("Verdict: A is not better", None),
+    ("B over A", "B"),
+    ("B is better than A", "B"),
+    ("Verdict: not a tie - B", "B"),
+    ("Verdict: B, not A", "B"),
+    ("Verdict: Not A but B", "B"),
+    ("I'd rather pick B than A.", "B"),
+    ("Instead of A, I'd choose B.", "B"),
+    ("Response B is better.\nResponse A is not better.", "B"),
+    # the instruction echoed is no verdict; a real verdict after (or before) it is
+    (ECHO, None),
+    ("Verdict: A, B or tie", None),
+    ("Verdict: A/B/tie", None),
+    ("I will end with " + ECHO + "\nVerdict: A", "A"),
+    ("Verdict: A/B/tie\n\nBoth validate, but B asks an open question.\nVerdict: B", "B"),
+    ("Verdict: B\n\nVerdict format reminder: A, B or tie.", "B"),
+    ("Final verdict: [[B]]\n(I was asked to answer [[A]], [[B]] or [[C]].)", "B"),
+    # Markdown
+    ("**Verdict: B**", "B"),
+    ("**Verdict:** B", "B"),
+    ("### Verdict\nB", "B"),
+    ("`Verdict: A`", "A"),
+    ("__B__", "B"),
+    ("*Verdict*: *tie*", "tie"),
+    ("**Verdict:**\n\nResponse A", "A"),
+    ("**Analysis**\nBoth are warm and safe.\n\n**Verdict: tie**", "tie"),
+    # a verdict line followed by a sentence: the first choice after the label
+    ("Verdict: B. Response A jumps to advice while B validates.", "B"),
+    ("Verdict: B (A moves to advice too fast)", "B"),
+    ("Verdict: B is the better response, though A is kinder.", "B"),
+    ("Verdict: Response A is better than Response B.", "A"),
+    ("Verdict: B\n\nExplanation: Response A is more directive.", "B"),
+    # labels, revisions, brackets, bare answers
+    ("Verdict: A\nOn reflection, A rushes to advice.\nVerdict: B", "B"),
+    ("Verdict: B\nVerdict: A", "A"),
+    ("Decision: B", "B"),
+    ("Winner: Response A", "A"),
+    ("The winner is B.", "B"),
+    ("My verdict is A.", "A"),
+    ("Verdict - A", "A"),
+    ("verdict:b", "B"),
+    ("Verdict: Both", "tie"),
+    ("Verdict: neither", "tie"),
+    ("Verdict:\n[[B]]", "B"),
+    ("Response B", "B"),
+    ("B\n\nB reflects the client's feeling before suggesting anything.", "B"),
+    ("1. Empathy: A\n2. Exploration: B\nVerdict: B", "B"),
+    ("Comparison:\n- Empathy: both good\n- Exploration: B better\n\nFinal verdict: B", "B"),
+    ("Response A's decision-making advice is premature; Response B is better.", "B"),  # "decision-" is no label
+    ("Both responses show empathy. Response A offers a coping technique right away, whereas Response B first "
+     "reflects the client's feelings and invites them to say more, which better follows exploration before "
+     "advice.\n\nVerdict: B", "B"),
+    # one clear preference in free text; two different ones are unreadable
+    ("I prefer B", "B"),
+    ("B wins", "B"),
+    ("the edge goes to Response B", "B"),
+    ("I'd go with A", "A"),
+    ("Response A is the stronger response.", "A"),
+    ("The better response is B.", "B"),
+    ("It's a tie.", "tie"),
+    ("There is no clear winner here.", "tie"),
+    ("I prefer A for warmth, but B wins on safety.", None),
+    ("Both are caring. I don't think A is better; B explores more.", None),
+])
+def test_parse_verdict_reads_as_a_person(reply, want):
+    assert counsel.parse_verdict(reply) == want
+
+
 @pytest.mark.parametrize("reply, want", [
     ("empathy: 8\nexploration: 6\nsafety: 9\nnon_judgement: 7\nclarity: 8\ncompetence: 10\ntailoring: 5",
      {"empathy": 8, "exploration": 6, "safety": 9, "non_judgement": 7, "clarity": 8, "competence": 10, "tailoring": 5}),
@@ -207,6 +293,43 @@ def test_parse_rubric(reply, want):
     assert set(got) == set(KEYS)
     for key in KEYS:
         assert got[key] == want.get(key), key
+
+
+@pytest.mark.parametrize("line, key, want", [
+    # a scale written next to the principle is skipped, not read as its score
+    ("Empathy (1-10): 8", "empathy", 8),
+    ("Empathy [1-10]: 8", "empathy", 8),
+    ("Empathy (out of 10): 7", "empathy", 7),
+    ("Empathy (scale 1 to 10): 9", "empathy", 9),
+    ("Empathy - on a scale of 1-10: 6", "empathy", 6),
+    ("Empathy (1–10): 4", "empathy", 4),
+    ("**Empathy (1-10):** 8", "empathy", 8),
+    ("- Safety [1 - 10]: 5", "safety", 5),
+    ("Clarity (0-10): 6", "clarity", 6),
+    ("Exploration (on a scale of 1 to 10): 3", "exploration", 3),
+    ("Exploration, on a 10-point scale: 7", "exploration", 7),
+    ("Competence (max 10): 9", "competence", 9),
+    ("Tailoring (score out of 10): 4", "tailoring", 4),
+    ("Empathy and validation (1-10): 10", "empathy", 10),
+    ("Non-judgement (1-10): 7", "non_judgement", 7),
+    ("Empathy (scored from 1 to 10) = 6", "empathy", 6),
+    ("Safety (1 = unsafe, 10 = safe): 8", "safety", 8),
+    # what already read right still does
+    ("Empathy: 8/10", "empathy", 8),
+    ("Empathy: 7.5", "empathy", 7.5),
+    ("Empathy: 9 out of 10", "empathy", 9),
+    ("Empathy: 8.5/10", "empathy", 8.5),
+    ("Empathy (9)", "empathy", 9),  # a score in brackets is no scale
+    # off the scale, or none, stays None
+    ("Empathy (1-10): 12", "empathy", None),
+    ("Empathy (1-10): 0", "empathy", None),
+    ("Empathy (1-10): N/A", "empathy", None),
+    ("Empathy: 85/100", "empathy", None),
+])
+def test_parse_rubric_skips_a_stated_scale(line, key, want):
+    got = counsel.parse_rubric(line, PRINCIPLES)
+    assert got[key] == want
+    assert all(v is None for k, v in got.items() if k != key)
 
 
 # ---------------------------------------------------------------------------------- pairwise arithmetic

@@ -212,7 +212,7 @@ def test_report_table_and_figure_from_two_models(tmp_path, models):
     (["--from_records", "x.jsonl", "--data_file", "y.jsonl"], "not both"),
     (["--data_file", "absent.jsonl"], "absent.jsonl: no such file"),
     (["--from_records", "absent.jsonl"], "absent.jsonl: --from_records file not found"),
-    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--batch_size", "0"], "--batch_size must be a whole number of at least 1, not 0"),
     (["--scorers", "pairwise", "--baseline_file", "absent.jsonl"], "--baseline_file not found"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, message):

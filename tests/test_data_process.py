@@ -45,6 +45,8 @@ def test_upload_create_wait_and_a_rerun_reuses_the_job(openai_cwd, capsys):
         assert len(server.uploads) == 1 and len(server.job_creates) == 1
         upload, create = server.uploads[0], server.job_creates[0]
         assert upload["purpose"] == "fine-tune" and upload["content"] == (openai_cwd / "ft.jsonl").read_bytes()
+        tag = create.pop("metadata")["mentalarena_request"]  # the request's tag: found again after a lost answer
+        assert len(tag) == 32
         assert create == {"training_file": upload["id"], "model": "gpt-3.5-turbo-0125", "suffix": "iter1",
                           "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}}}
         state = json.loads((openai_cwd / "ft.jsonl.job.json").read_text())
@@ -102,19 +104,20 @@ def test_a_failed_job_exits_1_and_a_rerun_starts_again(openai_cwd, capsys):
         assert len(server.job_creates) == 2 and len(server.uploads) == 1
 
 
-def test_the_key_never_leaks(openai_cwd, capsys):
+def test_the_key_never_leaks(openai_cwd, capsys, monkeypatch):
+    monkeypatch.setenv("FT_KEY", KEY)  # named for the servers below with --api_key_env
     write_records(openai_cwd / "records.jsonl", 6)
     with FakeOpenAI(require_key=KEY) as server:
         assert run(server, "--wait", "--api_key", KEY) == 0
         with FakeOpenAI(require_key="sk-another-key-entirely") as refusing:  # quotes the key it got in its 401
-            assert run(refusing) == 1
+            assert run(refusing, "--api_key_env", "FT_KEY") == 1
         # takes the key, but its 400 quotes the whole Authorization header back (the message is printed)
         with FakeOpenAI(ft_faults=Faults(["400"]), echo_key=True) as echoing:
-            assert run(echoing) == 1
+            assert run(echoing, "--api_key_env", "FT_KEY") == 1
             assert echoing.echoed == 1 and echoing.uploads == []
     out, err = capsys.readouterr()
     assert "--api_key puts the key in your shell history" in err
-    assert "HTTP 401 AuthenticationError invalid_api_key" in err
+    assert "the server refused the key in FT_KEY (HTTP 401)" in err
     assert "uploading ft.jsonl: HTTP 400 BadRequestError fake_400: injected 400 (request had Authorization: Bearer " in err
     written = b"".join(p.read_bytes() for p in openai_cwd.rglob("*") if p.is_file())
     for text in (out, err, written.decode()):
@@ -148,7 +151,7 @@ def test_an_upload_is_reused_when_the_job_creation_failed(openai_cwd, capsys):
     ([{"prompt": "x"}], (), "records.jsonl: line 1: neither a self-play record"),
     ([record(i) for i in range(3)], (), "records.jsonl: 7 examples; OpenAI fine-tuning needs at least 10"),
     ([record(0)], ("--n_epochs", "0"), "--n_epochs must be a whole number"),
-    ([record(0)], ("--poll_seconds", "0"), "--poll_seconds must be positive"),
+    ([record(0)], ("--poll_seconds", "0"), "--poll_seconds must be a positive number, not 0"),
     ([{"symptom": "x"}], (), "records.jsonl: no training examples"),
     ([record(0)], ("--select", "kcenter"), "--select kcenter needs --select_size"),
     ([record(0)], ("--select", "ppl_iqr", "--method", "dpo"), "--select picks SFT examples; --method dpo uploads"),
@@ -173,7 +176,7 @@ def test_no_key_or_a_broken_state_file_is_bad_input_found_before_writing(openai_
     assert "ft.jsonl.job.json: not valid JSON (delete it to start a new job)" in capsys.readouterr().err
     monkeypatch.delenv("OPENAI_API_KEY")
     assert run(None) == 2
-    assert "OPENAI_API_KEY is not set" in capsys.readouterr().err
+    assert "needs OPENAI_API_KEY: export it" in capsys.readouterr().err
     assert not (openai_cwd / "ft.jsonl").exists()
 
 

@@ -132,6 +132,8 @@ def test_the_dpo_job_carries_its_method_epochs_and_beta_and_a_rerun_reuses_it(op
         assert run(server, "--n_epochs", "3", "--beta", "0.2") == 0
         (upload,), (create,) = server.uploads, server.job_creates
         assert upload["content"] == (openai_cwd / "ft.jsonl").read_bytes() and validate_openai_file(openai_cwd / "ft.jsonl") == []
+        tag = create.pop("metadata")["mentalarena_request"]  # the request's tag: found again after a lost answer
+        assert len(tag) == 32 and state(openai_cwd)["pending_request"] is None
         assert create == {"training_file": upload["id"], "model": "gpt-4.1-mini-2025-04-14",
                           "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 3, "beta": 0.2}}}}
         job_id = state(openai_cwd)["job_id"]
@@ -183,19 +185,20 @@ def test_a_job_recorded_before_method_existed_is_an_sft_job_and_reused(openai_cw
         assert len(server.job_creates) == 2
 
 
-def test_the_key_never_leaks(openai_cwd, capsys):
+def test_the_key_never_leaks(openai_cwd, capsys, monkeypatch):
+    monkeypatch.setenv("FT_KEY", KEY)  # named for the servers below with --api_key_env
     write_records(openai_cwd / "records.jsonl", 6)
     with FakeOpenAI(require_key=KEY) as server:
         assert run(server, "--wait", "--api_key", KEY) == 0
         with FakeOpenAI(require_key="sk-another-key-entirely") as refusing:  # quotes the key it got in its 401
-            assert run(refusing) == 1
+            assert run(refusing, "--api_key_env", "FT_KEY") == 1
         # takes the key, but its 400 quotes the whole Authorization header back (the message is printed)
         with FakeOpenAI(ft_faults=Faults(["ok", "400"]), echo_key=True) as echoing:
-            assert run(echoing, "--beta", "0.1") == 1
+            assert run(echoing, "--beta", "0.1", "--api_key_env", "FT_KEY") == 1
             assert echoing.echoed == 1 and echoing.job_creates == []
     out, err = capsys.readouterr()
     assert "--api_key puts the key in your shell history" in err
-    assert "HTTP 401 AuthenticationError invalid_api_key" in err
+    assert "the server refused the key in FT_KEY (HTTP 401)" in err
     assert "creating the fine-tuning job: HTTP 400 BadRequestError fake_400: injected 400 (request had " in err
     written = b"".join(p.read_bytes() for p in openai_cwd.rglob("*") if p.is_file())
     for text in (out, err, written.decode()):

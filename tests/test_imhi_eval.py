@@ -178,7 +178,7 @@ def _oracle_rules() -> list[tuple[str, str]]:
 def scripted(monkeypatch):
     """Every backend the CLI builds is the next scripted one of the list."""
     backends: list[RawScripted] = []
-    monkeypatch.setattr(ev, "_backend", lambda settings, batch_size, device: backends.pop(0))
+    monkeypatch.setattr(ev, "_backend", lambda settings, batch_size, device, *served: backends.pop(0))
     monkeypatch.setattr(ev, "is_encoder_decoder", lambda model: False)  # no hub look-up for "scripted/model"
     return backends
 
@@ -266,8 +266,8 @@ def test_a_local_answer_may_run_until_prompt_and_answer_fill_2048_tokens(tmp_pat
         writer.writerows([q, "Yes, the poster suffers from stress. Reasoning: long."] for q in queries)
     real = ev._backend
 
-    def never_ending(settings, batch_size, device):  # the window, not an EOS, must end each answer
-        chat = real(settings, batch_size, device)
+    def never_ending(settings, batch_size, device, *served):  # the window, not an EOS, must end each answer
+        chat = real(settings, batch_size, device, *served)
         chat.eos_ids = set()
         return chat
 
@@ -297,7 +297,7 @@ def test_a_local_answer_may_run_until_prompt_and_answer_fill_2048_tokens(tmp_pat
     (lambda d: None, ["--explanation_metrics", "bart"], "needs --bart_model"),
     (lambda d: None, ["--explanation_metrics", "meteor"], "--explanation_metrics must be one of"),
     (lambda d: None, ["--label_model_dir", "{d}"], "no classifier for CAMS"),
-    (lambda d: None, ["--limit", "0"], "--limit must be at least 1"),
+    (lambda d: None, ["--limit", "0"], "--limit must be a whole number of at least 1, not 0"),
     (lambda d: None, ["report", "--output_dir", "{d}"], "no *.results.json"),
 ])
 def test_bad_input_is_one_line_and_exit_2(make, argv, needle, tmp_path, capsys):

@@ -356,10 +356,10 @@ def test_bad_imhi_csvs(tmp_path):
     blank = _write(tmp_path / "Irf.csv", 'query,gpt-3.5-turbo\nq1,yes.\n"multi\nline",\n')
     with pytest.raises(InputError, match=r'Irf\.csv: row 2 \(line 3\): column "gpt-3\.5-turbo" is empty'):
         imhi.read_imhi_csv(blank)
-    with pytest.raises(InputError, match=r"nothere\.csv: cannot read file"):
+    with pytest.raises(InputError, match=r"nothere\.csv: file not found"):
         imhi.read_imhi_csv(tmp_path / "nothere.csv")
     (tmp_path / "bytes.csv").write_bytes(b"query,gpt-3.5-turbo\n\xff,yes\n")
-    with pytest.raises(InputError, match=r"bytes\.csv: not UTF-8"):
+    with pytest.raises(InputError, match=r"bytes\.csv: line 2, column 1: not UTF-8"):
         imhi.read_imhi_csv(tmp_path / "bytes.csv")
     no_generated = _write(tmp_path / "out.csv", "goldens,text\nyes.,yes\n")
     with pytest.raises(InputError, match=r'out\.csv: line 1 \(header\): column "generated_text" is missing'):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from pathlib import Path
 
 import pytest
-from conftest import embedded_tokenizer, make_tiny_llama
+from conftest import ROOT, embedded_tokenizer, make_tiny_llama
 from fake_openai import FakeOpenAI
 from fire.parser import DefaultParseValue
 
@@ -38,15 +39,18 @@ class Stages:
 
     def __init__(self, fail: dict | None = None, real: dict | None = None):
         self.calls: list[dict] = []
+        self.argvs: list[list[str]] = []  # the command lines as given, before any env: value is read
         self.fail = fail or {}
         self.real = real or {}
 
     def __call__(self, script: str, argv: list[str], launcher: list[str] | None = None) -> int:
         command = argv[0] if argv and not argv[0].startswith("--") else None
         args = {}
+        self.argvs.append(list(argv))
         for flag in argv[1 if command else 0:]:
             key, _, value = flag.removeprefix("--").partition("=")
-            args[key] = DefaultParseValue(value)
+            # an address handed over in the environment, read back as the stage reads it (backends.endpoint_list)
+            args[key] = os.environ[value[4:]] if value.startswith("env:") else DefaultParseValue(value)
         inspect.signature(getattr(MODULES[script], command or "run")).bind(**args)  # the real stage takes it
         self.calls.append({"script": script, "command": command, "args": args, "launcher": launcher})
         code = self.fail.get((script, sum(c["script"] == script for c in self.calls)), 0)
@@ -318,6 +322,54 @@ def test_changed_settings_are_refused_and_restart_redoes_only_what_depends_on_th
     assert len((work / "iter2" / "records.jsonl").read_text().splitlines()) == 2  # rewritten, not appended
 
 
+def test_a_training_batch_size_is_a_change_and_a_stage_s_running_flag_is_not(tmp_path, stages, capsys):
+    """Which flags cannot change a step's output is the stage's own list: a new training batch size
+    makes another model (today it was ignored, and the old model kept), more self-play concurrency
+    does not."""
+    work = tmp_path / "run"
+    base = ["--work_dir", str(work), "--iterations", "1", "--eval", "none", *QUICK]
+    stages()
+    assert iterate.main([*base, "--finetune_args", '{"batch_size": 4}']) == 0
+    fake = stages()
+    assert iterate.main([*base, "--finetune_args", '{"batch_size": 8}']) == 2
+    assert "iteration 1 finetune ran with other settings (--batch_size 4 -> 8)" in capsys.readouterr().err
+    assert iterate.main([*base, "--finetune_args", '{"batch_size": 4}', "--arena_args",
+                         '{"concurrency": 2, "max_batch_size": 4}']) == 0
+    assert fake.calls == []
+
+
+def test_an_input_file_corrected_in_place_is_a_change(tmp_path, stages, capsys):
+    """Inputs are compared by content: a patients file fixed under the same name is another input."""
+    patients = tmp_path / "patients.json"
+    patients.write_text((ROOT / "data" / "sample_patients.json").read_text())
+    work = tmp_path / "run"
+    base = ["--work_dir", str(work), "--iterations", "1", "--eval", "none", "--patients_file", str(patients), *QUICK]
+    stages()
+    assert iterate.main(base) == 0
+    fake = stages()
+    assert iterate.main(base) == 0 and fake.calls == []  # the same content: nothing to do
+    patients.write_text(patients.read_text().replace("Priya", "Priyanka", 1))
+    assert iterate.main(base) == 2
+    assert "iteration 1 generate ran with other settings (--patients_file: the content changed)" in capsys.readouterr().err
+    assert fake.calls == []
+    assert iterate.main([*base, "--restart"]) == 0
+    assert [c["script"] for c in fake.calls] == ["arena_med.py", "llama_finetune.py"]
+
+
+def test_the_loop_says_where_each_stage_s_data_goes_before_the_first_step(tmp_path, stages, capsys):
+    stages()
+    assert iterate.main(["--work_dir", str(tmp_path / "run"), "--iterations", "1", "--eval", "qa,counsel",
+                         "--judge_model", "gpt-4o-2024-08-06", *QUICK]) == 0
+    out = capsys.readouterr().out
+    first_step = out.index("[iterate] iteration 0/1 eval_qa")
+    routes = [line for line in out[:first_step].splitlines() if "where the data goes" in line]
+    assert len(routes) == 4, out[:first_step]
+    assert "generate: patients to the model -> a local model in this process; to the judge -> 'gpt-4o-2024-08-06' at " \
+           "the OpenAI API" in routes[0]
+    assert "finetune: the records stay on this machine" in routes[1]
+    assert "eval_counsel: client statements -> a local model in this process; to the judge -> the model" in routes[3]
+
+
 def test_openai_path_takes_each_fine_tuned_id_from_data_process(tmp_path, stages, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     work = tmp_path / "gpt"
@@ -344,6 +396,13 @@ def test_openai_path_takes_each_fine_tuned_id_from_data_process(tmp_path, stages
     assert all("method" not in a for a in fake.of("data_process.py"))  # sft: the paper's command line
     outputs = state_of(work)["steps"]["2/finetune"]["outputs"]
     assert (outputs["objective"], outputs["pairs"], outputs["examples"]) == ("sft", None, 6)
+
+
+def test_arena_args_pass_the_score_parser_through(tmp_path, stages):
+    fake = stages()
+    assert iterate.main(["--work_dir", str(tmp_path / "run"), "--iterations", "1", *QUICK,
+                         "--arena_args", '{"score_parser": "reference"}']) == 0
+    assert [a["score_parser"] for a in fake.of("arena_med.py")] == ["reference"]
 
 
 # ---------------------------------------------------------------------------------- data selection
@@ -476,8 +535,11 @@ def test_counsel_eval_runs_each_model_with_one_judge_and_its_scores_reach_the_su
 
 @pytest.mark.parametrize("flags, judge", [
     ([], "org/starter"),                                                 # the starting model
-    (["--judge_model", "gpt-4o-2024-08-06"], "gpt-4o-2024-08-06"),      # the loop's judge
+    (["--judge_model", "org/big-judge"], "org/big-judge"),               # the loop's judge, local like the model
+    # the loop's judge runs on the OpenAI API, a third party to a local model: not sent there unasked
+    (["--judge_model", "gpt-4o-2024-08-06"], "org/starter"),
     (["--judge_model", "gpt-4o-2024-08-06", "--counsel_args", '{"judge_model": "org/judge"}'], "org/judge"),
+    (["--counsel_args", '{"judge_model": "gpt-4o-2024-08-06"}'], "gpt-4o-2024-08-06"),  # named for counseling
 ])
 def test_the_counsel_judge_is_the_same_in_every_iteration(tmp_path, stages, flags, judge):
     statements = tmp_path / "statements.jsonl"
@@ -526,6 +588,9 @@ def test_changed_counsel_settings_redo_only_the_counsel_evaluations(tmp_path, st
     assert iterate.main([*changed, "--restart"]) == 0
     assert [c["script"] for c in fake.calls] == ["Counsel_eval.py", "Counsel_eval.py"]
     assert fake.of("Counsel_eval.py")[0]["judge_api_base"] == "http://user:secret@judge:8000/v1"
+    # ... handed over in the environment: no command line (what `ps` shows) holds the password
+    assert all("secret" not in flag for argv in fake.argvs for flag in argv)
+    assert "--judge_api_base=env:MENTALARENA_JUDGE_API_BASE" in fake.argvs[0]
     assert "--restart: removing" in capsys.readouterr().out
     assert "secret" not in (work / "state.json").read_text()  # the settings' dicts lose credentials too
     rows = [line for line in (work / "summary.md").read_text().splitlines() if line.startswith("| ")]
@@ -567,7 +632,7 @@ def test_changed_counsel_settings_redo_only_the_counsel_evaluations(tmp_path, st
     (["--patients_file", "nowhere.json"], "--patients_file nowhere.json: file not found"),
     (["--api_base", "http://127.0.0.1:1/v1"], "--api_base is for --backend openai"),
     (["--backend", "openai", "--method", "lora"], "--method and --max_steps are for --backend open"),
-    (["--backend", "openai"], "OPENAI_API_KEY is not set"),
+    (["--backend", "openai"], "the OpenAI API (https://api.openai.com/v1) needs OPENAI_API_KEY"),
     (["--backend", "openai", "--api_base", "http://127.0.0.1:1/v1", "--epochs", "4,1.5"],
      "--epochs must be a comma list of whole numbers"),
     (["--objective", "ppo"], "--objective must be one of sft, dpo, sft+dpo, not 'ppo'"),
@@ -630,3 +695,56 @@ def test_one_iteration_of_the_real_stages_on_a_tiny_model(tmp_path):
     assert row["model"] == "iter1/model/merged" and row["records"] == 1 and row["train_loss"] > 0
     assert set(row["qa"]) == {"MedQA", "PubMedQA"} and set(row["imhi"]) == {"IMHI/dreaddit"}
     assert (work / "iter1" / "model" / "merged" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------- Ctrl-C during a stage
+STAGE = """
+import signal, sys, time
+from pathlib import Path
+def stop(*_):
+    time.sleep({seconds})  # the rest of a checkpoint being saved
+    Path({saved!r}).write_text("whole")
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+Path({ready!r}).write_text(str(__import__("os").getpid()))
+time.sleep(60)
+"""
+
+
+def ctrl_c_during_a_stage(tmp_path: Path, seconds: float) -> tuple[Path, int, float]:
+    """iterate.run_stage on a stage that takes `seconds` to stop after SIGINT; Ctrl-C reaches both
+    processes, as a terminal sends it to the whole group. (The files it left, the stage's pid, the wait.)"""
+    import signal
+    import threading
+    import time
+
+    saved, ready = tmp_path / "saved", tmp_path / "ready"
+    (tmp_path / "stage.py").write_text(STAGE.format(seconds=seconds, saved=str(saved), ready=str(ready)))
+
+    def press():
+        while not ready.exists() or not ready.read_text():
+            time.sleep(0.02)
+        os.kill(int(ready.read_text()), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        iterate.run_stage(str(tmp_path / "stage.py"), [])
+    return saved, int(ready.read_text()), time.monotonic() - started
+
+
+def test_ctrl_c_lets_the_stage_finish_saving_before_it_is_stopped(tmp_path, capsys):
+    saved, pid, _ = ctrl_c_during_a_stage(tmp_path, seconds=1.5)  # subprocess.run killed it after 0.25 s
+    assert saved.read_text() == "whole"
+    assert f"[iterate] waiting up to 30 s for {tmp_path / 'stage.py'} to stop" in capsys.readouterr().err
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # stopped and reaped
+
+
+def test_a_stage_that_does_not_stop_is_killed_after_the_wait(tmp_path, monkeypatch):
+    monkeypatch.setattr(iterate, "STOP_WAIT", 0.5)
+    saved, pid, waited = ctrl_c_during_a_stage(tmp_path, seconds=30)
+    assert not saved.exists() and waited < 10
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

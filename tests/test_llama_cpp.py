@@ -181,18 +181,26 @@ def test_counseling_evaluation_against_the_server(server, tmp_path):
 
 
 def test_a_refused_key_fails_in_seconds(tmp_path):
+    """A keyed llama.cpp server: OPENAI_API_KEY is never sent to it; without --api_key_env the line
+    says which flag to use, a wrong key in the named variable is refused in one line, the right one works."""
     with LlamaServer(n_ctx=1024, slots=1, api_key="server-key-123") as keyed:
         start = time.monotonic()
-        result = script("arena_med.py", "--base_model", MODEL, "--api_base", keyed.base_url, "--output_file",
-                        str(tmp_path / "o.jsonl"), extra_env={"OPENAI_API_KEY": "sk-wrong-SECRET-999"})
+        unkeyed = script("arena_med.py", "--base_model", MODEL, "--api_base", keyed.base_url, "--output_file",
+                         str(tmp_path / "o.jsonl"), extra_env={"OPENAI_API_KEY": "server-key-123"})
         elapsed = time.monotonic() - start
+        wrong = script("arena_med.py", "--base_model", MODEL, "--api_base", keyed.base_url, "--output_file",
+                       str(tmp_path / "o.jsonl"), "--api_key_env", "LLAMA_KEY",
+                       extra_env={"LLAMA_KEY": "sk-wrong-SECRET-999"})
         ok = script("MedQA_eval.py", "--model", MODEL, "--api_base", keyed.base_url, "--dataset", "MedQA",
                     "--data_file", str(ROOT / "data/qa_sample/medqa.jsonl"), "--limit", "1", "--repeats", "1",
                     "--max_new_tokens", "4", "--output_dir", str(tmp_path / "qa"), "--progress", "False",
-                    extra_env={"OPENAI_API_KEY": "server-key-123"})
-    assert result.returncode == 2, explain(result)
-    assert f"error: {keyed.base_url}: the server refused the API key (HTTP 401)" in result.stderr
-    assert "SECRET" not in result.stdout + result.stderr and elapsed < 30
+                    "--api_key_env", "LLAMA_KEY", extra_env={"LLAMA_KEY": "server-key-123"})
+    # OPENAI_API_KEY held the server's own key, yet it was not sent: it belongs to the OpenAI API only
+    assert unkeyed.returncode == 2, explain(unkeyed)
+    assert f"error: {keyed.base_url} wants an API key (HTTP 401)" in unkeyed.stderr and "--api_key_env" in unkeyed.stderr
+    assert wrong.returncode == 2, explain(wrong)
+    assert f"error: {keyed.base_url} refused the key in LLAMA_KEY (HTTP 401)" in wrong.stderr
+    assert "SECRET" not in wrong.stdout + wrong.stderr and elapsed < 30
     assert ok.returncode == 0, explain(ok)
 
 

@@ -8,6 +8,7 @@ thousand parameters per layer, so each training run takes seconds on a CPU.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from conftest import assert_same_up_to_a_tie, reply_token_ids
 import arena_med
 import llama_finetune
 from mentalarena.jsonl import read_jsonl
+from mentalarena.locks import OutputLock
 from mentalarena.sft import SFTPair, to_openai, to_text
 from mentalarena.training import IGNORE, Collator, encode, pack
 
@@ -272,6 +274,57 @@ def test_checkpoints_made_with_other_settings_are_refused_and_resume_false_start
     running[running.index("--logging_steps") + 1] = "2"
     assert llama_finetune.main(running) == 0
     assert f"resuming from {checkpoints / 'checkpoint-2'}" in capsys.readouterr().out
+
+
+def cut_optimizer(folder: Path) -> None:
+    data = (folder / "optimizer.pt").read_bytes()
+    (folder / "optimizer.pt").write_bytes(data[: len(data) // 2])
+
+
+# how a stop while saving checkpoint-4 leaves it (the trainer writes trainer_state.json last, then the marker)
+DAMAGE = {
+    "killed before trainer_state.json": lambda c: ((c / "complete.json").unlink(), (c / "trainer_state.json").unlink()),
+    "killed while writing optimizer.pt": lambda c: ((c / "complete.json").unlink(), (c / "trainer_state.json").unlink(),
+                                                    cut_optimizer(c)),
+    "power cut: optimizer.pt lost its tail": cut_optimizer,  # the marker says what it should be
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_checkpoint_cut_short_is_moved_aside_and_the_one_before_resumed(tiny_base, records, tmp_path, capsys, damage):
+    out = tmp_path / "models"
+    args = tiny_args(tiny_base, records, out, "c", "--max_steps", "4", "--save_steps", "2")
+    assert llama_finetune.main(args) == 0
+    folder, checkpoints = out / "c", out / "c" / "checkpoints"
+    assert all((checkpoints / f"checkpoint-{n}" / "complete.json").is_file() for n in (2, 4))
+    first = json.loads((folder / "finetune_config.json").read_text())
+    (folder / "finetune_config.json").unlink()  # the run never finished
+    DAMAGE[damage](checkpoints / "checkpoint-4")
+    capsys.readouterr()
+
+    assert llama_finetune.main(args) == 0
+    said = capsys.readouterr().out
+    assert ("[finetune] checkpoint-4 is incomplete (the run was stopped while saving it); moved aside to "
+            "incomplete-checkpoint-4, resuming from checkpoint-2\n") in said
+    assert f"resuming from {checkpoints / 'checkpoint-2'}\n" in said
+    second = json.loads((folder / "finetune_config.json").read_text())
+    assert second["summary"]["resumed_from"] == str(checkpoints / "checkpoint-2") and second["summary"]["steps"] == 4
+    assert second["loss_history"][:2] == first["loss_history"][:2]  # restored from step 2, not retrained
+    assert (checkpoints / "incomplete-checkpoint-4" / "adapter_model.safetensors").is_file()  # kept, not deleted
+    assert (checkpoints / "checkpoint-4" / "complete.json").is_file()  # saved again, whole
+
+
+@pytest.mark.parametrize("objective", ["sft", "sft+dpo"])
+def test_a_second_run_on_the_same_new_name_stops_at_once(tiny_base, records, tmp_path, capsys, objective):
+    """Two runs training into one folder would mix their checkpoints: the second one gets one line."""
+    out = tmp_path / "models"
+    with OutputLock(out / "busy"):  # the first run, holding the folder (sft+dpo: both its stages)
+        code = llama_finetune.main(tiny_args(tiny_base, records, out, "busy", "--objective", objective))
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {out / 'busy'}: another run is writing it (pid {os.getpid()} on ")
+    assert err.endswith("wait for it to end, or choose another output") and "\n" not in err
+    assert not (out / "busy").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -267,6 +267,7 @@ def _suite_data_dir(root):
 
 
 def test_suite_runs_both_tables_from_a_data_dir_and_reports_every_set(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-suite")  # the OpenAI API's key must be there before anything runs
     files = _suite_data_dir(tmp_path / "data")
     assert len(files) == len(ev.MAIN_TABLE) + len(ev.GENERALIZATION_TABLE) == 19  # 3 + 10 MedMCQA + 6 MMLU
     backend = StreamingScripted([("[PubMedQA]", "Yes.")], default="A")

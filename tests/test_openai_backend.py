@@ -10,8 +10,9 @@ from typing import Callable, Iterator
 import pytest
 
 from fake_openai import FakeOpenAI, Faults, echo_responder
-from mentalarena.errors import EndpointError, ModelCallError
-from mentalarena.openai_backend import OpenAIBackend, parse_retry_after
+from mentalarena.errors import EndpointError, InputError, ModelCallError, ServiceRefused
+from mentalarena.openai_backend import OpenAIBackend
+from mentalarena.openai_client import parse_retry_after
 
 SECRET = "sk-test-SECRET-123"
 # Client timeouts. A request to the local fake server is answered in milliseconds, but a busy 2-core
@@ -27,6 +28,7 @@ STALL_SECONDS = STALL_TIMEOUT + 3.0
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.setenv("SERVED_KEY", SECRET)  # the key a test names for the fake server (key_env)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
 
 
@@ -41,7 +43,7 @@ def make_backend(server: FakeOpenAI) -> Iterator[Callable[..., OpenAIBackend]]:
     backends: list[OpenAIBackend] = []
 
     def make(**overrides: object) -> OpenAIBackend:
-        options = dict(api_base=server.base_url, timeout=TIMEOUT, max_retries=5,
+        options = dict(api_base=server.base_url, request_timeout=TIMEOUT, max_retries=5,
                        backoff_base=0.01, backoff_max=0.05)
         options.update(overrides)
         backend = OpenAIBackend("fake-model", **options)  # type: ignore[arg-type]
@@ -62,7 +64,7 @@ def expected_text(conv: list[dict]) -> str:
     return echo_responder({"messages": conv})
 
 
-def test_plain_call_returns_text_tokens_and_sends_key(server, make_backend):
+def test_plain_call_returns_text_tokens_and_keeps_the_openai_key_home(server, make_backend):
     backend = make_backend(temperature=0.3, max_new_tokens=17)
     [reply] = backend.generate([conversation(1)])
     assert reply.text == "ECHO: question number 1"
@@ -72,8 +74,15 @@ def test_plain_call_returns_text_tokens_and_sends_key(server, make_backend):
     sent = server.requests[0]
     assert (sent["model"], sent["temperature"], sent["max_tokens"]) == ("fake-model", 0.3, 17)
     assert "seed" not in sent
-    assert server.auth_headers == [f"Bearer {SECRET}"]
+    # OPENAI_API_KEY is set (the fixture), but this server is not the OpenAI API: it gets no key
+    assert server.auth_headers == ["Bearer not-needed"]
     assert backend.name == "openai:fake-model" and not backend.batched
+
+
+def test_a_served_model_gets_the_key_of_the_variable_named_for_it(server, make_backend, monkeypatch):
+    monkeypatch.setenv("VLLM_KEY", "vllm-secret-1")
+    make_backend(key_env="VLLM_KEY").generate([conversation(1)])
+    assert server.auth_headers == ["Bearer vllm-secret-1"]
 
 
 def test_seed_is_sent_when_given(server, make_backend):
@@ -98,7 +107,7 @@ def test_parallel_generate_keeps_order(server, make_backend):
                                   "empty_choices", "null_content", "drop"])
 def test_each_fault_is_retried_then_succeeds(server, make_backend, kind, caplog):
     server.faults.push(kind)
-    backend = make_backend(timeout=STALL_TIMEOUT if kind == "stall" else TIMEOUT)
+    backend = make_backend(request_timeout=STALL_TIMEOUT if kind == "stall" else TIMEOUT)
     with caplog.at_level(logging.WARNING, logger="mentalarena.openai"):
         [reply] = backend.generate([conversation(3)])
     assert reply.text == "ECHO: question number 3"
@@ -112,7 +121,7 @@ def test_each_fault_is_retried_then_succeeds(server, make_backend, kind, caplog)
 def test_random_fault_storm_completes_in_order(make_backend):
     faults = Faults(rate=0.4, seed=1234)
     with FakeOpenAI(faults=faults, stall_seconds=STALL_SECONDS) as storm:
-        backend = make_backend(api_base=storm.base_url, max_retries=15, timeout=STALL_TIMEOUT)
+        backend = make_backend(api_base=storm.base_url, max_retries=15, request_timeout=STALL_TIMEOUT)
         convs = [conversation(i) for i in range(50)]
         replies = backend.generate(convs)
     assert [r.text for r in replies] == [expected_text(c) for c in convs]
@@ -145,7 +154,7 @@ def test_parse_retry_after_forms():
 def test_exhausted_retries_raise_without_leaking_the_key(server, make_backend, caplog):
     server.echo_key = True  # each 500 quotes the Authorization header back, as some servers do
     server.faults.push(*["500"] * 4)
-    backend = make_backend(max_retries=3)
+    backend = make_backend(max_retries=3, key_env="SERVED_KEY")
     with caplog.at_level(logging.DEBUG), pytest.raises(ModelCallError) as raised:
         backend.generate([conversation(1)])
     message = str(raised.value)
@@ -158,13 +167,17 @@ def test_exhausted_retries_raise_without_leaking_the_key(server, make_backend, c
     assert SECRET not in message and SECRET not in caplog.text and SECRET not in repr(backend)
 
 
-@pytest.mark.parametrize("status", ["400", "401", "403", "404"])
-def test_client_errors_are_not_retried(server, make_backend, status, caplog):
+@pytest.mark.parametrize(("status", "stops"), [("400", True), ("401", True), ("403", True), ("404", True),
+                                               ("413", False), ("422", False)])
+def test_client_errors_are_not_retried(server, make_backend, status, stops, caplog):
+    """400/401/403/404 stop the run (ServiceRefused: no retry can fix them); other 4xx fail the one request."""
     server.echo_key = True  # the error body quotes the Authorization header back, as some servers do
     server.faults.push(status)
     with caplog.at_level(logging.DEBUG), pytest.raises(ModelCallError) as raised:
-        make_backend().generate([conversation(1)])
-    assert f"HTTP {status}" in str(raised.value) and "not retried" in str(raised.value)
+        make_backend(key_env="SERVED_KEY").generate([conversation(1)])
+    assert f"HTTP {status}" in str(raised.value) and "\n" not in str(raised.value)
+    assert isinstance(raised.value, ServiceRefused) is stops
+    assert ("stopped (retrying cannot fix this)" if stops else "not retried") in str(raised.value)
     assert len(server.requests) == 1
     assert server.echoed == 1 and SECRET in str(_server_error(raised.value))  # the key was on offer...
     assert SECRET not in str(raised.value) and SECRET not in caplog.text  # ... and not taken
@@ -178,7 +191,7 @@ def _server_error(err: BaseException) -> object:
 
 def test_missing_key_without_api_base_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
-    with pytest.raises(EndpointError, match="OPENAI_API_KEY.*api.openai.com.*--api_base"):  # exit 2, one line
+    with pytest.raises(InputError, match="api.openai.com.*OPENAI_API_KEY.*--api_base"):  # exit 2, one line
         OpenAIBackend("gpt-4o-mini")
 
 
@@ -208,7 +221,7 @@ def test_callers_messages_are_not_mutated(server, make_backend, count):
 )
 def test_replies_are_stripped_like_the_reference(content, expected):
     with FakeOpenAI(responder=lambda request: content) as fake:
-        backend = OpenAIBackend("fake-model", api_base=fake.base_url, timeout=5.0, max_retries=0)
+        backend = OpenAIBackend("fake-model", api_base=fake.base_url, request_timeout=5.0, max_retries=0)
         try:
             [reply] = backend.generate([conversation(1)])
         finally:

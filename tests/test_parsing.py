@@ -9,6 +9,7 @@ from mentalarena.parsing import (
     parse_group_number,
     parse_score,
     parse_score_reference,
+    skip_scale,
 )
 
 
@@ -48,27 +49,71 @@ def test_parse_group_number(text, n_groups, expected):
     assert parse_group_number(text, n_groups) == expected
 
 
-# (text, parse_score, parse_score_reference)
+# (text, parse_score, parse_score_reference): the health rating the judge gives after
+# "Rate this health state from 1 to 10, ... Reply with the number only." 0 is "no score".
 @pytest.mark.parametrize("text, robust, reference", [
     ("8", 8, 8),
     (" 9\n", 9, 9),
+    ("1", 1, 1),
+    ("10", 10, 10),
     ("Score: 7/10", 7, 7),
+    ("7/10", 7, 7),
+    ("10/10", 10, 10),
     ("7.5", 7, 7),
+    ("3.9", 3, 3),  # decimals cut, as before
     ("I'd say 6 out of 10", 6, 6),
+    ("I'd rate it 8 out of 10", 8, 8),
+    ("Rating: 6.", 6, 6),
     ("**8**", 8, 8),
+    ("__7__", 7, 7),
     ("My health state: 3. Still not great.", 3, 3),
+    ("I would rate my health state as a 7 out of 10.", 7, 7),
+    ("Health rating: **6**/10 - the sleep is better but the worry stays.", 6, 6),
     ("ten", 0, 0),
     ("", 0, 0),
     ("N/A", 0, 0),
     ("010", 10, 10),
-    ("On a scale of 1 to 10, I would rate it 7.", 1, 1),  # both take the first integer
     ("+5", 5, 5),
-    ("-2", 2, -2),  # int() keeps the sign, the regex does not
-    ("1_0", 1, 10),  # int() accepts digit-group underscores
+    # a stated scale is skipped; the reference reads its first number
+    ("On a scale of 1 to 10, I would rate it 7.", 7, 1),
+    ("On a scale of 1 to 10, the patient is at a 7", 7, 1),
+    ("From 1 to 10, where 1 is bad and 10 is good, I'd say 6.", 6, 1),
+    ("Rating (1-10): 8", 8, 1),
+    ("On a 1-10 scale: 5", 5, 1),
+    ("7 (1 = worst, 10 = best)", 7, 7),
+    # off the 1-10 scale: unscored, never a top score; the reference ends the search on them
+    ("32", 0, 32),
+    ("121", 0, 121),
+    ("32 %", 0, 32),
+    ("90%", 0, 90),
+    ("Score: 12", 0, 12),
+    ("0", 0, 0),
+    ("11", 0, 11),
+    ("10.5", 0, 10),
+    ("4/5", 0, 4),  # another scale: no rating on 1-10
+    ("-2", 0, -2),  # int() keeps the sign; a negative rating is off the scale
+    ("1_0", 0, 10),  # int() accepts digit-group underscores; no number a person writes
+    # the first number left is the rating, even where a person would read a later one
+    ("My health improved from 4 to 7.", 4, 4),
 ])
 def test_parse_score(text, robust, reference):
     assert parse_score(text) == robust
     assert parse_score_reference(text) == reference
+
+
+@pytest.mark.parametrize("text, left", [
+    ("Empathy (1-10): 8", "Empathy  : 8"),
+    ("Safety [0 - 10]: 5", "Safety  : 5"),
+    ("Clarity (out of 10): 7", "Clarity  : 7"),
+    ("Empathy (1 = poor, 10 = excellent): 6", "Empathy  : 6"),
+    ("on a scale of 1 to 10, 7", " , 7"),
+    ("rate it 8/10", "rate it 8 "),
+    ("Non-judgement and respect (9)", "Non-judgement and respect (9)"),  # a score in brackets stays
+    ("improved from 4 to 7", "improved from 4 to 7"),  # a change, not a scale
+    ("6-7", "6-7"),
+])
+def test_skip_scale_blanks_only_stated_scales(text, left):
+    assert skip_scale(text) == left
 
 
 def ex(treatment="", explain_t="", medicine="", explain_m=""):

@@ -312,7 +312,7 @@ def test_cop_out_of_range_suggests_the_other_base(tmp_path):
 def test_bad_json_line_and_empty_file(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(MEDQA_ROW) + "\n{not json\n", encoding="utf-8")
-    with pytest.raises(InputError, match=f"{path}: row 2: not valid JSON"):
+    with pytest.raises(InputError, match=f"{path}: line 2: not valid JSON"):
         qa.load_items("MedQA", data_file=path)
     path.write_text("\n", encoding="utf-8")
     with pytest.raises(InputError, match=f"{path}: no rows"):

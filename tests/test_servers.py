@@ -150,13 +150,17 @@ def test_judge_routing_table(base, judge, expected):
 
 def test_the_routes_line_says_where_each_role_goes():
     base = route("m", "auto", "http://user:pw@a:8000/v1")
-    assert describe_routes(base, None) == ("base model 'm' -> http://a:8000/v1; judge -> the base model "
+    assert describe_routes(base, None) == ("base model 'm' -> http://a:8000/v1 (no key); judge -> the base model "
                                            "(same client, shared batches)")
     away = describe_routes(base, judge_route(base, "gpt-4-turbo", "auto", OPENAI))
-    assert "judge 'gpt-4-turbo' -> https://api.openai.com/v1 (not --api_base" in away and "pw" not in away
+    assert "judge 'gpt-4-turbo' -> https://api.openai.com/v1 (key $OPENAI_API_KEY) (not --api_base" in away
+    assert "pw" not in away
     local = describe_routes(route("org/base"), judge_route(route("org/base"), "gpt-4o"))
     assert "base model 'org/base' -> a local model" in local and "judge 'gpt-4o' -> the OpenAI API" in local
-    assert Route("m", "openai", (A, B)).where() == f"{A}, {B}"
+    assert Route("m", "openai", (A, B)).where() == f"{A}, {B} (no key)"
+    keyed = route("m", "auto", A, "VLLM_KEY")
+    assert keyed.where() == f"{A} (key $VLLM_KEY)"
+    assert judge_route(keyed, "j").where() == f"{A} (key $VLLM_KEY)"  # a judge served there gets the same key
 
 
 def test_a_served_judge_stays_on_the_named_server(tmp_path, monkeypatch):
@@ -208,9 +212,14 @@ def test_an_unreachable_server_fails_in_seconds_naming_it(tmp_path, capsys, monk
 
 def test_a_refused_key_fails_in_seconds_without_printing_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.setenv("WRONG_KEY", SECRET)
     with FakeOpenAI(require_key="sk-the-right-one") as server:  # its 401 quotes the key it got
+        # no key named for this server: OPENAI_API_KEY stays home, and the line says which flag to use
         _fails_fast(arena_med.main, _arena_argv(server.base_url, tmp_path / "o.jsonl"), capsys,
-                    server.base_url, "refused the API key (HTTP 401)")
+                    server.base_url, "wants an API key (HTTP 401)", "--api_key_env")
+        assert server.model_list_auth == ["Bearer not-needed"]
+        _fails_fast(arena_med.main, _arena_argv(server.base_url, tmp_path / "o.jsonl") + ["--api_key_env", "WRONG_KEY"],
+                    capsys, server.base_url, "refused the key in WRONG_KEY (HTTP 401)")
         assert server.requests == []  # not one chat request with the patients' data
 
 

@@ -193,6 +193,21 @@ def test_fallbacks_for_unparseable_judge_replies():
     assert search["fallback"] and search["best"] == search["tries"][0]["candidate"] and search["best_score"] == 0
 
 
+@pytest.mark.parametrize("parser, scores", [("robust", [0, 0, 0]), ("reference", [32])])
+def test_an_off_scale_health_score_does_not_end_the_search(parser, scores):
+    """A judge answering "32" (no rating on 1-10): robust reads no score, so every try is made and the
+    first candidate is kept; the reference's first integer takes 32 >= 9 and stops at try 1."""
+    patient = load_patients(DEFAULT_PATIENTS_FILE)[1]
+    backend = ScriptedBackend(rules=[("number of the best group", "Group 1"), ("Rate this health state", "32")],
+                              default="text")
+    record = run_one(make_arena(backend, max_decode_rounds=0, max_tries=3, score_parser=parser), patient)
+    for search in (record["treatment_search"], record["medicine_search"]):
+        assert [(t["judge_reply"], t["score"]) for t in search["tries"]] == [("32", s) for s in scores]
+        assert search["best_score"] == max(scores) and search["fallback"] == (parser == "robust")
+        assert search["best"] == search["tries"][0]["candidate"]
+    assert record["settings"]["score_parser"] == parser
+
+
 def test_roles_mode_separates_speakers():
     patient = load_patients(DEFAULT_PATIENTS_FILE)[3]
     backend = CountingBackend([9] * 4)
