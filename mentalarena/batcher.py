@@ -9,10 +9,16 @@ Layout: active requests always occupy slots 0..n-1 (a finished row is replaced b
 so each decode step runs on views of the cache, never on copies. Prompts are prefilled one at a
 time without padding, straight into their slot. Identical prompts (the repeats of an evaluation)
 are prefilled once and their cache is copied into each repeat's slot.
+
+Memory that runs out (halving.py says which failures those are) fails as little as can be told
+apart: a prefill runs one prompt alone, so that request fails and its slot goes to the next; a
+decode step runs every active row at once, so the requests not answered yet start again from
+scratch with half as many slots, down to one, where the request decoding alone is the one failed.
 """
 from __future__ import annotations
 
 import inspect
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
@@ -21,6 +27,11 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from .backends import Reply
+from .errors import ModelCallError
+from .halving import alone_error, describe, out_of_memory, release_memory
+from .sampling import row_generators
+
+log = logging.getLogger("mentalarena.batcher")
 
 
 class SlotCache(Cache):
@@ -73,7 +84,7 @@ class ContinuousBatcher:
     """Runs one list of token-id prompts through a causal LM, yielding replies as they finish."""
 
     def __init__(self, model, eos_ids: set[int], decode: Callable[[list[int]], str],
-                 sample: Callable[[torch.Tensor, list[int]], torch.Tensor], slots: int,
+                 sample: Callable[[torch.Tensor, list[torch.Generator]], torch.Tensor], slots: int,
                  max_new_tokens: int, context_limit: int | None):
         self.model, self.eos_ids = model, eos_ids
         self.decode_text, self.sample = decode, sample
@@ -83,15 +94,45 @@ class ContinuousBatcher:
         self.keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.prefilled_tokens = 0
 
-    def run(self, prompts: list[list[int]]) -> Iterator[tuple[int, Reply]]:
-        if not prompts:
-            return
+    def run(self, prompts: list[list[int]], seeds: list[int]) -> Iterator[tuple[int, Reply | ModelCallError]]:
+        """(request, reply) as answers finish; a request that ran out of memory alone yields its
+        ModelCallError instead (see the module's docstring). Each attempt samples from fresh
+        generators of the requests' `seeds`, so a request retried samples as it would have alone."""
+        todo = dict.fromkeys(range(len(prompts)))  # requests not answered yet, in order
+        slots = self.slots
+        while todo:
+            active: list[int] = []  # the requests decoding when a step failed
+            try:
+                for request, reply in self._attempt(prompts, seeds, list(todo), slots, active):
+                    del todo[request]
+                    yield request, reply
+                return
+            except Exception as exc:  # noqa: BLE001 - anything but memory is raised again
+                if not out_of_memory(exc):
+                    raise
+                failure, alone = describe(exc), alone_error(exc)
+            release_memory()
+            active = [r for r in active if r in todo]  # not one answered just before the failure
+            used = len(active) or min(slots, len(todo))
+            if used > 1:
+                slots = used // 2
+                log.warning("%d requests decoding together ran out of memory (%s); the %d unanswered start "
+                            "again, %d at a time", used, failure, len(todo), slots)
+                continue
+            # alone: the request decoding, or (the cache itself did not fit) the prompt that sets its width
+            culprit = active[0] if active else max(todo, key=lambda r: len(prompts[r]))
+            del todo[culprit]
+            yield culprit, alone
+
+    def _attempt(self, prompts, seeds, requests: list[int], slots: int, active: list[int]):
+        """`requests` from scratch, `slots` at a time; `active` is kept naming the rows decoding."""
+        generators = dict(zip(requests, row_generators([seeds[r] for r in requests], self.device)))
         limit = self.context_limit or 1 << 30
-        width = min(max(len(p) for p in prompts) + self.max_new_tokens, limit)
-        cache = SlotCache(self.model.config.get_text_config(), min(self.slots, len(prompts)), width,
+        width = min(max(len(prompts[r]) for r in requests) + self.max_new_tokens, limit)
+        cache = SlotCache(self.model.config.get_text_config(), min(slots, len(requests)), width,
                           self.dtype, self.device)
-        pending = iter(range(len(prompts)))
-        copies = Counter(tuple(p) for p in prompts)
+        pending = iter(requests)
+        copies = Counter(tuple(prompts[r]) for r in requests)
         saved: dict[tuple, tuple] = {}  # prompt -> (cache snapshot, logits) while repeats remain
         rows: list[_Row] = []
         logits = torch.empty(0)
@@ -106,14 +147,23 @@ class ContinuousBatcher:
                 if budget <= 0:  # the prompt alone fills the context: nothing can be generated
                     yield request, Reply("", prompt_tokens=len(prompt), truncated=True)
                     continue
-                slot = len(rows)
-                new_logits.append(self._admit(cache, slot, prompt, copies, saved))
-                rows.append(_Row(request, len(prompt), budget))
+                try:
+                    new_logits.append(self._admit(cache, len(rows), prompt, copies, saved))
+                except Exception as exc:  # noqa: BLE001 - anything but memory is raised again
+                    if not out_of_memory(exc):
+                        raise
+                    failed = alone_error(exc)  # the prompt ran alone: the request fails, its slot stays free
+                else:
+                    rows.append(_Row(request, len(prompt), budget))
+                    continue
+                release_memory()
+                yield request, failed
+            active[:] = [r.request for r in rows]
             if new_logits:
                 logits = torch.cat([logits, *new_logits]) if len(logits) else torch.cat(new_logits)
             if not rows:
                 return
-            tokens = self.sample(logits, [r.request for r in rows])
+            tokens = self.sample(logits, [generators[r.request] for r in rows])
             finished = []
             for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
                 if token in self.eos_ids:
@@ -132,6 +182,7 @@ class ContinuousBatcher:
                     rows[i] = rows[last]
                     tokens[i] = tokens[last]
                 rows.pop()
+            active[:] = [r.request for r in rows]
             tokens = tokens[:len(rows)]
             if not rows:
                 logits = torch.empty(0)

@@ -15,6 +15,7 @@ from typing import Callable
 from .backends import ChatBackend, Reply
 from .context import fit_messages, merge_system
 from .errors import ContextOverflow
+from .halving import run_halving
 
 # A server that refuses a prompt as too long gets it again, cut shorter, this many times in all.
 OVERFLOW_ATTEMPTS = 3
@@ -139,14 +140,22 @@ class ModelClient:
         elif not overflow.window:  # the server said nothing measurable: cut a fifth more
             self.count_scale *= 0.8
 
-    async def _run(self, batch: list[list[dict]], seeds: list[int | None]) -> list[Reply]:
+    async def _run(self, batch: list[list[dict]], seeds: list[int | None], halving: bool = False) -> list:
+        """One reply per conversation; with `halving`, a failed batch runs again in halves
+        (halving.py), so a request that fails alone gets its error in place of a reply."""
         start = time.perf_counter()
         seeds = None if all(s is None for s in seeds) else seeds
-        replies = await asyncio.get_running_loop().run_in_executor(self._pool, self.backend.generate, batch, seeds)
+        generate = self._generate_halving if halving else self.backend.generate
+        replies = await asyncio.get_running_loop().run_in_executor(self._pool, generate, batch, seeds)
         self.stats.busy_seconds += time.perf_counter() - start
         self.stats.batches += 1
         self.stats.batch_sizes.append(len(batch))
         return replies
+
+    def _generate_halving(self, batch: list[list[dict]], seeds: list[int | None] | None) -> list:
+        def run(rows: list[int]) -> list[Reply]:  # each row keeps its own seed, whatever batch it is in
+            return self.backend.generate([batch[i] for i in rows], None if seeds is None else [seeds[i] for i in rows])
+        return run_halving(run, list(range(len(batch))), self.name)
 
     async def _queue(self, messages: list[dict], seed: int | None) -> Reply:
         future = asyncio.get_running_loop().create_future()
@@ -168,14 +177,18 @@ class ModelClient:
                     pass
             batch, self._pending = self._pending, []
             try:
-                replies = await self._run([m for m, _, _ in batch], [s for _, s, _ in batch])
-            except Exception as exc:  # every waiting session sees the failure
+                replies = await self._run([m for m, _, _ in batch], [s for _, s, _ in batch], halving=True)
+            except Exception as exc:  # not one request's failure (a refused service, ...): every waiting session sees it
                 for _, _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
             for (_, _, future), reply in zip(batch, replies):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(reply, Exception):  # it failed alone, in a batch halved down to it
+                    future.set_exception(reply)
+                else:
                     future.set_result(reply)
 
     def stats_dict(self) -> dict:

@@ -22,6 +22,7 @@ import torch
 from .backends import ChatBackend, Reply
 from .batcher import ContinuousBatcher
 from .errors import InputError
+from .halving import run_halving
 from .sampling import SeededSampler, checkpoint_sampling, row_generators, sample_rows
 
 log = logging.getLogger("mentalarena.hf")
@@ -154,7 +155,7 @@ class HFBackend(ChatBackend):
         """One reply per conversation; `seeds` gives each its own sampling stream (without them,
         seeds are drawn from the backend's generator: sampled, but not reproducible one by one)."""
         prompts = [torch.tensor(self.encode(c), dtype=torch.long) for c in conversations]
-        generators = self._generators(seeds, len(prompts))
+        generators = row_generators(self._seeds(seeds, len(prompts)), self.device)
         replies: list[Reply | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         with self._lock, torch.inference_mode():
@@ -165,34 +166,38 @@ class HFBackend(ChatBackend):
                     replies[i] = reply
         return replies
 
-    def _generators(self, seeds: list[int] | None, n: int) -> list[torch.Generator]:
+    def _seeds(self, seeds: list[int] | None, n: int) -> list[int]:
         if seeds is None:
             seeds = torch.randint(0, 1 << 62, (n,), generator=self.generator).tolist()
-        return row_generators(seeds, self.device)
+        return list(seeds)
 
     def stream(self, conversations: list[list[dict]], seeds: list[int] | None = None,
                chat: bool = True) -> Iterator[tuple[int, Reply]]:
         """(index, reply) pairs as answers finish, by continuous batching (`batcher.py`); for many
         independent prompts. `chat=False` feeds the strings of `conversations` as raw text, with
         no chat template. `seeds` gives each request its own sampling stream, so an answer does
-        not depend on which others share its batch."""
+        not depend on which others share its batch. A request that failed after every retry
+        yields its exception (a ModelCallError) instead of a reply: running out of memory is
+        retried with fewer requests at once (halving.py, batcher.py), and only a request that
+        does not fit alone fails."""
         prompts = [self.encode(c) if chat else self.tokenizer(c, add_special_tokens=True)["input_ids"]
                    for c in conversations]
-        generators = self._generators(seeds, len(prompts))
+        seeds = self._seeds(seeds, len(prompts))
         if not self.prefix_reuse:  # sliding-window / recurrent layers: plain batches through generate
-            for start in range(0, len(prompts), self.max_batch_size):
-                chunk = [torch.tensor(p, dtype=torch.long) for p in prompts[start:start + self.max_batch_size]]
+            def run(rows: list[int]) -> list[Reply]:  # fresh generators each attempt: a retried row samples anew
                 with self._lock, torch.inference_mode():
-                    replies = self._generate_plain(chunk, generators[start:start + self.max_batch_size])
-                yield from enumerate(replies, start)
+                    return self._generate_plain([torch.tensor(prompts[i], dtype=torch.long) for i in rows],
+                                                row_generators([seeds[i] for i in rows], self.device))
+            for start in range(0, len(prompts), self.max_batch_size):
+                chunk = list(range(start, min(start + self.max_batch_size, len(prompts))))
+                yield from zip(chunk, run_halving(run, chunk, self.name))
             return
         batcher = ContinuousBatcher(
-            self.model, self.eos_ids, decode=self._text,
-            sample=lambda logits, requests: self._sample(logits, [generators[r] for r in requests]),
-            slots=self.max_batch_size, max_new_tokens=self.max_new_tokens, context_limit=self.context_limit)
+            self.model, self.eos_ids, decode=self._text, sample=self._sample, slots=self.max_batch_size,
+            max_new_tokens=self.max_new_tokens, context_limit=self.context_limit)
         with self._lock, torch.inference_mode():
             try:
-                yield from batcher.run(prompts)
+                yield from batcher.run(prompts, seeds)
             finally:
                 self.prefilled_tokens += batcher.prefilled_tokens
 

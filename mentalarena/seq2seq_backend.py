@@ -21,6 +21,7 @@ import torch
 from .backends import ChatBackend, Reply
 from .cli import request_seed
 from .errors import InputError
+from .halving import run_halving
 from .sampling import SeededSampler, checkpoint_sampling, row_generators
 
 log = logging.getLogger("mentalarena.seq2seq")
@@ -115,18 +116,23 @@ class Seq2SeqBackend(ChatBackend):
 
     def stream(self, conversations, seeds=None, chat: bool = True) -> Iterator[tuple[int, Reply]]:
         """(index, reply) per prompt, batch by batch in order of prompt length. Sampling (temperature
-        > 0) draws each row from its own seed (`seeds`, else derived from `seed` and the row's index)."""
+        > 0) draws each row from its own seed (`seeds`, else derived from `seed` and the row's index).
+        A batch that fails is run again in halves (halving.py): a request that fails alone yields a
+        ModelCallError instead of a reply."""
         if chat:
             raise InputError(f"{self.name}: an encoder-decoder model reads raw text; use --prompting raw")
         lengths = [len(self.tokenizer(text, truncation=False, verbose=False)["input_ids"]) for text in conversations]
         seeds = seeds if seeds is not None else [request_seed(self.seed, i) for i in range(len(conversations))]
         order = sorted(range(len(conversations)), key=lambda i: -lengths[i])
+
+        def run(rows: list[int]) -> list[Reply]:
+            with self._lock, torch.inference_mode():
+                return self._generate_batch([conversations[i] for i in rows], [lengths[i] for i in rows],
+                                            [seeds[i] for i in rows])
+
         for start in range(0, len(order), self.max_batch_size):
             chunk = order[start:start + self.max_batch_size]
-            with self._lock, torch.inference_mode():
-                replies = self._generate_batch([conversations[i] for i in chunk], [lengths[i] for i in chunk],
-                                               [seeds[i] for i in chunk])
-            yield from zip(chunk, replies)
+            yield from zip(chunk, run_halving(run, chunk, self.name))
 
     def _generate_batch(self, texts: list[str], lengths: list[int], seeds: list[int]) -> list[Reply]:
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=self.context_limit is not None,

@@ -221,6 +221,7 @@ def test_settings_hash_separates_every_ablation_and_keeps_full_runs_hash():
     # a full run hashes as before the flags existed, so its older outputs still resume
     values = asdict(am.Settings(**base))
     del values["symptom_encoder"], values["symptom_decoder"]
+    del values["base_fingerprint"], values["judge_fingerprint"]  # empty (no local model folder): left out too
     assert digests["on", "on"] == hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -231,6 +232,12 @@ def test_settings_hash_keeps_older_outputs_under_the_reference_score_parser():
     base = dict(base_model="m", judge_model="m", encoder="e", similarity_threshold=0.3)
     assert am.Settings(**base, score_parser="reference").digest() == "142a687822aec903"
     assert am.Settings(**base).digest() != "142a687822aec903"
+
+
+def test_a_local_model_retrained_in_place_changes_the_settings_hash():
+    base = dict(base_model="runs/iter1/model/merged", judge_model="m", encoder="e", similarity_threshold=0.3)
+    before, after = (am.Settings(**base, base_fingerprint=f).digest() for f in ("0b8edf8b2a9c8b8f", "3c1f00aa12de45b0"))
+    assert before != after != am.Settings(**base).digest()
 
 
 def test_templates_read_are_those_the_run_uses(tmp_path):

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import pytest
 
 from fake_openai import FakeOpenAI, Faults, echo_responder
-from mentalarena.errors import EndpointError, InputError, ModelCallError, ServiceRefused
+from mentalarena.errors import InputError, ModelCallError, ServiceRefused
 from mentalarena.openai_backend import OpenAIBackend
 from mentalarena.openai_client import parse_retry_after
 
