@@ -41,6 +41,7 @@ log = logging.getLogger("mentalarena.arena")
 ILLNESS_PROMPTS = ("name", "reference")
 FEEDBACK_MODES = ("steer", "reference")  # steer: decoder feedback reaches the doctor (paper's intent)
 DECODER_ITEMS = ("intermediate_belief", "intermediate_belief_depression", "coping_strategies", "situation")
+EMOTION_FORMATS = ("joined", "reference")  # --emotion_format (profile_slots)
 SWITCHES = ("on", "off")  # --symptom_encoder / --symptom_decoder: the paper's ablations
 PERSONA_TEMPLATES = ("patient_cbt", "patient_neutral")  # stored once per record, not at every turn
 # Flags that change how a run goes, not the records it makes (iterate.py lets a re-run change them).
@@ -89,6 +90,7 @@ class Settings:
     # the content of a local model folder (cli.model_fingerprint): retrained in place, it is another model
     base_fingerprint: str = ""
     judge_fingerprint: str = ""
+    emotion_format: str = "joined"  # how a profile's list of emotions is written (EMOTION_FORMATS)
 
     def digest(self) -> str:
         values = asdict(self)
@@ -105,6 +107,8 @@ class Settings:
         for key in ("base_fingerprint", "judge_fingerprint"):  # none for hub ids, API models, the embedded one
             if not values[key]:
                 del values[key]
+        if values["emotion_format"] == "joined":  # the rendering of before the flag existed: hashes as it did
+            del values["emotion_format"]
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -164,7 +168,7 @@ class Session:
 # ---------------------------------------------------------------- the session, METHOD.md §4
 async def run_session(patient: dict, sample: int, ctx: "Arena") -> dict:
     s, cfg, started = Session(patient, sample, ctx), ctx.settings, time.time()
-    slots = profile_slots(patient)
+    slots = profile_slots(patient, cfg.emotion_format)
 
     if cfg.symptom_encoder == "on":
         # 1-2. Principle selection and the principles every dialogue persona must follow.
@@ -271,7 +275,7 @@ async def decode_symptoms(s: Session, principles: list[str] | None, round_: int)
         "intermediate_belief": p["intermediate_belief"],
         "intermediate_belief_depression": p["intermediate_belief_depression"],
         "coping_strategies": p["coping_strategies"],
-        "situation": s.render("decoder_truth_situation", **profile_slots(p)),
+        "situation": s.render("decoder_truth_situation", **profile_slots(p, s.ctx.settings.emotion_format)),
     }
     if principles is not None:
         questions["principles"] = s.render("decode_principles")
@@ -323,9 +327,14 @@ async def try_and_reflect(s: Session, illness: str, persona_b: str, kind: str) -
             "fallback": best is None, "tries": tries}
 
 
-def profile_slots(patient: dict) -> dict:
+def profile_slots(patient: dict, emotion_format: str = "joined") -> dict:
+    """The profile's fields as prompt slots. Emotions are a list in Patient-Psi profiles: "joined" writes
+    them "anxious, worried; sad, down"; "reference" as the reference's f-strings did, Python's own
+    rendering of the list ("['anxious, worried', 'sad, down']"), into `symptom` and every prompt."""
     emotion = patient["emotion"]
-    return {**patient, "emotion": "; ".join(emotion) if isinstance(emotion, list) else emotion}
+    if isinstance(emotion, list):
+        emotion = "; ".join(emotion) if emotion_format == "joined" else str(emotion)
+    return {**patient, "emotion": emotion}
 
 
 # ---------------------------------------------------------------- running many sessions
@@ -488,6 +497,7 @@ def run(
     score_parser: str = "robust",      # robust: the 1-10 health rating, off the scale (32, "32 %") unscored;
                                        #   reference: int() else the first integer (32 ends the search)
     illness_prompt: str = "name",      # name: the illness name only; reference: "which diagnosis is more accurate"
+    emotion_format: str = "joined",    # joined: "anxious; sad"; reference: the reference's "['anxious', 'sad']"
     top_p: float | None = None,        # None: the checkpoint's generation config (as the reference's pipeline)
     top_k: int | None = None,          #   or the server's default; 0 turns top-k off
     # the paper's ablations (off: the component is left out; recorded in settings and the hash)
@@ -517,6 +527,7 @@ def run(
     check_choice("symptom_encoder", symptom_encoder, SWITCHES)
     check_choice("symptom_decoder", symptom_decoder, SWITCHES)
     check_choice("score_parser", score_parser, tuple(SCORE_PARSERS))
+    check_choice("emotion_format", emotion_format, EMOTION_FORMATS)
     # Validate every input before any model loads or any file is touched.
     dtype = auto_dtype(dtype, device)
     all_patients = load_patients(patients_file or DEFAULT_PATIENTS_FILE)
@@ -549,7 +560,7 @@ def run(
         dtype=dtype if any(r is not None and r.kind != "openai" for r in (base_route, judge)) else None,
         principles_hash=content_hash(groups), symptom_encoder=symptom_encoder, symptom_decoder=symptom_decoder,
         score_parser=score_parser, base_fingerprint=_fingerprint(base_route),
-        judge_fingerprint=_fingerprint(judge) if judge is not None else "")
+        judge_fingerprint=_fingerprint(judge) if judge is not None else "", emotion_format=emotion_format)
     if patients:
         dry_run(settings, prompts, groups, patients[0])  # every template rendered, as a session would
     output = Path(output_file)

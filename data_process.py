@@ -7,6 +7,9 @@
     # the base model must be one OpenAI offers DPO for (default gpt-4.1-mini-2025-04-14)
     python data_process.py --input_file iter1.jsonl --method dpo --min_margin 2 --beta 0.1 --wait
 
+The questions are the reference's three (--sft_questions project: the project's rewording), read
+from prompts/ or --prompt_dir; --reference_glue writes the treatment question as the reference does.
+
 --method sft (the paper) trains on the best answers (`<first input>.openai.jsonl`); --method dpo on
 chosen / rejected pairs (`<first input>.openai_dpo.jsonl`), which only arena_med.py's scored records
 carry (the reference's six-field records hold none).
@@ -44,7 +47,8 @@ from mentalarena.openai_client import (RETRY, STOP, Credentials, classify, conne
 from mentalarena.selection import check_options as check_selection
 from mentalarena.selection import select as select_rows
 from mentalarena.selection import summary as selection_summary
-from mentalarena.sft import convert, write_rows
+from mentalarena.prompts import Prompts
+from mentalarena.sft import Questions, convert, write_rows
 
 CHAT_ROLES = {"system", "user", "assistant"}
 METHODS = ("sft", "dpo")
@@ -92,7 +96,9 @@ def run(
     poll_seconds: float = 30.0,
     # data
     convert_only: bool = False,  # write and check the file, touch no API
+    sft_questions: str = "reference",  # reference: the reference's three questions (the paper's data) | project: reworded
     reference_glue: bool = False,  # the reference's missing newline before the treatment question
+    prompt_dir: str | None = None,  # a folder of edited prompts/*.txt (the sft_* questions and system text)
     min_examples: int = 10,  # OpenAI refuses jobs with fewer; checked before uploading (0: off)
     # data selection (--method sft; MentalQLM, mentalarena/selection.py)
     select: str | tuple | None = None,  # ppl_iqr | kcenter | ppl_iqr,kcenter (applied in that order); None: every row
@@ -109,6 +115,8 @@ def run(
     if methods and method == "dpo":
         raise InputError("--select picks SFT examples; --method dpo uploads preference pairs")
     beta = _beta(beta, method)
+    questions = Questions(Prompts(prompt_dir), sft_questions, reference_glue)
+    questions.check()
     base_model = base_model or DEFAULT_MODELS[method]
     finetune = Path(finetune_file) if finetune_file else Path(inputs[0]).with_suffix(SUFFIXES[method])
     if finetune.resolve() in {Path(p).resolve() for p in inputs}:
@@ -123,9 +131,9 @@ def run(
     if method == "dpo":
         rows, report = preference.convert(inputs, "openai", min_margin=min_margin, all_pairs=all_pairs,
                                           diagnosis=diagnosis_pairs, diagnosis_margin=diagnosis_margin,
-                                          reference_glue=reference_glue)
+                                          questions=questions)
     else:
-        rows, report = convert(inputs, "openai", reference_glue)
+        rows, report = convert(inputs, "openai", questions=questions)
     for problem in report.problems:
         print(f"warning: skipped {problem}", file=sys.stderr)
     print(f"[data_process] {report.summary()}", flush=True)

@@ -8,6 +8,9 @@ fine-tuned model is the next iteration's base model.
         --judge_model gpt-4-turbo-2024-04-09 --patients_file ... --qa_data_dir ... --imhi_test_dir ...
     # the paper's GPT run: 2 iterations of 4 and 6 epochs through OpenAI fine-tuning
     python iterate.py --work_dir runs/gpt --backend openai --patients_file ...
+    # Table 2 in one command: everything the paper's run used, only the data paths to give
+    python iterate.py --preset paper_llama --work_dir runs/llama --patients_file ... --qa_data_dir ... --imhi_test_dir ...
+    python iterate.py --preset paper_gpt --work_dir runs/gpt --patients_file ... --qa_data_dir ... --imhi_test_dir ...
     # preference learning instead of SFT (issue 12): DPO on the try-and-reflect pairs
     python iterate.py --work_dir runs/llama_dpo --objective dpo --finetune_args '{"beta": 0.1}' ...
     python iterate.py --work_dir runs/gpt_dpo --backend openai --objective dpo ...   # from gpt-4.1-mini-2025-04-14
@@ -54,7 +57,7 @@ import Counsel_eval
 import IMHI_eval
 import llama_finetune
 import MedQA_eval
-from mentalarena import cli, figures
+from mentalarena import cli, figures, paper
 from mentalarena.cli import has_credentials, names, public_url
 from mentalarena.backends import judge_route, require_credentials, route
 from mentalarena.errors import InputError, check_choice
@@ -62,6 +65,7 @@ from mentalarena.flags import check_numbers
 from mentalarena.files import write_atomic
 from mentalarena.jsonl import read_jsonl, write_json_atomic
 from mentalarena.locks import OutputLock
+from mentalarena.sft import WORDINGS
 
 ROOT = Path(__file__).resolve().parent
 BACKENDS = ("open", "openai")
@@ -143,6 +147,7 @@ class Plan:
     imhi: dict
     counsel: dict
     launcher: list[str] | None
+    preset: str | None = None  # --preset: the summary adds Table 2's layout
 
     @property
     def state_file(self) -> Path:
@@ -190,12 +195,15 @@ def _let_stop(child: subprocess.Popen, script: str) -> None:
 
 def run(
     work_dir: str | None = None,       # every output and state.json go here (required)
+    preset: str | None = None,         # paper_llama | paper_gpt: every setting of the paper's run (Table 2);
+                                       #   a flag given with another value than its default overrides it
     backend: str = "open",             # open: llama_finetune.py (merged models); openai: data_process.py --wait
     base_model: str | None = None,     # iteration 1's model; None: the embedded SmolLM2 (open), gpt-3.5-turbo-0125 (openai)
     iterations: int | None = None,     # None: one per value of the epoch schedule
     epochs: str | tuple | int | None = None,  # per iteration, comma list; None: the paper's 4,5,7,7 (open) or 4,6 (openai)
     # self-play (arena_med.py)
     patients_file: str | None = None,  # Patient-Psi-CM JSON list; None: the bundled samples
+    principles_file: str | None = None,  # roleplay-doh CSV (the paper: roleplay-doh_filtered.csv); None: the bundled sample
     limit: int | None = None,          # first N patients
     num_samples: int | None = None,    # sessions per patient
     judge_model: str | None = None,    # the helper calls (paper: gpt-4-turbo-2024-04-09); None: the model itself
@@ -205,6 +213,7 @@ def run(
     # fine-tuning (llama_finetune.py)
     method: str | None = None,         # auto (qlora on CUDA, else lora) | qlora | lora | full
     max_steps: int | None = None,      # optimizer steps per iteration (overrides the epochs)
+    sft_questions: str | None = None,  # the fine-tuning questions: None / reference (the reference's) | project
     objective: str = "sft",            # sft (the paper) | dpo | sft+dpo (open only): llama_finetune.py --objective,
                                        # data_process.py --method; pair flags (beta, min_margin, ...) in --finetune_args
     finetune_launcher: str | None = None,  # e.g. "accelerate launch --num_processes 4"; None: this python
@@ -215,6 +224,7 @@ def run(
     qa_data_dir: str | None = None,    # the paper's data/ layout (MedQA_eval.py suite); None: data/qa_sample
     imhi_test_dir: str | None = None,  # IMHI test CSVs or folders; None: data/imhi_sample
     counsel_data: str | None = None,   # client statements (Counsel_eval.py --data_file); None: data/counsel_sample.jsonl
+    prompt_dir: str | None = None,     # a folder of edited prompts/*.txt, for every stage that reads prompts
     # anything else, given to the stage as its flags
     arena_args: dict | None = None,    # e.g. '{"max_new_tokens": 32, "max_tries": 2}'
     finetune_args: dict | None = None,
@@ -227,7 +237,10 @@ def run(
     """Run (or resume) every step of every iteration; returns the summary rows and the exit status."""
     flags = dict(locals())
     check_numbers(run, flags)
+    chosen = apply_preset(flags) if preset else None
     plan = make_plan(**flags)
+    if chosen:
+        print(preset_listing(chosen, flags, plan), flush=True)
     plan.work_dir.mkdir(parents=True, exist_ok=True)
     with OutputLock(plan.state_file):  # one loop per work directory
         return _run(plan, flags, restart)
@@ -388,11 +401,13 @@ def _qa_scores(folder: Path, work_dir: Path) -> dict:
 
 def _imhi_scores(folder: Path, work_dir: Path) -> dict:
     """Weighted F1 per set and rule set; the summary's figure uses the paper's labels where present."""
-    sets = {f"{r.get('test_set')}/{r['dataset']}": {rules: (scores or {}).get("weighted_f1")
-                                                     for rules, scores in r.get("scores", {}).items()}
-            for r in _results(folder / "eval" / "imhi", "eval_imhi")}
+    found = _results(folder / "eval" / "imhi", "eval_imhi")
+    sets, accuracy = ({f"{r.get('test_set')}/{r['dataset']}": {rules: (scores or {}).get(metric)
+                                                                for rules, scores in r.get("scores", {}).items()}
+                       for r in found} for metric in ("weighted_f1", "accuracy"))
     rules = next((name for name in IMHI_RULE_PREFERENCE if any(name in s for s in sets.values())), None)
-    return {"weighted_f1": _mean(s.get(rules) for s in sets.values()), "rules": rules, "sets": sets}
+    return {"weighted_f1": _mean(s.get(rules) for s in sets.values()), "rules": rules, "sets": sets,
+            "accuracy_sets": accuracy}
 
 
 def _counsel_scores(folder: Path, work_dir: Path) -> dict:
@@ -418,9 +433,11 @@ def _counsel_scores(folder: Path, work_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------- settings and state
-def make_plan(work_dir, backend, base_model, iterations, epochs, patients_file, limit, num_samples, judge_model,
-              api_base, api_key_env, method, max_steps, objective, finetune_launcher, eval, eval_limit, eval_base, qa_data_dir,
-              imhi_test_dir, counsel_data, arena_args, finetune_args, qa_args, imhi_args, counsel_args, restart) -> Plan:
+def make_plan(work_dir, preset, backend, base_model, iterations, epochs, patients_file, principles_file, limit, num_samples,
+              judge_model,
+              api_base, api_key_env, method, max_steps, sft_questions, objective, finetune_launcher, eval, eval_limit,
+              eval_base, qa_data_dir, imhi_test_dir, counsel_data, prompt_dir, arena_args, finetune_args, qa_args,
+              imhi_args, counsel_args, restart) -> Plan:
     """Every flag checked and resolved before anything runs or is written."""
     if not work_dir:
         raise InputError("--work_dir is required: the folder for every iteration's outputs and state.json")
@@ -428,6 +445,8 @@ def make_plan(work_dir, backend, base_model, iterations, epochs, patients_file, 
         raise InputError(f"--work_dir {work_dir} is a file, not a folder")
     check_choice("backend", backend, BACKENDS)
     check_choice("objective", objective, OBJECTIVES)
+    if sft_questions is not None:
+        check_choice("sft_questions", sft_questions, tuple(WORDINGS))
     wanted = names(eval)
     for name in wanted:
         check_choice("eval", name, (*EVALS, "none"))
@@ -447,30 +466,37 @@ def make_plan(work_dir, backend, base_model, iterations, epochs, patients_file, 
                          "\"judge_api_key_env\": \"...\"}'")
     if not isinstance(eval_base, bool) or not isinstance(restart, bool):
         raise InputError("--eval_base and --restart take True or False")
-    for name, path, kind in (("patients_file", patients_file, "file"), ("qa_data_dir", qa_data_dir, "dir"),
+    for name, path, kind in (("patients_file", patients_file, "file"), ("principles_file", principles_file, "file"),
+                             ("qa_data_dir", qa_data_dir, "dir"),
                              ("imhi_test_dir", imhi_test_dir, "dir")):
         if path is not None and not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
             raise InputError(f"--{name} {path}: {'file' if kind == 'file' else 'folder'} not found")
+    if prompt_dir is not None and not Path(prompt_dir).is_dir():
+        raise InputError(f"--prompt_dir {prompt_dir}: folder not found")
+    prompts = ("prompt_dir", _absolute(prompt_dir))
     finetune_stage = llama_finetune.run if backend == "open" else data_process.run
     qa_stage = MedQA_eval.suite if qa_data_dir else MedQA_eval.run
     # the stage's own default (sft) is left off its command line, so the paper's commands stay as they were
     chosen = None if objective == "sft" else objective
     finetune_top = ({"method": ("method", method), "max_steps": ("max_steps", max_steps),
                      "objective": ("objective", chosen)} if backend == "open" else {"method": ("objective", chosen)})
+    finetune_top.update(sft_questions=("sft_questions", sft_questions), prompt_dir=prompts)
     finetune = _stage_args("finetune_args", finetune_args, finetune_stage, FINETUNE_RESERVED[backend], finetune_top)
     extra = [key for key in PREFERENCE_FLAGS if key in finetune]
     if objective == "sft" and extra:
         raise InputError(f"--finetune_args: {', '.join(extra)} {'is' if len(extra) == 1 else 'are'} for "
                          "--objective dpo or sft+dpo (preference pairs); --objective sft trains on the best answers only")
     counsel = _stage_args("counsel_args", counsel_args, Counsel_eval.run, COUNSEL_RESERVED,
-                          {"limit": ("eval_limit", eval_limit)})
+                          {"limit": ("eval_limit", eval_limit), "prompt_dir": prompts})
     if counsel_data is not None and counsel.get("from_records"):
         raise InputError("--counsel_data and --counsel_args from_records both name the statements; give one")
     start = _absolute(base_model) if base_model is not None else (
         data_process.DEFAULT_MODELS[objective] if backend == "openai" else None)
     arena = _stage_args("arena_args", arena_args, arena_med.run, ARENA_RESERVED,
-                        {"patients_file": ("patients_file", _absolute(patients_file)), "limit": ("limit", limit),
-                         "num_samples": ("num_samples", num_samples), "judge_model": ("judge_model", judge_model)})
+                        {"patients_file": ("patients_file", _absolute(patients_file)),
+                         "principles_file": ("principles_file", _absolute(principles_file)), "limit": ("limit", limit),
+                         "num_samples": ("num_samples", num_samples), "judge_model": ("judge_model", judge_model),
+                         "prompt_dir": prompts})
     if "eval_counsel" in [EVALS[n] for n in EVALS if n in wanted]:
         _counsel_judge(counsel, arena, backend, api_base, api_key_env, start)
     return Plan(
@@ -481,10 +507,69 @@ def make_plan(work_dir, backend, base_model, iterations, epochs, patients_file, 
         eval_base=eval_base, api_base=api_base, api_key_env=api_key_env, qa_data_dir=_absolute(qa_data_dir),
         imhi_test_dir=_absolute(imhi_test_dir), counsel_data=_absolute(counsel_data),
         arena=arena, finetune=finetune,
-        qa=_stage_args("qa_args", qa_args, qa_stage, QA_RESERVED, {"limit": ("eval_limit", eval_limit)}),
+        qa=_stage_args("qa_args", qa_args, qa_stage, QA_RESERVED, {"limit": ("eval_limit", eval_limit),
+                                                                    "prompt_dir": prompts}),
         imhi=_stage_args("imhi_args", imhi_args, IMHI_eval.run, IMHI_RESERVED, {"limit": ("eval_limit", eval_limit)}),
         counsel=counsel,
-        launcher=shlex.split(finetune_launcher) if finetune_launcher else None)
+        launcher=shlex.split(finetune_launcher) if finetune_launcher else None, preset=preset)
+
+
+def apply_preset(flags: dict) -> paper.Preset:
+    """Fill `flags` with the preset's values wherever the user left a flag at its default; the
+    preset's stage flags go under the user's own (a key the user gives wins). Every data path the
+    preset needs must be given: the paper's data is not bundled."""
+    chosen = paper.preset(flags["preset"])
+    missing = [name for name in chosen.needs if flags.get(name) is None]
+    if missing:
+        raise InputError(f"--preset {chosen.name} needs {', '.join('--' + m for m in missing)}: "
+                         + "; ".join(PRESET_DATA[m] for m in missing))
+    defaults = {name: p.default for name, p in inspect.signature(run).parameters.items()}
+    for name, value in chosen.flags.items():
+        if flags[name] == defaults[name]:
+            flags[name] = value
+    for name, values in chosen.stage_args.items():
+        given = _json_dict(flags[name])
+        flags[name] = {**values, **given} if isinstance(given, dict) else given  # not a dict: refused later
+    return chosen
+
+
+PRESET_DATA = {"patients_file": "the Patient-Psi-CM JSON (106 profiles; the MentalArena repository's data/)",
+               "principles_file": "roleplay-doh_filtered.csv (SALT-NLP/roleplay-doh_principles, the 25 creators the paper used)",
+               "qa_data_dir": "a folder laid out like the paper's data/ (medqa/, medmcqa/, pubmedqa/)",
+               "imhi_test_dir": "the IMHI test_instruction CSVs of MentaLLaMA (CAMS.csv, dreaddit.csv, Irf.csv)"}
+
+
+def preset_listing(chosen: paper.Preset, flags: dict, plan: Plan) -> str:
+    """The resolved settings of a preset run, each with where it came from, and why the preset chose it."""
+    defaults = {name: p.default for name, p in inspect.signature(run).parameters.items()}
+    lines = [f"[iterate] --preset {chosen.name}: {chosen.title}", "[iterate] resolved settings [from]:"]
+    for name, value in flags.items():
+        if name in ("preset", "restart") or name.endswith("_args"):
+            continue
+        source = ("preset" if name in chosen.flags and value == chosen.flags[name] else
+                  "default" if value == defaults[name] else "you")
+        shown = value if name == "work_dir" else _portable(value, plan.work_dir)
+        lines.append(f"[iterate]   --{name} = {shown!r}  [{source}]")
+    for name, stage in (("arena_args", plan.arena), ("finetune_args", plan.finetune), ("qa_args", plan.qa),
+                        ("imhi_args", plan.imhi)):
+        preset_args = chosen.stage_args.get(name, {})
+        for key, value in stage.items():
+            source = ("preset" if preset_args.get(key, object()) == value else
+                      f"--{key}" if key in flags and flags[key] is not None else "you")
+            lines.append(f"[iterate]   --{name} {key} = {_portable(value, plan.work_dir)!r}  [{source}]")
+    lines.append("[iterate] the preset's choices and their sources:")
+    lines += [f"[iterate]   {what}: {value} ({source})" for what, value, source in chosen.notes]
+    return "\n".join(lines)
+
+
+def _json_dict(value):
+    """A stage-args value as fire hands it: a dict, JSON text of one, or None."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return {} if value is None else value
 
 
 def _counsel_judge(counsel: dict, arena: dict, backend: str, api_base: str | None, api_key_env: str | None,
@@ -575,12 +660,7 @@ COUNSEL_RESERVED = {"model": LOOP_MODEL, "output_dir": "each iteration writes it
 def _stage_args(flag: str, given, function, reserved: dict, top: dict) -> dict:
     """A stage's flags: the loop's own convenience flags plus the user's dict, each key checked
     against the stage's signature, so a typo stops the run before anything starts."""
-    if isinstance(given, str):  # fire leaves a dict it cannot parse as text
-        try:
-            given = json.loads(given)
-        except json.JSONDecodeError:
-            pass
-    given = {} if given is None else given
+    given = _json_dict(given)  # fire leaves a dict it cannot parse as text
     if not isinstance(given, dict):
         raise InputError(f"--{flag} must be a dict of the stage's flags, e.g. '{{\"max_new_tokens\": 32}}', not {given!r}")
     known = inspect.signature(function).parameters
@@ -678,6 +758,9 @@ def summary_rows(plan: Plan, state: dict) -> list[dict]:
                      "qa": {name: s["accuracy"] for name, s in qa.get("sets", {}).items()},
                      "qa_reference": {name: s.get("accuracy_reference") for name, s in qa.get("sets", {}).items()},
                      "imhi": {name: s.get(imhi.get("rules")) for name, s in imhi.get("sets", {}).items()},
+                     # Table 2's IMHI number: accuracy over all rows (paper.TABLE2_IMHI_RULES)
+                     "imhi_accuracy": {name: next((s[k] for k in paper.TABLE2_IMHI_RULES if s.get(k) is not None), None)
+                                       for name, s in imhi.get("accuracy_sets", {}).items()},
                      # Counsel_eval.py: subset `all`, and the statements flagged risk where there are any
                      "counsel_win_rate": counsel.get("win_rate"), "counsel_rubric": counsel.get("rubric_overall"),
                      "counsel_reward": counsel.get("reward"), "counsel_complete": counsel.get("complete"),
@@ -735,7 +818,21 @@ def summary_markdown(plan: Plan, rows: list[dict]) -> str:
                   for r in rows]
     elif notes:
         lines += ["", *notes]
+    if plan.preset:
+        lines += ["", *table2_markdown(plan.preset, rows)]
     return "\n".join(lines) + "\n"
+
+
+def table2_markdown(name: str, rows: list[dict]) -> list[str]:
+    """The paper's Table 2 for this run: each iteration beside the paper's numbers for the same model."""
+    chosen = paper.preset(name)
+    header = ["", *paper.TABLE2_COLUMNS, "AVG"]
+    return [f"## Table 2 ({chosen.title})", "",
+            "Accuracy %. QA: rule R, the reference's scorer, mean over the repeats; IMHI: accuracy over all "
+            f"rows ({' or '.join(paper.TABLE2_IMHI_RULES)} labels); AVG: the mean of the six, when all six are "
+            "there. The paper's lines are METHOD.md §7's transcription.", "",
+            _md_row(header), _md_row(["---"] * len(header)),
+            *(_md_row([line[0], *(_fmt(v) for v in line[1:])]) for line in paper.table2_rows(rows, *chosen.rows))]
 
 
 def summary_figure_panels(rows: list[dict]) -> list[dict]:

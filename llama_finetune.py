@@ -38,7 +38,7 @@ from mentalarena.flags import check_numbers
 from mentalarena.jsonl import write_json_atomic
 from mentalarena.locks import OutputLock
 from mentalarena.selection import parse_methods
-from mentalarena.sft import dedup, load_pairs, to_openai, to_text
+from mentalarena.sft import convert
 
 SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine")
 # Flags that change how a run goes, not what it learns: a resumed run may change them.
@@ -51,6 +51,8 @@ DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 # Data selection flags (mentalarena/selection.py): left out of the settings (and hash) of a run without --select
 SELECT_FLAGS = ("select", "select_size", "iqr_factor", "select_model")
+# How the records are asked about (mentalarena/sft.Questions): hashed through the rows they make
+QUESTION_FLAGS = ("sft_questions", "prompt_dir")
 RUNNING_FLAGS = ("output_dir", "resume", "merge", "logging_steps", "save_steps", "save_total_limit",
                  "gradient_checkpointing")
 
@@ -80,7 +82,9 @@ def run(
     dtype: str = "auto",               # auto: float16 compute for qlora, bfloat16 (else float16) on CUDA, float32 on CPU
     # what the model sees
     format: str = "original",          # original: the paper's "### System: ... Question: ...\n ### Answer: ..." text; chat_template
+    sft_questions: str = "reference",  # reference: the reference's three questions (the paper's data) | project: reworded
     reference_glue: bool = False,      # the reference's missing newline before the treatment question
+    prompt_dir: str | None = None,     # a folder of edited prompts/*.txt (the sft_* questions and system text)
     max_seq_length: int = 1024,        # tokens per example (the reference's trainer cut at 1024); longer ones are cut
     packing: bool = False,             # SFT: examples into blocks of max_seq_length tokens (the paper: no packing)
     answer_only_loss: bool = False,    # SFT: loss on the answer tokens only (the paper: on the whole text)
@@ -125,6 +129,7 @@ def run(
     if not files:
         raise InputError("--data_files is required: self-play records or converted rows (JSONL), comma-separated")
     check_choice("objective", objective, OBJECTIVES)
+    _questions(flags).check()  # the wording and every question template, before any record is read
     check_choice("format", format, FORMATS)
     check_choice("lr_scheduler", lr_scheduler, SCHEDULERS)
     check_choice("dpo_loss", dpo_loss, DPO_LOSSES)
@@ -181,9 +186,7 @@ def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Pa
     # ---- data: SFT pairs (METHOD.md §5) or preference pairs (mentalarena/preference.py)
     methods, selection = [], None
     if objective == "sft":
-        pairs, report = load_pairs(files, reference_glue=flags["reference_glue"])
-        rows = dedup([to_text(p) if fmt == "original" else to_openai(p) for p in pairs])
-        report.rows, report.duplicates = len(rows), len(pairs) - len(rows)
+        rows, report = convert(files, "text" if fmt == "original" else "openai", questions=_questions(flags))
         if not rows:
             raise InputError(f"{', '.join(files)}: no training rows ({report.summary()})")
         methods = parse_methods(flags["select"])
@@ -193,7 +196,7 @@ def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Pa
         from mentalarena.preference import load_preferences, to_trl, to_trl_text
         pairs, report = load_preferences(
             files, min_margin=flags["min_margin"], all_pairs=flags["all_pairs"], diagnosis=flags["diagnosis_pairs"],
-            diagnosis_margin=flags["diagnosis_margin"], reference_glue=flags["reference_glue"])
+            diagnosis_margin=flags["diagnosis_margin"], questions=_questions(flags))
         if not pairs:
             raise InputError(f"{', '.join(files)}: no preference pairs: {report.why_none()}")
         rows = [to_trl_text(p) if fmt == "original" else _trl_columns(to_trl(p)) for p in pairs]
@@ -202,6 +205,8 @@ def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Pa
     _say(f"{'data' if objective == 'sft' else 'pairs'}: {report.summary()}")
 
     settings = dict(flags)
+    for name in QUESTION_FLAGS:  # what they change is in the rows, which rows_sha256 below carries
+        settings.pop(name, None)
     if flags["objective"] == "sft" or objective == "sft":
         for name in DPO_FLAGS:  # a plain SFT run (or the SFT stage) keeps the hash it had before DPO existed
             settings.pop(name, None)
@@ -277,7 +282,8 @@ def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Pa
     if objective == "dpo":
         from mentalarena.preference import to_trl
         from mentalarena.sft import write_rows
-        write_rows(out / "dpo_pairs.jsonl", [to_trl(p) for p in pairs])  # what was trained on, readable back
+        # every pair made (TRL may still drop or cut long ones), readable back
+        write_rows(out / "dpo_pairs.jsonl", [to_trl(p) for p in pairs])
         config["pairs_file"] = str(out / "dpo_pairs.jsonl")
     config["figure"] = _figure(history, out / "training_curves.png", f"{flags['objective']}: {out}")
     if method == "full":
@@ -291,6 +297,12 @@ def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Pa
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _questions(flags: dict):
+    from mentalarena.prompts import Prompts
+    from mentalarena.sft import Questions
+    return Questions(Prompts(flags["prompt_dir"]), flags["sft_questions"], flags["reference_glue"])
+
+
 def _select(rows: list[dict], methods: list[str], flags: dict) -> tuple[list[dict], dict]:
     """MentalQLM's selection (mentalarena/selection.py): perplexity under --select_model (default the
     base model being fine-tuned), k-center on the bundled sentence encoder."""

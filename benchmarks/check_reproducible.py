@@ -2,8 +2,9 @@
 
 Runs arena_med.py once per concurrency level (same patients, seed and settings; each run into its
 own output) and compares the records call by call. Every flag of arena_med.py is accepted, so the
-check runs on any backend: the local engine (float32 is the reference point: bfloat16 rounds
-differently in different batch shapes), or a server (`--api_base`; a server gives identical
+check runs on any backend: the local engine (float32 holds at every level; bfloat16 holds at one
+level, but a row padded in a batch gets other bfloat16 logits than alone, see batch_invariance.py,
+so records differ between levels), or a server (`--api_base`; a server gives identical
 replies only if it honours per-request seeds and its numerics do not depend on what else it is
 serving: llama.cpp's prompt cache, for one, makes them depend on timing).
 

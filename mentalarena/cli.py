@@ -174,8 +174,8 @@ def model_fingerprint(model: str | None) -> str | None:
 
 
 def auto_dtype(dtype: str | None, device: str | None) -> str | None:
-    """`auto`: bfloat16 where it is fast (CUDA, or CPUs with native bf16); else float32, as the
-    reference loaded its weights (`--dtype float32` reproduces that anywhere)."""
+    """`auto`: bfloat16 where it is fast (CUDA, or CPUs with native bf16); else float32. The reference
+    loaded its weights in bfloat16 on any device (`--dtype bfloat16` does that anywhere)."""
     import torch
     if dtype not in (None, "auto"):
         if not isinstance(getattr(torch, str(dtype), None), torch.dtype):

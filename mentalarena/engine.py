@@ -17,7 +17,7 @@ from .context import fit_messages, merge_system
 from .errors import ContextOverflow
 from .halving import run_halving
 
-# A server that refuses a prompt as too long gets it again, cut shorter, this many times in all.
+# Sends of one call in all when a server refuses the prompt as too long: the first, then at most two cut shorter.
 OVERFLOW_ATTEMPTS = 3
 
 

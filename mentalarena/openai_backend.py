@@ -8,8 +8,9 @@ so that retries, backoff and their logging live in one place, with one reading o
 
 Several endpoints (`api_base="URL1,URL2"`, replicas of one model) share the requests: each request goes
 to the endpoint with the fewest requests outstanding; an endpoint that fails `remove_after` times in a
-row leaves the rotation for `cooldown` seconds, then gets one request to prove itself before it takes
-more, and its requests are retried on the others at once.
+row leaves the rotation for `cooldown` seconds, then takes one request at a time until one succeeds
+(while every endpoint is cooling down or probing, `_take` gives a request to one of them all the same),
+and its requests are retried on the others at once.
 
 Models that refuse a sampling parameter (OpenAI's reasoning models reject `max_tokens` and any
 temperature but their default) are learned from their first 400: the request is sent again as the

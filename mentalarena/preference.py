@@ -2,7 +2,7 @@
 
 MentalArena's SFT keeps only the best candidate of each try-and-reflect search; the search also
 learned which candidates the simulated patient fared worse with. Three kinds of pair come from one
-record, each asked with exactly the question of the SFT pair of the same kind (`sft.render_question`,
+record, each asked with exactly the question of the SFT pair of the same kind (`sft.Questions`,
 same system text), so SFT and DPO share prompts:
 
 - treatment / medication, from `treatment_search` / `medicine_search`: chosen = the best-scored try
@@ -33,7 +33,7 @@ from typing import Sequence
 from .errors import InputError
 from .inputs import json_lines
 from .prompts import Prompts
-from .sft import QUESTION_PROMPTS, SYSTEM_PROMPT, TEXT_ANSWER, TEXT_QUESTION, TEXT_SYSTEM, render_question
+from .sft import TEXT_ANSWER, TEXT_QUESTION, TEXT_SYSTEM, Questions, questions_of
 
 KINDS = ("diagnosis", "treatment", "medication")
 SEARCHES = {"treatment": "treatment_search", "medication": "medicine_search"}
@@ -122,7 +122,7 @@ def check_options(min_margin: float, diagnosis_margin: float) -> None:
 def load_preferences(paths: Sequence[str | Path] | str | Path, *, min_margin: float = 2.0, all_pairs: bool = False,
                      diagnosis: bool = True, diagnosis_margin: float = 0.05, encoder=None,
                      reference_glue: bool = False, prompts: Prompts | None = None,
-                     ) -> tuple[list[PreferencePair], PairReport]:
+                     questions: Questions | None = None) -> tuple[list[PreferencePair], PairReport]:
     """Pairs from JSONL files of self-play records or converted preference rows, detected row by row.
 
     `encoder`: anything with `similarity(a, b)`, or a model name / folder; None loads the bundled
@@ -130,12 +130,10 @@ def load_preferences(paths: Sequence[str | Path] | str | Path, *, min_margin: fl
     is reported and skipped; a field of the wrong shape stops with file, line and field."""
     check_options(min_margin, diagnosis_margin)
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    prompts = prompts or Prompts()
-    prompts.render(SYSTEM_PROMPT)  # a bad template fails here, not as a per-record problem
-    for name in QUESTION_PROMPTS.values():
-        prompts.render(name, symptom="")
+    asked = questions_of(questions, reference_glue, prompts)
+    asked.check()  # a bad template fails here, not as a per-record problem
     report = PairReport(files=[str(p) for p in paths], min_margin=min_margin, all_pairs=all_pairs)
-    builder = _Builder(report, prompts, min_margin, all_pairs, diagnosis, diagnosis_margin, encoder, reference_glue)
+    builder = _Builder(report, asked, min_margin, all_pairs, diagnosis, diagnosis_margin, encoder)
     for path in paths:
         for number, row in json_lines(Path(path)):
             where = f"{path}: line {number}"
@@ -157,11 +155,11 @@ def load_preferences(paths: Sequence[str | Path] | str | Path, *, min_margin: fl
 
 
 class _Builder:
-    def __init__(self, report, prompts, min_margin, all_pairs, diagnosis, diagnosis_margin, encoder, glue):
-        self.report, self.prompts, self.min_margin, self.all_pairs = report, prompts, min_margin, all_pairs
-        self.diagnosis, self.diagnosis_margin, self.glue = diagnosis, diagnosis_margin, glue
+    def __init__(self, report, questions, min_margin, all_pairs, diagnosis, diagnosis_margin, encoder):
+        self.report, self.questions, self.min_margin, self.all_pairs = report, questions, min_margin, all_pairs
+        self.diagnosis, self.diagnosis_margin = diagnosis, diagnosis_margin
         self._encoder = encoder
-        self.system = prompts.render(SYSTEM_PROMPT)
+        self.system = questions.system()
         self.pairs: list[PreferencePair] = []
         self.seen: set[tuple[str, str, str, str]] = set()
 
@@ -208,7 +206,7 @@ class _Builder:
         elif chosen == rejected:
             self.report.dropped_identical += 1
         else:
-            question = render_question(self.prompts, kind, symptom, self.glue)
+            question = self.questions.ask(kind, symptom)
             self.keep(PreferencePair(self.system, question, chosen, rejected, kind, margin, where))
 
     def search_pairs(self, kind: str, tries: list[dict], symptom: str, where: str) -> None:

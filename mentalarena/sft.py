@@ -1,9 +1,10 @@
 """Self-play records -> supervised fine-tuning pairs (METHOD.md §5), in OpenAI chat or plain-text form.
 
 One record gives up to three pairs, all with the same system text: the diagnosis, the treatment and,
-when `medicine` passes the reference's skip rule, the medication. The question wording is the
-project's own (`prompts/sft_*.txt`, slot `{symptom}`); answers are the record's fields as the
-reference joins them. Both fine-tuning scripts use this module, so their data agree.
+when `medicine` passes the reference's skip rule, the medication. The questions are the reference's
+three sentences by default (`prompts/sft_*.txt`, slot `{symptom}`); `--sft_questions project` asks the
+project's rewording (`prompts/sft_*_project.txt`). Answers are the record's fields as the reference
+joins them. Both fine-tuning scripts and the preference pairs ask through `Questions`, so their data agree.
 """
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .errors import InputError
+from .errors import InputError, check_choice
 from .files import atomic_file
 from .inputs import json_lines
 from .jsonl import dumps_line
 from .prompts import Prompts
 
 RECORD_FIELDS = ("symptom", "illness", "treatment", "explain_t", "medicine", "explain_m")
-QUESTION_PROMPTS = {"diagnosis": "sft_diagnosis", "treatment": "sft_treatment", "medication": "sft_medication"}
+QUESTION_KINDS = ("diagnosis", "treatment", "medication")
+# --sft_questions: reference (the reference's own three questions; the paper's numbers were trained on
+# them, and its diagnosis question echoes MedQA's "most likely diagnosis" stems) | project (reworded)
+WORDINGS = {"reference": {kind: f"sft_{kind}" for kind in QUESTION_KINDS},
+            "project": {kind: f"sft_{kind}_project" for kind in QUESTION_KINDS}}
+DEFAULT_WORDING = "reference"
 SYSTEM_PROMPT = "sft_system"
 # The reference drops the medication pair when `medicine` contains any of these: case-sensitive
 # substrings, so "Not mentioned" and "Nothing" are skipped but "not prescribed" is kept.
@@ -74,29 +80,52 @@ def check_record(record: dict) -> None:
             raise InputError(f'field "{name}" is {type(record[name]).__name__}, not text')
 
 
-def render_question(prompts: Prompts, kind: str, symptom: str, reference_glue: bool = False) -> str:
-    """The question of one kind (diagnosis / treatment / medication) about `symptom`: the one
-    wording that SFT pairs and preference pairs share."""
-    text = prompts.render(QUESTION_PROMPTS[kind], symptom=symptom)
-    if reference_glue and kind == "treatment" and text.startswith(symptom + "\n"):
-        text = symptom + text[len(symptom) + 1:]
-    return text
+@dataclass(frozen=True)
+class Questions:
+    """How a record's symptom is asked about: the one home of the fine-tuning questions, which the SFT
+    pairs and the preference pairs share. `glue` drops the newline between the symptom and the
+    treatment question, as the reference does (by accident: its other two have one)."""
+    prompts: Prompts = field(default_factory=Prompts)
+    wording: str = DEFAULT_WORDING
+    glue: bool = False
+
+    def __post_init__(self):
+        check_choice("sft_questions", self.wording, tuple(WORDINGS))
+
+    def check(self) -> None:
+        """Every template renders: a bad one fails here, before any record is read."""
+        self.system()
+        for kind in QUESTION_KINDS:
+            self.ask(kind, "")
+
+    def system(self) -> str:
+        return self.prompts.render(SYSTEM_PROMPT)
+
+    def ask(self, kind: str, symptom: str) -> str:
+        """The question of one kind (diagnosis / treatment / medication) about `symptom`."""
+        text = self.prompts.render(WORDINGS[self.wording][kind], symptom=symptom)
+        if self.glue and kind == "treatment" and text.startswith(symptom + "\n"):
+            text = symptom + text[len(symptom) + 1:]
+        return text
 
 
-def record_pairs(record: dict, prompts: Prompts | None = None, reference_glue: bool = False) -> list[SFTPair]:
-    """The two or three pairs of one record. `reference_glue` drops the newline between the symptom
-    and the treatment question, as the reference does (by accident: its other two have one)."""
+def questions_of(questions: Questions | None = None, reference_glue: bool = False,
+                 prompts: Prompts | None = None) -> Questions:
+    """`questions` as given, else one from the older keyword arguments (the glue and a prompt folder)."""
+    return questions or Questions(prompts or Prompts(), glue=reference_glue)
+
+
+def record_pairs(record: dict, prompts: Prompts | None = None, reference_glue: bool = False,
+                 questions: Questions | None = None) -> list[SFTPair]:
+    """The two or three pairs of one record."""
     check_record(record)
-    prompts = prompts or Prompts()
-    system = prompts.render(SYSTEM_PROMPT)
-
-    def question(kind: str) -> str:
-        return render_question(prompts, kind, record["symptom"], reference_glue)
-
-    pairs = [SFTPair(system, question("diagnosis"), record["illness"], "diagnosis"),
-             SFTPair(system, question("treatment"), f"{record['treatment']}. {record['explain_t']}", "treatment")]
+    asked = questions_of(questions, reference_glue, prompts)
+    system, symptom = asked.system(), record["symptom"]
+    pairs = [SFTPair(system, asked.ask("diagnosis", symptom), record["illness"], "diagnosis"),
+             SFTPair(system, asked.ask("treatment", symptom), f"{record['treatment']}. {record['explain_t']}",
+                     "treatment")]
     if medicine_usable(record["medicine"]):
-        pairs.append(SFTPair(system, question("medication"), f"{record['medicine']}. {record['explain_m']}",
+        pairs.append(SFTPair(system, asked.ask("medication", symptom), f"{record['medicine']}. {record['explain_m']}",
                              "medication"))
     return pairs
 
@@ -146,14 +175,13 @@ def row_kind(row: dict) -> str:
 
 
 def load_pairs(paths: Sequence[str | Path] | str | Path, reference_glue: bool = False,
-               prompts: Prompts | None = None) -> tuple[list[SFTPair], ConvertReport]:
+               prompts: Prompts | None = None, questions: Questions | None = None
+               ) -> tuple[list[SFTPair], ConvertReport]:
     """Pairs from JSONL files of self-play records or already converted rows, detected row by row.
     A record with a missing field is reported and skipped; anything else wrong stops with file and line."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    prompts = prompts or Prompts()
-    prompts.render(SYSTEM_PROMPT)  # a bad template fails here, not as a per-record problem
-    for name in QUESTION_PROMPTS.values():
-        prompts.render(name, symptom="")
+    asked = questions_of(questions, reference_glue, prompts)
+    asked.check()  # a bad template fails here, not as a per-record problem
     report = ConvertReport(files=[str(p) for p in paths])
     pairs: list[SFTPair] = []
     for path in paths:
@@ -170,7 +198,7 @@ def load_pairs(paths: Sequence[str | Path] | str | Path, reference_glue: bool = 
                 except InputError as exc:
                     report.problems.append(f"{where}: {exc}")
                     continue
-                pairs.extend(record_pairs(row, prompts, reference_glue))
+                pairs.extend(record_pairs(row, questions=asked))
                 report.skipped_medicine += not medicine_usable(row["medicine"])
                 continue
             report.converted_rows += 1
@@ -196,11 +224,11 @@ def dedup(rows: list[dict]) -> list[dict]:
 
 
 def convert(paths: Sequence[str | Path] | str | Path, fmt: str, reference_glue: bool = False,
-            prompts: Prompts | None = None) -> tuple[list[dict], ConvertReport]:
+            prompts: Prompts | None = None, questions: Questions | None = None) -> tuple[list[dict], ConvertReport]:
     """Pairs -> rows in `fmt` ("openai" or "text") -> exact duplicates dropped."""
     if fmt not in FORMATS:
         raise InputError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    pairs, report = load_pairs(paths, reference_glue, prompts)
+    pairs, report = load_pairs(paths, questions=questions_of(questions, reference_glue, prompts))
     to_row = to_openai if fmt == "openai" else to_text
     rows = dedup([to_row(p) for p in pairs])
     report.rows, report.duplicates = len(rows), len(pairs) - len(rows)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,37 @@ def tiny_base(tmp_path_factory, tokenizer):
     than usual, so that a few LoRA steps move the (frozen) output layer's logits."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, max_position_embeddings=512,
                            initializer_range=0.2)
+
+
+# ---------------------------------------------------------------------------------- timing, by its mechanism
+# No test is timed: where a behaviour is "fast" or "waits", the tests read what makes it so, never a clock.
+def backend_sleeps(monkeypatch) -> list[float]:
+    """Every wait the OpenAI backend asks for from now on (its module's `time.sleep`: a backoff or a
+    Retry-After), recorded and not slept; the clock it reads stays the real one."""
+    from mentalarena import openai_backend
+
+    asked: list[float] = []
+    monkeypatch.setattr(openai_backend, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=asked.append))
+    return asked
+
+
+def request_deadlines(monkeypatch) -> list[float]:
+    """The overall deadline (seconds, to 0.01) each request of every SDK client built from now on was
+    given, read where `openai_client` sets it, as the request starts: the preflight's short one, or
+    the client's request timeout."""
+    from mentalarena import openai_client
+
+    given: list[float] = []
+    real = openai_client._start_clock
+
+    def start_clock(seconds):
+        hook = real(seconds)
+
+        def recording(request):
+            before = time.monotonic()
+            hook(request)
+            given.append(round(openai_client._deadlines.end - before, 2))
+        return recording
+
+    monkeypatch.setattr(openai_client, "_start_clock", start_clock)
+    return given

@@ -54,15 +54,28 @@ def expected_sequence(patient, settings, reply, encoder, decoder):
         call(P.render("doctor_continue"), doctor, shared, "Doctor")
         call(persona_a, history=shared, role="Patient")
 
+    # what the decoder's answers are compared with: the cognitive model, this week's situation as
+    # decoder_truth_situation words it, and (with the encoder) the chosen group's principles
+    truth = {"intermediate_belief": patient["intermediate_belief"],
+             "intermediate_belief_depression": patient["intermediate_belief_depression"],
+             "coping_strategies": patient["coping_strategies"],
+             "situation": P.render("decoder_truth_situation", **am.profile_slots(patient, settings.emotion_format))}
+
     def decode():
-        for q in ["decode_intermediate_belief", "decode_intermediate_belief_depression", "decode_coping_strategies"]:
-            call(P.render(q), history=shared, role="Doctor")
-        call(P.render("decode_situation", situation=patient["situation"]), history=shared, role="Doctor")
+        answers = {}
+        for key in ["intermediate_belief", "intermediate_belief_depression", "coping_strategies"]:
+            answers[key] = call(P.render(f"decode_{key}"), history=shared, role="Doctor")
+        answers["situation"] = call(P.render("decode_situation", situation=patient["situation"]), history=shared,
+                                    role="Doctor")
         if encoder:
-            call(P.render("decode_principles"), history=shared, role="Doctor")
-        call("COGNITIVE-FEEDBACK")  # placeholders, checked by their opening below
+            answers["principles"] = call(P.render("decode_principles"), history=shared, role="Doctor")
+        # every item scores below the threshold (FixedEncoder): the judge gets all four, each as
+        # "<item>:\n<text>", then (with the encoder) the principles; each prompt on its own
+        call(P.render("judge_cognitive_feedback", truth="\n".join(f"{k}:\n{v}" for k, v in truth.items()),
+                      answers="\n".join(f"{k}:\n{answers[k]}" for k in truth)))
         if encoder:
-            call("PRINCIPLE-FEEDBACK")
+            call(P.render("judge_principle_feedback", principles=" ".join(groups[top[1]]),
+                          answer=answers["principles"]))
 
     if decoder:
         decode()
@@ -112,10 +125,6 @@ def run_ablation(encoder: str, decoder: str, scores=(3, 5, 9, 2, 4, 1), **overri
 def assert_same_calls(backend, record, expected):
     assert len(backend.seen) == len(expected) == record["calls"]
     for i, (got, want) in enumerate(zip(backend.seen, expected)):
-        if want[-1]["content"].endswith("-FEEDBACK"):
-            opening = "This is the true" if want[-1]["content"][0] == "C" else "These are the true"
-            assert len(got) == 1 and got[-1]["content"].startswith(opening), i
-            continue
         assert got == want, f"call {i} ({record['transcript'][i]['step']}) differs"
 
 
@@ -192,6 +201,15 @@ def test_both_ablations_together():
     assert record["principles"] is None and record["decoder"] == [] and record["feedback_rounds"] == 0
 
 
+def test_the_same_sequence_with_both_components_on():
+    """The rebuilt sequence without ablation: both feedback prompts (cognitive model, principles), exactly."""
+    backend, arena, record, expected = run_ablation("on", "on")
+    assert_same_calls(backend, record, expected)
+    steps = [t["step"] for t in record["transcript"]]
+    assert steps[1:len(DIALOGUE) + 1] == DIALOGUE and steps[0] == "principles.choice"
+    assert steps.count("decode.0.principle_feedback") == steps.count("decode.1.principle_feedback") == 1
+
+
 @pytest.mark.parametrize("encoder", ["on", "off"])
 @pytest.mark.parametrize("decoder", ["on", "off"])
 def test_the_first_estimate_is_still_the_most_calls(encoder, decoder):
@@ -222,6 +240,7 @@ def test_settings_hash_separates_every_ablation_and_keeps_full_runs_hash():
     values = asdict(am.Settings(**base))
     del values["symptom_encoder"], values["symptom_decoder"]
     del values["base_fingerprint"], values["judge_fingerprint"]  # empty (no local model folder): left out too
+    del values["emotion_format"]  # at its default ("joined"): left out, as before it existed
     assert digests["on", "on"] == hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -2,6 +2,7 @@
 bootstrap intervals. Pure functions, no model."""
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,13 @@ KEYS = [p.key for p in PRINCIPLES]
 def test_bundled_sample_is_varied_and_flags_risk():
     rows, notes = counsel.load_statements(str(ROOT / "data" / "counsel_sample.jsonl"),
                                           baseline_field="reference_response")
-    assert len(rows) >= 20 and notes["duplicates_dropped"] == 0
-    assert sum(r["risk"] for r in rows) >= 5
-    assert len({r["condition"] for r in rows}) == len(rows)
-    assert {r["severity"] for r in rows} == {"mild", "moderate", "severe"}
+    # as data/README.md and the README document it: 24 statements c-01..c-24, 24 different conditions,
+    # 8 mild / 8 moderate / 8 severe, 6 flagged risk
+    assert len(rows) == 24 and notes["duplicates_dropped"] == 0
+    assert [r["id"] for r in rows] == [f"c-{i:02d}" for i in range(1, 25)]
+    assert sum(r["risk"] for r in rows) == 6 and all(r["risk"] in (True, False) for r in rows)
+    assert len({r["condition"] for r in rows}) == 24
+    assert Counter(r["severity"] for r in rows) == {"mild": 8, "moderate": 8, "severe": 8}
     assert all(r["baseline"] and r["baseline"] != r["statement"] for r in rows)
     assert len({r["key"] for r in rows}) == len(rows)
 

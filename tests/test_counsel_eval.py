@@ -47,15 +47,16 @@ class Models:
     def __init__(self, good=(0, 2, 3), judge="fair"):
         self.made: list[tuple[str, ScriptedBackend]] = []
         self.good, self.judge = good, judge
+        self.other_judges: dict[str, str] = {}  # more judge models by name: their verdict style
 
     def contestant(self, messages):
         number = int(re.search(r"number (\d+)", messages[-1]["content"]).group(1))
         return "GOOD-ANSWER" if number in self.good else "BAD-ANSWER"
 
     def __call__(self, model, kind, api_base, **settings):
-        if model == "judge-model":
+        if model == "judge-model" or model in self.other_judges:
             verdict = {"fair": _fair_verdict, "position_a": "Verdict: A", "tie": "Verdict: tie",
-                       "mute": "I would rather not say."}[self.judge]
+                       "mute": "I would rather not say."}[self.other_judges.get(model, self.judge)]
             backend = ScriptedBackend([("Response A:", verdict), ("Therapist's response:", _rubric)])
         elif model == "baseline-model":
             backend = ScriptedBackend(default="OK-ANSWER")
@@ -135,14 +136,25 @@ def test_resume_asks_nothing_twice_and_a_new_judge_reuses_the_answers(tmp_path, 
     again = _run(tmp_path, data, scorers="pairwise,rubric")
     assert len(models.made) == asked  # nothing to ask: no backend even built
     assert again["subsets"] == first["subsets"]
-    models.judge = "tie"
-    monkeypatch_judge = Counsel_eval.run(model="contestant", data_file=data, judge_model="judge-model",
-                                         judge_temperature=0.5, output_dir=str(tmp_path / "out"), progress=False,
-                                         bootstrap=200, scorers="pairwise")
-    assert [name for name, _ in models.made[asked:]] == ["judge-model"]  # the answers came from the file
-    assert monkeypatch_judge["subsets"]["all"]["pairwise"]["ties"] == 6
+    # another judge model (one that calls every pair a tie), same settings otherwise: it is asked
+    # everything anew, about the answers on file; the first judge's verdicts are neither reused nor lost
+    models.other_judges["tie-judge"] = "tie"
+    other = Counsel_eval.run(model="contestant", data_file=data, judge_model="tie-judge", output_dir=str(tmp_path / "out"),
+                             progress=False, bootstrap=200, scorers="pairwise")
+    assert [name for name, _ in models.made[asked:]] == ["tie-judge"]  # the answers came from the file
+    asked_again = [c[-1]["content"] for c in models.made[-1][1].seen]
+    assert len(asked_again) == 12 and all(("GOOD-ANSWER" in p) != ("BAD-ANSWER" in p) for p in asked_again)
+    whole = other["subsets"]["all"]["pairwise"]
+    assert (whole["ties"], whole["wins"], whole["losses"]) == (6, 0, 0)  # its verdicts, not the fair judge's 3/3
+    assert first["subsets"]["all"]["pairwise"]["wins"] == 3
+    assert other["judge"]["model"] == "tie-judge" and first["judge"]["model"] == "judge-model"
+    verdicts = _lines(tmp_path / "out" / "contestant" / "statements.judge.jsonl")
+    assert len(verdicts) == 12 + 6 + 12  # the first judge's pairwise and rubric replies, then the new judge's
     samples = _lines(tmp_path / "out" / "contestant" / "statements.samples.jsonl")
     assert len(samples) == 6  # no duplicates
+    # and back to the first judge: everything on file, nothing asked
+    assert _run(tmp_path, data, scorers="pairwise,rubric")["subsets"] == first["subsets"]
+    assert len(models.made) == asked + 1
 
 
 def test_failed_calls_are_retried_by_the_next_run(tmp_path, models, monkeypatch):
@@ -232,6 +244,33 @@ def test_a_bad_baseline_file_stops_before_any_model(tmp_path, monkeypatch, capsy
                               "--output_dir", str(tmp_path / "out")])
     assert code == 2 and f"{base}: row 1: no 'reference_response' or 'response' field" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_judge_that_fails_its_preflight_stops_before_anything(tmp_path, monkeypatch, capsys):
+    """The judge named on a server that does not serve it: exit 2 and one line naming that server,
+    from the judge's preflight, before the contestant (the embedded model, local) is built or asked
+    anything, and nothing is written."""
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_OPENAI_KEY)
+    built = []
+    real = Counsel_eval.make_backend
+
+    def spy(model, kind, *args, **settings):
+        built.append((model, kind))
+        return real(model, kind, *args, **settings)
+
+    monkeypatch.setattr(Counsel_eval, "make_backend", spy)
+    out = tmp_path / "out"
+    with FakeOpenAI(strict_model=True) as server:  # serves "fake-model" only, as vLLM: another name is a 404
+        code = Counsel_eval.main(["--judge_model", "absent-judge", "--judge_api_base", server.base_url, "--scorers",
+                                  "pairwise,rubric", "--limit", "2", "--progress", "False", "--output_dir", str(out)])
+        chats = list(server.requests)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1, err
+    assert server.base_url in lines[0] and "no model 'absent-judge' there" in lines[0]
+    assert built == [("absent-judge", "openai")]  # the judge's client for its preflight; no local model
+    assert [r["max_tokens"] for r in chats] == [1]  # its one-token probe; no statement went anywhere
+    assert not out.exists() or [p for p in out.rglob("*") if p.is_file()] == []
 
 
 def test_bad_row_names_file_row_and_field(tmp_path, capsys):

@@ -16,9 +16,9 @@ from data_process import main
 from mentalarena.preference import validate_openai_file
 
 SYSTEM = "You are a psychiatric expert."
-QUESTION = {"diagnosis": "Which mental health condition best explains what this patient is going through?",
-            "treatment": "Which treatment would you recommend for this patient, and why?",
-            "medication": "Which medication would you prescribe for this patient, and why?"}
+QUESTION = {"diagnosis": "What is the most likely diagnosis in this patient?",
+            "treatment": "What is the most appropriate treatment for the patient?",
+            "medication": "What is the proper medication for this patient?"}
 DIAGNOSES = ["Major depressive disorder.", "Generalized anxiety disorder."]
 
 
@@ -103,6 +103,38 @@ def test_the_pair_flags_reach_the_builder(openai_cwd, monkeypatch, args, rows):
     write_records(openai_cwd / "records.jsonl", 3)
     assert run(None, "--convert_only", *args) == 0
     assert read_rows(openai_cwd / "ft.jsonl") == rows
+
+
+def test_all_pairs_through_the_command_line(openai_cwd, monkeypatch):
+    """--all_pairs: every two scored tries at least --min_margin apart, the better one chosen, in try
+    order, where the default pairs only the best with the worst. A third scored treatment try (5,
+    between 3 and 8) makes the difference."""
+    monkeypatch.delenv("OPENAI_API_KEY")
+    records = []
+    for i in range(2):
+        record = scored(i)
+        record["treatment_search"]["tries"].append({"candidate": f"Sleep diary for {i}", "score": 5})
+        records.append(record)
+    (openai_cwd / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+    def pairs(i: int, treatments: list[tuple[str, str]]) -> list[dict]:
+        return [row("diagnosis", i, DIAGNOSES[i % 2], DIAGNOSES[1 - i % 2]),
+                *[row("treatment", i, chosen, rejected) for chosen, rejected in treatments],
+                row("medication", i, "Sertraline", "Diazepam")]
+
+    assert run(None, "--convert_only", "--min_margin", "1") == 0
+    assert read_rows(openai_cwd / "ft.jsonl") == [
+        r for i in range(2) for r in pairs(i, [(f"Behavioural activation for {i}", f"CBT for {i}")])]
+    assert run(None, "--convert_only", "--min_margin", "1", "--all_pairs") == 0
+    assert read_rows(openai_cwd / "ft.jsonl") == [r for i in range(2) for r in pairs(i, [
+        (f"Behavioural activation for {i}", f"CBT for {i}"),        # tries 2 > 1 (8 > 3)
+        (f"Behavioural activation for {i}", f"Sleep diary for {i}"),  # tries 2 > 3 (8 > 5)
+        (f"Sleep diary for {i}", f"CBT for {i}")])]                 # tries 3 > 1 (5 > 3)
+    assert run(None, "--convert_only", "--min_margin", "3", "--all_pairs", "true") == 0  # 5 - 3 is under 3
+    assert read_rows(openai_cwd / "ft.jsonl") == [r for i in range(2) for r in [
+        row("diagnosis", i, DIAGNOSES[i % 2], DIAGNOSES[1 - i % 2]),
+        row("treatment", i, f"Behavioural activation for {i}", f"CBT for {i}"),
+        row("treatment", i, f"Behavioural activation for {i}", f"Sleep diary for {i}")]]
 
 
 def test_sft_stays_the_default_and_keeps_its_file_name(openai_cwd, monkeypatch):

@@ -126,13 +126,21 @@ def test_sft_then_dpo_starts_from_the_sft_adapter(tiny_base, records, tmp_path, 
 
     out = tmp_path / "models"
     # a DPO learning rate so small that the DPO adapter must stay where it started
-    args = tiny_args(tiny_base, records, out, "sd", "--max_steps", "2", "--lr", "1e-2", "--dpo_lr", "1e-9")
+    # no LoRA dropout: the policy's forward pass is then exactly the reference's at the first step
+    args = tiny_args(tiny_base, records, out, "sd", "--max_steps", "2", "--lr", "1e-2", "--dpo_lr", "1e-9",
+                     "--lora_dropout", "0")
     args[args.index("--objective") + 1] = "sft+dpo"
     assert llama_finetune.main(args + ["--merge"]) == 0
     sft_config = json.loads((out / "sd" / "sft" / "finetune_config.json").read_text())
     dpo_config = json.loads((out / "sd" / "finetune_config.json").read_text())
     assert sft_config["summary"]["objective"] == "sft" and "objective" not in sft_config["settings"]
     assert dpo_config["summary"]["objective"] == "sft+dpo" and dpo_config["summary"]["pairs"] == 12
+    # DPO trained, from policy == reference == the SFT model: its first step (before any update) scores
+    # every pair's chosen-minus-rejected log-ratio 0, so the loss is log 2 and the reward margin 0. A
+    # reference other than the SFT model (the base) would put both elsewhere.
+    assert [s for s, _ in dpo_config["loss_history"]] == [1, 2]
+    assert dpo_config["loss_history"][0][1] == pytest.approx(math.log(2), abs=1e-4)
+    assert dpo_config["summary"]["reward_margin_first"] == pytest.approx(0, abs=1e-4)
     assert dpo_config["settings"]["start_settings_hash"] == sft_config["settings_hash"]
     sft_w = load_file(out / "sd" / "sft" / "adapter_model.safetensors")
     dpo_w = load_file(out / "sd" / "adapter_model.safetensors")
@@ -172,20 +180,41 @@ def test_dpo_resume_continues_the_step_count(tiny_base, records, tmp_path, capsy
     assert "nothing to train" in capsys.readouterr().out
 
 
-def test_full_dpo_with_chat_template_writes_a_full_model(tiny_base, records, tmp_path):
+def three_tries(i: int) -> dict:
+    """scored_record with a third scored treatment try between the other two (8, 5, 2): best against
+    worst gives one treatment pair, --all_pairs three."""
+    row = scored_record(i)
+    tries = row["treatment_search"]["tries"]
+    tries.insert(1, {"candidate": f"Fortnightly counselling about {PATIENTS[i][0].split()[-1]}.", "score": 5})
+    return row
+
+
+def test_full_dpo_with_chat_template_writes_a_full_model(tiny_base, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    records = tmp_path / "three.jsonl"
+    records.write_text("".join(json.dumps(three_tries(i)) + "\n" for i in range(4)), encoding="utf-8")
     out = tmp_path / "models"
-    args = tiny_args(tiny_base, records, out, "f", "--max_steps", "1", "--format", "chat_template",
+    args = tiny_args(tiny_base, str(records), out, "f", "--max_steps", "1", "--format", "chat_template",
                      "--all_pairs", "--min_margin", "1")
     args[args.index("--method") + 1] = "full"
     assert llama_finetune.main(args) == 0
     config = json.loads((out / "f" / "finetune_config.json").read_text())
     assert config["merged"] == str(out / "f") and config["settings"]["method"] == "full"
     assert config["trainable_parameters"] == config["all_parameters"]  # the reference copy is not counted in
-    # --all_pairs: every two scored tries at least 1 apart (still one per search here) plus the diagnoses
-    assert config["summary"]["pairs"] == 12
+    # --all_pairs, --min_margin 1: per record the diagnosis, three treatment pairs (8 > 5, 8 > 2, 5 > 2, in
+    # try order) and the medication pair (7 > 3): 5, where best against worst gives 3 (12 in all)
+    assert config["summary"]["pairs"] == 20 and config["settings"]["all_pairs"] is True
+    assert config["preference"]["kinds"] == {"diagnosis": 4, "treatment": 12, "medication": 4}
     rows = read_jsonl(out / "f" / "dpo_pairs.jsonl")
+    first = scored_record(0)["treatment_search"]["tries"]
+    middle = three_tries(0)["treatment_search"]["tries"][1]["candidate"]
+    assert [(r["kind"], r["chosen"][0]["content"], r["rejected"][0]["content"], r["margin"]) for r in rows[:5]] == [
+        ("diagnosis", "The patient has Major depressive disorder.", "The patient has Generalized anxiety.", None),
+        ("treatment", first[0]["candidate"], middle, 3),
+        ("treatment", first[0]["candidate"], first[1]["candidate"], 6),
+        ("treatment", middle, first[1]["candidate"], 3),
+        ("medication", "Sertraline 50 mg daily, reviewed after four weeks.", "No medication at all.", 4)]
     assert rows[0]["prompt"][-1]["role"] == "user" and rows[0]["chosen"][0]["role"] == "assistant"
     model = AutoModelForCausalLM.from_pretrained(out / "f")
     base = AutoModelForCausalLM.from_pretrained(tiny_base)
@@ -197,8 +226,9 @@ def test_full_dpo_with_chat_template_writes_a_full_model(tiny_base, records, tmp
 def test_bad_input_is_one_line_and_exit_2(tiny_base, records, tmp_path, capsys, case):
     sft_rows = tmp_path / "sft.jsonl"
     sft_rows.write_text(json.dumps({"text": "### System: s Question: q\n ### Answer: a"}) + "\n")
-    reference = str(shared_data("arena_outputs", "gpt_iter1_output.jsonl"))
-    data = {"reference_records": reference, "sft_rows": str(sft_rows)}.get(case, records)
+    data = {"sft_rows": str(sft_rows)}.get(case, records)
+    if case == "reference_records":  # the one case that reads the reference data (skipped without it)
+        data = str(shared_data("arena_outputs", "gpt_iter1_output.jsonl"))
     extra = {"packing": ["--packing"], "beta": ["--beta", "0"], "loss": ["--dpo_loss", "sigmod"],
              "margin": ["--min_margin", "0"], "objective": []}.get(case, [])
     args = tiny_args(tiny_base, data, tmp_path / "models", "x", *extra)

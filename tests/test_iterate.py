@@ -711,15 +711,30 @@ time.sleep(60)
 """
 
 
-def ctrl_c_during_a_stage(tmp_path: Path, seconds: float) -> tuple[Path, int, float]:
+def ctrl_c_during_a_stage(tmp_path: Path, seconds: float, monkeypatch) -> tuple[Path, int, list]:
     """iterate.run_stage on a stage that takes `seconds` to stop after SIGINT; Ctrl-C reaches both
-    processes, as a terminal sends it to the whole group. (The files it left, the stage's pid, the wait.)"""
+    processes, as a terminal sends it to the whole group. (The files it left, the stage's pid, and
+    what was done to the stage's process: ("wait", timeout) and ("kill",), in order.)"""
     import signal
+    import subprocess
     import threading
     import time
 
     saved, ready = tmp_path / "saved", tmp_path / "ready"
     (tmp_path / "stage.py").write_text(STAGE.format(seconds=seconds, saved=str(saved), ready=str(ready)))
+    done: list[tuple] = []
+    real_wait, real_kill = subprocess.Popen.wait, subprocess.Popen.kill
+
+    def wait(self, timeout=None):
+        done.append(("wait", timeout))
+        return real_wait(self, timeout)
+
+    def kill(self):
+        done.append(("kill",))
+        return real_kill(self)
+
+    monkeypatch.setattr(subprocess.Popen, "wait", wait)
+    monkeypatch.setattr(subprocess.Popen, "kill", kill)
 
     def press():
         while not ready.exists() or not ready.read_text():
@@ -728,15 +743,15 @@ def ctrl_c_during_a_stage(tmp_path: Path, seconds: float) -> tuple[Path, int, fl
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=press, daemon=True).start()
-    started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         iterate.run_stage(str(tmp_path / "stage.py"), [])
-    return saved, int(ready.read_text()), time.monotonic() - started
+    return saved, int(ready.read_text()), done
 
 
-def test_ctrl_c_lets_the_stage_finish_saving_before_it_is_stopped(tmp_path, capsys):
-    saved, pid, _ = ctrl_c_during_a_stage(tmp_path, seconds=1.5)  # subprocess.run killed it after 0.25 s
+def test_ctrl_c_lets_the_stage_finish_saving_before_it_is_stopped(tmp_path, capsys, monkeypatch):
+    saved, pid, done = ctrl_c_during_a_stage(tmp_path, 1.5, monkeypatch)  # subprocess.run killed it after 0.25 s
     assert saved.read_text() == "whole"
+    assert done == [("wait", None), ("wait", iterate.STOP_WAIT)]  # waited for it, never killed it
     assert f"[iterate] waiting up to 30 s for {tmp_path / 'stage.py'} to stop" in capsys.readouterr().err
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # stopped and reaped
@@ -744,7 +759,8 @@ def test_ctrl_c_lets_the_stage_finish_saving_before_it_is_stopped(tmp_path, caps
 
 def test_a_stage_that_does_not_stop_is_killed_after_the_wait(tmp_path, monkeypatch):
     monkeypatch.setattr(iterate, "STOP_WAIT", 0.5)
-    saved, pid, waited = ctrl_c_during_a_stage(tmp_path, seconds=30)
-    assert not saved.exists() and waited < 10
+    saved, pid, done = ctrl_c_during_a_stage(tmp_path, 30, monkeypatch)
+    # the wait it was given (STOP_WAIT), then killed and reaped: it never got to save
+    assert done == [("wait", None), ("wait", 0.5), ("kill",), ("wait", None)] and not saved.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT
 from llama_server import LlamaServer, available
 
-from mentalarena.sft import convert
+from mentalarena.counsel import parse_verdict
 
 # Both wheels are installed for these tests (requirements-test.txt, requirements.txt): a broken
 # install fails here, it never skips.
@@ -116,6 +116,28 @@ def test_the_server_honours_seeds_samples_differ_and_a_rerun_is_identical(server
         assert [c["reply"] for c in second[k]["transcript"]] == [c["reply"] for c in first[k]["transcript"]]
 
 
+def sft_rows(rows: list[dict]) -> list[dict]:
+    """The OpenAI chat rows data_process.py must write for these records, spelt out here from the
+    reference's format: per record the diagnosis and the treatment pair, and the medication pair
+    unless `medicine` contains None, N/A, Not or Explanation (case-sensitive); the reference's three
+    questions (prompts/sft_*.txt) after the symptom; exact duplicates dropped, first kept."""
+    asked = {"diagnosis": "What is the most likely diagnosis in this patient?",
+             "treatment": "What is the most appropriate treatment for the patient?",
+             "medication": "What is the proper medication for this patient?"}
+    out = []
+    for r in rows:
+        answers = [("diagnosis", r["illness"]), ("treatment", f"{r['treatment']}. {r['explain_t']}")]
+        if r["medicine"] and not any(word in r["medicine"] for word in ("None", "N/A", "Not", "Explanation")):
+            answers.append(("medication", f"{r['medicine']}. {r['explain_m']}"))
+        for kind, answer in answers:
+            row = {"messages": [{"role": "system", "content": "You are a psychiatric expert."},
+                                {"role": "user", "content": f"{r['symptom']}\n{asked[kind]}"},
+                                {"role": "assistant", "content": answer}]}
+            if row not in out:
+                out.append(row)
+    return out
+
+
 def test_fine_tuning_data_from_the_servers_records(server, selfplay, tmp_path):
     """The job-less paths of data_process.py on the server's records; asking llama.cpp for a
     fine-tuning job fails with one line that names the server."""
@@ -125,9 +147,8 @@ def test_fine_tuning_data_from_the_servers_records(server, selfplay, tmp_path):
                     "--convert_only")
     assert result.returncode == 0, explain(result)
     rows = records(converted)
-    expected, report = convert([output], "openai")
-    assert rows == expected and report.records == 2 and len(rows) >= 2  # a diagnosis pair per record at least
-    assert {r["messages"][-1]["content"] for r in rows} >= {r["illness"] for r in records(output)}
+    assert rows == sft_rows(records(output))
+    assert len(rows) >= 2 and {r["messages"][-1]["content"] for r in rows} >= {r["illness"] for r in records(output)}
     job = script("data_process.py", "--input_file", str(output), "--finetune_file", str(tmp_path / "job.jsonl"),
                  "--api_base", server.base_url, "--min_examples", "0")
     assert job.returncode == 1, explain(job)
@@ -172,10 +193,26 @@ def test_counseling_evaluation_against_the_server(server, tmp_path):
     assert result.returncode == 0, explain(result)
     results = json.loads((out / MODEL / "counsel_sample.results.json").read_text())
     assert results["complete"] and results["answered"] == 3 and results["settings"]["runs_on"] == "served"
-    pairwise = results["subsets"]["all"]["pairwise"]
-    assert pairwise["n"] == 3 and pairwise["judged"] + pairwise["unjudged"] == 3
     judged = records(out / MODEL / "counsel_sample.judge.jsonl")
     assert len(judged) == 9 and all(j["reply"].strip() for j in judged)
+    # the table's counts, recounted from the judge's own replies: a statement is judged when both
+    # orders give a readable verdict; the model is A in "model_first", B in "baseline_first"
+    by_key: dict[str, dict] = {}
+    for j in judged:
+        by_key.setdefault(j["key"], {})[j["order"] or j["kind"]] = parse_verdict(j["reply"])
+    assert len(by_key) == 3 and all(set(v) == {"model_first", "baseline_first", "rubric"} for v in by_key.values())
+    tally = {"win": 0, "tie": 0, "loss": 0, "unjudged": 0}
+    for v in by_key.values():
+        first, second = v["model_first"], v["baseline_first"]
+        if first is None or second is None:
+            tally["unjudged"] += 1
+            continue
+        score = ({"A": 1, "tie": 0.5}.get(first, 0) + {"B": 1, "tie": 0.5}.get(second, 0)) / 2
+        tally["win" if score > 0.5 else "loss" if score < 0.5 else "tie"] += 1
+    pairwise = results["subsets"]["all"]["pairwise"]
+    assert (pairwise["n"], pairwise["wins"], pairwise["ties"], pairwise["losses"], pairwise["unjudged"]) == \
+        (3, tally["win"], tally["tie"], tally["loss"], tally["unjudged"]), (pairwise, by_key)
+    assert pairwise["judged"] == 3 - tally["unjudged"] and results["subsets"]["all"]["rubric"]["overall"]["rows"] == 3
     again = script("Counsel_eval.py", *args)  # everything on file: no request at all
     assert again.returncode == 0 and "0 to ask" in again.stderr and "verdicts on file, 0 to ask" in again.stderr
 
@@ -184,10 +221,8 @@ def test_a_refused_key_fails_in_seconds(tmp_path):
     """A keyed llama.cpp server: OPENAI_API_KEY is never sent to it; without --api_key_env the line
     says which flag to use, a wrong key in the named variable is refused in one line, the right one works."""
     with LlamaServer(n_ctx=1024, slots=1, api_key="server-key-123") as keyed:
-        start = time.monotonic()
         unkeyed = script("arena_med.py", "--base_model", MODEL, "--api_base", keyed.base_url, "--output_file",
                          str(tmp_path / "o.jsonl"), extra_env={"OPENAI_API_KEY": "server-key-123"})
-        elapsed = time.monotonic() - start
         wrong = script("arena_med.py", "--base_model", MODEL, "--api_base", keyed.base_url, "--output_file",
                        str(tmp_path / "o.jsonl"), "--api_key_env", "LLAMA_KEY",
                        extra_env={"LLAMA_KEY": "sk-wrong-SECRET-999"})
@@ -200,7 +235,9 @@ def test_a_refused_key_fails_in_seconds(tmp_path):
     assert f"error: {keyed.base_url} wants an API key (HTTP 401)" in unkeyed.stderr and "--api_key_env" in unkeyed.stderr
     assert wrong.returncode == 2, explain(wrong)
     assert f"error: {keyed.base_url} refused the key in LLAMA_KEY (HTTP 401)" in wrong.stderr
-    assert "SECRET" not in wrong.stdout + wrong.stderr and elapsed < 30
+    assert "SECRET" not in wrong.stdout + wrong.stderr
+    # in seconds because a refusal is never retried: no retry, no backoff wait, no output file
+    assert "; retry " not in unkeyed.stderr + wrong.stderr and not (tmp_path / "o.jsonl").exists()
     assert ok.returncode == 0, explain(ok)
 
 

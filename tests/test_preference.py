@@ -26,9 +26,9 @@ MISSING = object()  # a try without a "score" field
 def question(kind: str, symptom: str = SYMPTOM) -> str:
     """The question texts, written out from prompts/sft_*.txt (not through the module)."""
     return symptom + "\n" + {
-        "diagnosis": "Which mental health condition best explains what this patient is going through?",
-        "treatment": "Which treatment would you recommend for this patient, and why?",
-        "medication": "Which medication would you prescribe for this patient, and why?",
+        "diagnosis": "What is the most likely diagnosis in this patient?",
+        "treatment": "What is the most appropriate treatment for the patient?",
+        "medication": "What is the proper medication for this patient?",
     }[kind]
 
 
@@ -393,19 +393,43 @@ def some_pairs(tmp_path) -> tuple[Path, list[PreferencePair]]:
     return path, pairs
 
 
-@pytest.mark.parametrize("fmt, write", [("trl", to_trl), ("trl_text", to_trl_text), ("openai", to_openai)])
-def test_converted_rows_read_back_to_the_same_pairs(tmp_path, fmt, write):
+# some_pairs' four pairs, written out by hand: (question, chosen, rejected, kind, margin)
+SOME_PAIRS = [
+    (question("diagnosis"), DIAGNOSES[1], DIAGNOSES[0], "diagnosis", None),  # "the second diagnosis" named
+    (question("treatment"), "CBT", "Rest", "treatment", 7),
+    (question("medication"), "Sertraline", "Nothing", "medication", 7),
+    (question("treatment", UGLY), "Exercise\u2028daily", "Wait", "treatment", 4),
+]
+
+
+def written_row(fmt: str, asked: str, chosen: str, rejected: str, kind: str, margin) -> dict:
+    """One pair as each format lays it out (TRL's conversational and plain-text preference rows,
+    OpenAI's preference fine-tuning row), spelt out here rather than through the module."""
+    if fmt == "trl":
+        return {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": asked}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}], "kind": kind, "margin": margin}
+    if fmt == "trl_text":
+        return {"prompt": f"### System: {SYSTEM} Question: {asked}\n ### Answer:",
+                "chosen": " " + chosen, "rejected": " " + rejected}
+    return {"input": {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": asked}]},
+            "preferred_output": [{"role": "assistant", "content": chosen}],
+            "non_preferred_output": [{"role": "assistant", "content": rejected}]}
+
+
+@pytest.mark.parametrize("fmt", ["trl", "trl_text", "openai"])
+def test_converted_rows_read_back_to_the_same_pairs(tmp_path, fmt):
     records, pairs = some_pairs(tmp_path)
     rows, report = convert(records, fmt, encoder=NoEncoder())
-    assert rows == [write(p) for p in pairs] and report.pairs == 4
+    assert rows == [written_row(fmt, *p) for p in SOME_PAIRS] and report.pairs == 4
     out = tmp_path / f"{fmt}.jsonl"
     write_rows(out, rows)
     back, back_report = load_preferences(out, encoder=NoEncoder())
-    assert [p.key() for p in back] == [p.key() for p in pairs]
+    assert [p.key() for p in back] == [(SYSTEM, q, c, r) for q, c, r, _, _ in SOME_PAIRS]
     assert (back_report.converted_rows, back_report.records, back_report.pairs) == (4, 0, 4)
     assert [p.source for p in back] == [f"{out}: line {n}" for n in range(1, 5)]
     if fmt == "trl":  # kind and margin ride along
-        assert [(p.kind, p.margin) for p in back] == [(p.kind, p.margin) for p in pairs]
+        assert [(p.kind, p.margin) for p in back] == [(k, m) for _, _, _, k, m in SOME_PAIRS]
     else:
         assert {(p.kind, p.margin) for p in back} == {("unknown", None)}
     # read together with the records they came from: every converted row is a duplicate

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,17 +156,196 @@ class HashEncoder:
         return np.array([r / np.linalg.norm(r) for r in rows]).reshape(len(texts), 8)
 
 
-def test_build_render_and_figures(records, tmp_path):
+# ---------------------------------------------------------------- figures against tables
+def figure_data(monkeypatch) -> dict[str, list]:
+    """What each figure of `arena_med.py report` draws, read off its axes just before it is saved
+    (file name -> one entry per axes): the title, the x tick labels, the y tick labels, the
+    labelled lines as {label: (xs, ys)}, and the bar groups as {label: [(height, (p10, p90) or None)]}
+    (a horizontal bar's width is its value)."""
+    from mentalarena import report_figures
+
+    drawn: dict[str, list] = {}
+    real_save = report_figures.save
+
+    def spy(fig, path):
+        drawn[Path(path).name] = [_axes_data(ax) for ax in fig.axes]
+        return real_save(fig, path)
+
+    monkeypatch.setattr(report_figures, "save", spy)
+    return drawn
+
+
+def _axes_data(ax) -> dict:
+    from matplotlib.container import BarContainer
+
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+             for line in ax.get_lines() if not line.get_label().startswith("_")}
+    bars: dict[str, list] = {}
+    for k, group in enumerate(c for c in ax.containers if isinstance(c, BarContainer)):
+        label = group.get_label()
+        label = f"_bar{k}" if label.startswith("_") else label  # unlabelled bars (one per file): by order
+        spreads = [None] * len(group.patches)
+        if group.errorbar is not None:  # the error bar's vertical segment: (low, high)
+            segments = group.errorbar.lines[2][0].get_segments()
+            spreads = [(float(seg[0][1]), float(seg[1][1])) for seg in segments]
+        bars[label] = [(float(r.get_width() if group.orientation == "horizontal" else r.get_height()), spread)
+                       for r, spread in zip(group.patches, spreads)]
+    return {"title": ax.get_title(), "xticks": [t.get_text() for t in ax.get_xticklabels()],
+            "yticks": [t.get_text() for t in ax.get_yticklabels()], "lines": lines, "bars": bars}
+
+
+def markdown_tables(md: str) -> list[tuple[list[str], list[list[str]]]]:
+    """The report's tables: (header cells, rows of cells), in order."""
+    tables, block = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif block:
+            tables.append((block[0], block[2:]))
+            block = []
+    return tables
+
+
+class Tables:
+    """A cell of the report's tables, found by the table's first header cell, the row's leading
+    cells and the file's column; its numbers read as floats."""
+
+    def __init__(self, md: str):
+        self.tables = markdown_tables(md)
+
+    def cell(self, first: str, label: str, *row: str) -> str:
+        found = [r[header.index(label)] for header, rows in self.tables if header[0] == first and label in header
+                 for r in rows if r[:len(row)] == list(row)]
+        assert len(found) == 1, (first, label, row, found)
+        return found[0]
+
+    def numbers(self, first: str, label: str, *row: str) -> list[float]:
+        return [float(x.replace(",", "")) for x in re.findall(r"-?[\d,]*\.?\d+", self.cell(first, label, *row))]
+
+
+def close(figure_value: float, shown: float, digits: int) -> bool:
+    """A figure's value equals a table's number printed with `digits` decimals."""
+    return abs(figure_value - shown) <= 0.5 * 10 ** -digits + 1e-9
+
+
+def assert_figures_match_tables(drawn: dict[str, list], md: str, stats: dict) -> None:
+    """Every number each figure draws is the one its section's table prints (to the table's precision)."""
+    t = Tables(md)
+    files = list(stats["files"])
+    decoder = [f for f in files if stats["files"][f]["decoder_records"]]
+    searched = [f for f in files if stats["files"][f]["try_and_reflect_records"]]
+    costed = [f for f in files if stats["files"][f]["cost_records"]]
+    checked = 0
+
+    if "decoder_similarity.png" in drawn:
+        for ax in drawn["decoder_similarity.png"]:
+            item = ax["title"].replace(" ", "_")
+            for label in decoder:
+                xs, ys = ax["lines"][label]
+                for x, y in zip(xs, ys):  # the mean of "mean ± std [p10, p90], pass x%"
+                    assert close(y, t.numbers("round", label, str(x), item)[0], 3), (item, label, x, y)
+                    checked += 1
+    if "decoder_rounds.png" in drawn:
+        share, feedback = drawn["decoder_rounds.png"]
+        for label in decoder:
+            xs, ys = share["lines"][label]
+            for x, y in zip(xs, ys):
+                assert close(100 * y, t.numbers("round", label, str(x), "pass share (all items)")[0], 1)
+                checked += 1
+            sessions = t.numbers("round", label, "0", "sessions")[0]
+            for rounds, (height, _) in zip(feedback["xticks"], feedback["bars"][label]):
+                assert height == pytest.approx(t.numbers("feedback rounds", label, rounds)[0] / sessions)
+                checked += 1
+    if "try_and_reflect.png" in drawn:
+        best, finals, fallback = drawn["try_and_reflect.png"]
+        for label in searched:
+            for kind in ("treatment", "medicine"):
+                xs, ys = best["lines"][f"{label} {kind}"]
+                for x, y in zip(xs, ys):  # "7.33 (100.0%)": the best so far, then the share still running
+                    assert close(y, t.numbers("search", label, kind, f"best after try {x} (still running)")[0], 2)
+                    checked += 1
+                counts = dict(pair.split(": ") for pair in t.cell("search", label, kind, "final score counts").split(", "))
+                searches = t.numbers("search", label, kind, "searches")[0]
+                for score, (height, _) in zip(finals["xticks"], finals["bars"][f"{label} {kind}"]):
+                    assert height == pytest.approx(int(counts.get(score, 0)) / searches)
+                    checked += 1
+            for kind, (height, _) in zip(("treatment", "medicine"), fallback["bars"][label]):
+                assert close(100 * height, t.numbers("search", label, kind, "fallback share")[0], 1)
+                checked += 1
+    if "diagnoses.png" in drawn:
+        *tops, medicine = drawn["diagnoses.png"]
+        for ax in tops:
+            label = ax["title"].split(":")[0]
+            records = t.numbers("", label, "records")[0]
+            ranks = {t.cell("rank", label, str(r)).rsplit(" (", 1)[0]: int(t.cell("rank", label, str(r)).rsplit("(", 1)[1][:-1])
+                     for r in range(1, len(ax["yticks"]) + 1)}
+            for name, (width, _) in zip(ax["yticks"], ax["bars"]["_bar0"]):  # from the bottom: the least frequent
+                assert width == pytest.approx(ranks[name] / records), (label, name)
+                checked += 1
+        for label in [f for f in files if stats["files"][f]["diagnoses_records"]]:
+            for row, (height, _) in zip(("medicine empty", "medicine None-like", "medication pair dropped"),
+                                        medicine["bars"][label]):
+                assert close(100 * height, t.numbers("", label, row)[0], 1)
+                checked += 1
+    if "cost.png" in drawn:
+        for ax in drawn["cost.png"]:
+            row = ax["title"].removesuffix(" per session")  # "model calls per session": the row "model calls"
+            for k, label in enumerate(costed):
+                [(mean, (p10, p90))] = ax["bars"][f"_bar{k}"]
+                shown_mean, _std, shown_p10, shown_p90, _total = t.numbers("", label, row)
+                assert close(mean, shown_mean, 3) and close(p10, shown_p10, 3) and close(p90, shown_p90, 3), row
+                checked += 1
+    if "validity.png" in drawn:
+        distinct, *others = drawn["validity.png"]
+        for label in files:
+            heights = [h for h, _ in distinct["bars"][label]]
+            same = f"on the first {stats['files'][label]['validity']['same_size']} answers (the smallest file's count)"
+            shown = [t.numbers("", label, row)[0] for row in ("distinct-1", "distinct-2", f"distinct-1 {same}",
+                                                               f"distinct-2 {same}")]
+            assert all(close(h, s, 3) for h, s in zip(heights, shown)), (label, heights, shown)
+            checked += 1
+        for ax in others:
+            if ax["title"] == "mean pairwise cosine distance":
+                for label in files:
+                    for row, (height, _) in zip(("answers: mean pairwise distance", "answers + symptom: mean pairwise distance"),
+                                                ax["bars"][label]):
+                        assert close(height, t.numbers("", label, row)[0], 3)
+                        checked += 1
+            elif ax["title"].startswith("answer perplexity"):
+                scored = [f for f in files if (stats["files"][f]["validity"].get("perplexity") or {}).get("n")]
+                for k, label in enumerate(scored):
+                    [(median, (p10, p90))] = ax["bars"][f"_bar{k}"]
+                    assert close(median, t.numbers("", label, "perplexity: median")[0], 3)
+                    spread = t.numbers("", label, f"perplexity under {stats['perplexity_model']}: mean ± std [p10, p90]")
+                    assert close(p10, spread[2], 3) and close(p90, spread[3], 3)
+                    checked += 1
+    assert checked > 0
+
+
+# 2 + 2 + 3 answers: record 0's medicine "N/A" and record 1's empty one give no medication answer
+PERPLEXITIES = [2.0, 3.0, 4.0, 5.0, 6.0, 10.0, math.nan]  # one per answer; the last one cut off
+
+
+def test_build_render_and_figures(records, tmp_path, monkeypatch):
     six = [{k: r[k] for k in report.RECORD_FIELDS} for r in records]
-    stats = report.build({"ours": records, "six": six}, HashEncoder(), lambda rs: [2.0] * 2 + [math.nan])
+    asked = []
+
+    def perplexity(rs):  # one value per SFT answer of the records given
+        asked.append(len(rs))
+        return list(PERPLEXITIES)
+
+    stats = report.build({"ours": records, "six": six}, HashEncoder(), perplexity)
+    assert asked == [3, 3]
     assert stats["skipped"]["ours"] == []
     assert [s.split(":")[0] for s in stats["skipped"]["six"]] == ["decoder", "try_and_reflect", "cost"]
-    assert stats["files"]["ours"]["validity"]["perplexity"]["mean"] == 2.0
+    ppl = stats["files"]["ours"]["validity"]["perplexity"]
+    assert (ppl["n"], ppl["mean"], ppl["median"]) == (6, 5.0, 4.5)  # every finite value, none left out
     assert stats["files"]["ours"]["validity"]["perplexity_unscored"] == 1
     stats.update(inputs={"ours": "a.jsonl", "six": "b.jsonl"}, notes={}, perplexity_model="stub")
+    drawn = figure_data(monkeypatch)
     paths = draw_all(stats, tmp_path)
-    assert sorted(p.name for p in paths) == ["cost.png", "decoder_rounds.png", "decoder_similarity.png",
-                                             "diagnoses.png", "try_and_reflect.png", "validity.png"]
+    assert sorted(p.name for p in paths) == sorted(drawn) == ["cost.png", "decoder_rounds.png", "decoder_similarity.png",
+                                                              "diagnoses.png", "try_and_reflect.png", "validity.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     stats["figures"] = [p.name for p in paths]
@@ -173,6 +354,24 @@ def test_build_render_and_figures(records, tmp_path):
         assert heading in md
     assert "- six: decoder: no record has `decoder`" in md and "![cost](cost.png)" in md
     assert "| medicine | scores off the 0-10 scale (capped) | 1 of 5 (e.g. 121) |" in md
+    assert_figures_match_tables(drawn, md, stats)
+    # a few of them by hand: round 0 passes 3 of 6 checks; treatment's best after try 2 is 26/3
+    assert drawn["decoder_rounds.png"][0]["lines"]["ours"][1][0] == pytest.approx(0.5)
+    assert drawn["try_and_reflect.png"][0]["lines"]["ours treatment"][1][1] == pytest.approx(26 / 3)
+    assert drawn["cost.png"][0]["bars"]["_bar0"][0][0] == pytest.approx(2)  # 6 calls over 3 sessions
+
+
+def test_report_command_figures_draw_the_numbers_of_its_tables(tmp_path, records, monkeypatch):
+    """`arena_med.py report` end to end (no perplexity, no encoder): each figure's data are its tables' numbers."""
+    a = write(tmp_path / "a.jsonl", records)
+    b = write(tmp_path / "b.jsonl", records[1:])
+    drawn = figure_data(monkeypatch)
+    out = tmp_path / "report"
+    assert arena_med.main(["report", "--input_file", f"{a},{b}", "--labels", "ours,fewer", "--output_dir", str(out),
+                           "--perplexity_model", "none", "--encoder_model", "none"]) == 0
+    stats = json.loads((out / "report.json").read_text())
+    assert sorted(drawn) == sorted(stats["figures"]) and len(drawn) == 6
+    assert_figures_match_tables(drawn, (out / "report.md").read_text(), stats)
 
 
 # ---------------------------------------------------------------- the reference's records

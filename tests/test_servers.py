@@ -11,11 +11,12 @@ import json
 import logging
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, embedded_tokenizer, make_tiny_llama
+from conftest import ROOT, backend_sleeps, embedded_tokenizer, make_tiny_llama, request_deadlines
 from fake_openai import FakeOpenAI, Faults
 from test_session import CountingBackend, make_arena
 
@@ -27,7 +28,7 @@ from mentalarena.backends import Route, describe_routes, judge_route, route
 from mentalarena.cli import request_seed
 from mentalarena.data import DEFAULT_PATIENTS_FILE, load_patients
 from mentalarena.engine import Gate, ModelClient
-from mentalarena.errors import BusyError, ContextOverflow
+from mentalarena.errors import BusyError, ContextOverflow, ModelCallError
 from mentalarena.locks import OutputLock
 from mentalarena.openai_backend import OpenAIBackend
 from mentalarena.progress import Progress, SessionProgress
@@ -183,13 +184,18 @@ def _arena_argv(api_base: str, output: Path, model: str = "fake-model") -> list[
     return ["--base_model", model, "--api_base", api_base, "--output_file", str(output), "--progress", "False"]
 
 
-def _fails_fast(main, argv, capsys, *needles: str) -> str:
-    start = time.monotonic()
+def _fails_fast(main, argv, capsys, monkeypatch, *needles: str) -> str:
+    """The run stops at its preflight with one line. Fast by its mechanism, not by a clock: every
+    request it made had the preflight's deadline (PREFLIGHT_TIMEOUT, 10 s), and the backend asked
+    for no wait (no backoff)."""
+    from mentalarena.openai_client import PREFLIGHT_TIMEOUT
+
+    deadlines, sleeps = request_deadlines(monkeypatch), backend_sleeps(monkeypatch)
     code = main(argv)
-    elapsed = time.monotonic() - start
     out, err = capsys.readouterr()
     assert code == 2, err
-    assert elapsed < 10, f"took {elapsed:.1f} s to fail"
+    assert deadlines and set(deadlines) == {PREFLIGHT_TIMEOUT}, deadlines
+    assert sleeps == [], sleeps
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
     for needle in needles:
@@ -202,12 +208,12 @@ def test_an_unreachable_server_fails_in_seconds_naming_it(tmp_path, capsys, monk
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     port = free_port()  # nothing listens there
     output = tmp_path / "o.jsonl"
-    _fails_fast(arena_med.main, _arena_argv(f"http://user:pw@127.0.0.1:{port}/v1", output), capsys,
+    _fails_fast(arena_med.main, _arena_argv(f"http://user:pw@127.0.0.1:{port}/v1", output), capsys, monkeypatch,
                 f"http://127.0.0.1:{port}/v1", "unreachable", "connection refused")
     assert not output.exists()
     _fails_fast(MedQA_eval.main, ["--model", "m", "--api_base", f"http://127.0.0.1:{port}/v1", "--dataset", "MedQA",
                                   "--data_file", str(ROOT / "data/qa_sample/medqa.jsonl"), "--output_dir",
-                                  str(tmp_path / "qa")], capsys, f"127.0.0.1:{port}", "connection refused")
+                                  str(tmp_path / "qa")], capsys, monkeypatch, f"127.0.0.1:{port}", "connection refused")
 
 
 def test_a_refused_key_fails_in_seconds_without_printing_it(tmp_path, capsys, monkeypatch):
@@ -215,11 +221,11 @@ def test_a_refused_key_fails_in_seconds_without_printing_it(tmp_path, capsys, mo
     monkeypatch.setenv("WRONG_KEY", SECRET)
     with FakeOpenAI(require_key="sk-the-right-one") as server:  # its 401 quotes the key it got
         # no key named for this server: OPENAI_API_KEY stays home, and the line says which flag to use
-        _fails_fast(arena_med.main, _arena_argv(server.base_url, tmp_path / "o.jsonl"), capsys,
+        _fails_fast(arena_med.main, _arena_argv(server.base_url, tmp_path / "o.jsonl"), capsys, monkeypatch,
                     server.base_url, "wants an API key (HTTP 401)", "--api_key_env")
         assert server.model_list_auth == ["Bearer not-needed"]
         _fails_fast(arena_med.main, _arena_argv(server.base_url, tmp_path / "o.jsonl") + ["--api_key_env", "WRONG_KEY"],
-                    capsys, server.base_url, "refused the key in WRONG_KEY (HTTP 401)")
+                    capsys, monkeypatch, server.base_url, "refused the key in WRONG_KEY (HTTP 401)")
         assert server.requests == []  # not one chat request with the patients' data
 
 
@@ -228,6 +234,7 @@ def test_an_unknown_model_fails_in_seconds_listing_what_is_served(tmp_path, caps
     # as vLLM: only its served name; its 404 quotes the Authorization header back (_fails_fast: not printed)
     with FakeOpenAI(strict_model=True, echo_key=True) as server:
         line = _fails_fast(arena_med.main, _arena_argv(server.base_url, tmp_path / "o.jsonl", "llama-3-8b"), capsys,
+                           monkeypatch,
                            server.base_url, "no model 'llama-3-8b'", "'fake-model'")
         assert len(server.requests) == 1 and server.echoed == 1  # the one-token probe, refused with the key quoted
     assert "OPENAI" not in line
@@ -237,7 +244,7 @@ def test_an_address_without_the_api_path_is_named_as_such(tmp_path, capsys, monk
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     with FakeOpenAI(echo_key=True) as server:  # its 404s quote the Authorization header back
         root = server.base_url.removesuffix("/v1")  # a common slip: the server, not its /v1 API
-        _fails_fast(arena_med.main, _arena_argv(root, tmp_path / "o.jsonl"), capsys, root,
+        _fails_fast(arena_med.main, _arena_argv(root, tmp_path / "o.jsonl"), capsys, monkeypatch, root,
                     "no OpenAI-compatible API there", "ends in /v1")
         assert server.echoed == 2  # GET /models and the probe's POST, both 404 with the key quoted
 
@@ -261,25 +268,39 @@ def test_a_server_that_answers_any_name_is_accepted_with_a_note(tmp_path, capsys
 
 
 # ---------------------------------------------------------------------------------- 4. several endpoints
-def _slow(delay: float):
-    def reply(request: dict) -> str:
-        time.sleep(delay)
-        return "ECHO: " + request["messages"][-1]["content"]
-    return reply
-
-
 def test_requests_spread_over_endpoints_fewest_outstanding_first(monkeypatch):
+    """A slow replica and a fast one. The slow one holds every request it gets until the fast one has
+    answered 30 (or 10 s pass). Fewest outstanding first: while the slow one's requests are out, each
+    new request goes to the fast one, so the slow one gets at most four (8 in parallel, ties to the
+    first) before the fast one reaches 30. A router blind to what is outstanding (random, round-robin,
+    fewest sent) gives the slow one about half, and the fast one never reaches 30."""
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    with FakeOpenAI(responder=_slow(0.05)) as a, FakeOpenAI(responder=_slow(0.05)) as b:
-        backend = OpenAIBackend("fake-model", api_base=f"{a.base_url},{b.base_url}", max_parallel=8)
+    fast_answered, released, lock = [0], threading.Event(), threading.Lock()
+
+    def fast_reply(request: dict) -> str:
+        with lock:
+            fast_answered[0] += 1
+            if fast_answered[0] >= 30:
+                released.set()
+        return "ECHO: " + request["messages"][-1]["content"]
+
+    def slow_reply(request: dict) -> str:
+        released.wait(10)  # a bound for a router that never lets the fast one reach 30
+        return "ECHO: " + request["messages"][-1]["content"]
+
+    with FakeOpenAI(responder=slow_reply) as slow, FakeOpenAI(responder=fast_reply) as fast:
+        backend = OpenAIBackend("fake-model", api_base=f"{slow.base_url},{fast.base_url}", max_parallel=8)
         replies = backend.generate([conversation(i) for i in range(40)], seeds=list(range(40)))
         stats = backend.stats()
         backend.close()
     assert [r.text for r in replies] == [f"ECHO: question number {i}" for i in range(40)]
-    assert 12 <= len(a.requests) <= 28 and len(a.requests) + len(b.requests) == 40
-    assert {r.endpoint for r in replies} == {a.base_url, b.base_url}
-    assert stats["endpoints"][a.base_url]["ok"] == len(a.requests)
-    assert sorted(r["seed"] for r in a.requests + b.requests) == list(range(40))  # one seed per request, any server
+    assert len(slow.requests) + len(fast.requests) == 40
+    # the fast one answered 30 while the slow one held its first ones: it got them all
+    assert len(fast.requests) >= 30 and 1 <= len(slow.requests) <= 10, (len(fast.requests), len(slow.requests))
+    assert {r.endpoint for r in replies} == {slow.base_url, fast.base_url}
+    assert stats["endpoints"][slow.base_url]["ok"] == len(slow.requests)
+    assert stats["endpoints"][fast.base_url]["ok"] == len(fast.requests)
+    assert sorted(r["seed"] for r in slow.requests + fast.requests) == list(range(40))  # one seed per request
 
 
 def test_an_endpoint_that_keeps_failing_leaves_the_rotation_and_loses_nothing(monkeypatch, caplog):
@@ -303,17 +324,25 @@ def test_an_endpoint_that_keeps_failing_leaves_the_rotation_and_loses_nothing(mo
 
 
 def test_every_endpoint_failing_still_backs_off_and_names_the_last_one(monkeypatch):
+    """Two endpoints, both failing: a failed request goes to the other at once, and once both have
+    failed since the last pause, the backend waits (backoff with jitter: 0.5 to 1 times
+    min(backoff_max, backoff_base * 2 ** attempt)) before it starts over."""
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    asked = backend_sleeps(monkeypatch)
     refused = f"http://127.0.0.1:{free_port()}/v1"
     with FakeOpenAI(faults=Faults(rate=1.0, kinds=("503",))) as a:
         backend = OpenAIBackend("fake-model", api_base=f"{a.base_url},{refused}", max_retries=3,
-                                backoff_base=0.01, backoff_max=0.02)
-        with pytest.raises(Exception) as raised:
+                                backoff_base=1.0, backoff_max=4.0)
+        with pytest.raises(ModelCallError) as raised:
             backend.generate([conversation(1)])
+        stats = backend.stats()
         backend.close()
     message = str(raised.value)
-    assert "gave up after 4 attempts" in message
-    assert ("HTTP 503" in message and a.base_url in message) or ("connection refused" in message and refused in message)
+    assert "gave up after 4 attempts" in message and stats["http_retries"] == 3
+    # attempts: a (503), the other at once (refused), a wait, a, the other: the last error is the refused one
+    assert len(a.requests) == 2
+    assert "connection refused" in message and refused in message, message
+    assert len(asked) == 1 and 0.5 * 2.0 <= asked[0] <= 2.0, asked  # after attempt 1: backoff_base * 2 ** 1
 
 
 # ---------------------------------------------------------------------------------- 5. context overflow
@@ -384,12 +413,13 @@ def test_two_runs_on_one_output_the_second_is_refused_and_nothing_is_duplicated(
         while not (lock.exists() and lock.read_text()):
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.05)
-        start = time.monotonic()
         second = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60)
-        waited = time.monotonic() - start
         out, err = first.communicate(timeout=150)
+        model_lists = server.model_lists
     assert second.returncode == 2, explain(second)
-    assert f"another run is writing it (pid {first.pid}" in second.stderr and waited < 20
+    assert f"another run is writing it (pid {first.pid}" in second.stderr
+    # refused at the lock, before its preflight: the server saw one preflight, the first run's
+    assert model_lists == 1
     assert first.returncode == 0, out + err
     check_sessions(read_records(output), [(p["id"], 0) for p in json.loads(
         (ROOT / "data/sample_patients.json").read_text())[:3]])
