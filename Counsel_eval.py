@@ -30,7 +30,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from mentalarena import cli, counsel, figures
-from mentalarena.backends import check_loadable, judge_route, make_backend, require_credentials, route, runs_on
+from mentalarena.backends import make_backend
+from mentalarena.routes import check_loadable, judge_route, require_credentials, route, runs_on
 from mentalarena.cli import model_tag, names, request_seed, settings_hash
 from mentalarena.errors import InputError, check_choice
 from mentalarena.flags import check_numbers

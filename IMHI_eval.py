@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mentalarena import cli, figures, imhi
-from mentalarena.backends import endpoint_list, make_backend, resolve_backend
+from mentalarena.backends import make_backend
+from mentalarena.routes import endpoint_list, require_keys, resolve_backend
 from mentalarena.errors import InputError, check_choice
 from mentalarena.flags import check_numbers
 from mentalarena.cli import answers_on_file, auto_dtype, model_tag, names, request_seed, settings_hash
@@ -121,7 +122,7 @@ def run(
     scorers = Scorers(names(rules), label_model_dir, names(explanation_metrics), bart_model, bertscore_model,
                       sorted({j.dataset for j in jobs}), device, int(batch_size))
     settings = _settings(model, backend, api_base, prompting, temperature, max_new_tokens, seed, dtype, device)
-    cli.require_keys(settings, api_key_env)  # a key that is not there: found before anything is written
+    require_keys(settings, api_key_env)  # a key that is not there: found before anything is written
     print("[imhi] settings " + json.dumps(cli.public_settings(settings)), file=sys.stderr, flush=True)
     model_dir = Path(output_dir) / model_tag(settings["model"])
     samples = [model_dir / job.test_set / f"{job.dataset}.samples.jsonl" for job in jobs]

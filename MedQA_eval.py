@@ -24,7 +24,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from mentalarena import cli, figures, qa
-from mentalarena.backends import endpoint_list, make_backend, resolve_backend
+from mentalarena.backends import make_backend
+from mentalarena.routes import endpoint_list, require_keys, resolve_backend
 from mentalarena.errors import InputError, ModelCallError, check_choice
 from mentalarena.flags import check_numbers
 from mentalarena.cli import answers_on_file, auto_dtype, model_tag, request_seed, settings_hash
@@ -101,7 +102,7 @@ def run(
     prompts.check(["qa_system", qa.benchmark(dataset).template])
     settings = _settings(model, backend, api_base, temperature, open_model, max_new_tokens, repeats, seed, with_context,
                          dtype, device)
-    cli.require_keys(settings, api_key_env)  # a key that is not there: found before anything is written
+    require_keys(settings, api_key_env)  # a key that is not there: found before anything is written
     with ExitStack() as held:
         hold_all(held, [_samples_file(Path(output_dir), settings, job)])
         chat = _backend(settings, batch_size, dtype, device, api_key_env, request_timeout)
@@ -132,7 +133,7 @@ def suite(
     prompts.check(["qa_system", "qa_choice", "qa_decision"])
     settings = _settings(model, backend, api_base, temperature, open_model, max_new_tokens, repeats, seed, with_context,
                          dtype, device)
-    cli.require_keys(settings, api_key_env)  # a key that is not there: found before anything is written
+    require_keys(settings, api_key_env)  # a key that is not there: found before anything is written
     results = {}
     with ExitStack() as held:
         hold_all(held, [_samples_file(Path(output_dir), settings, job) for job in jobs])

@@ -21,7 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mentalarena.backends import Reply, describe_routes, judge_route, require_credentials, route, runs_on
+from mentalarena.chat import Reply
+from mentalarena.routes import describe_routes, judge_route, require_credentials, route, runs_on
 from mentalarena import cli
 from mentalarena.cli import auto_dtype, checked, request_seed
 from mentalarena.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles

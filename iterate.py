@@ -59,7 +59,7 @@ import llama_finetune
 import MedQA_eval
 from mentalarena import cli, figures, paper
 from mentalarena.cli import has_credentials, names, public_url
-from mentalarena.backends import judge_route, require_credentials, route
+from mentalarena.routes import judge_route, require_credentials, route
 from mentalarena.errors import InputError, check_choice
 from mentalarena.flags import check_numbers
 from mentalarena.files import write_atomic

@@ -118,7 +118,7 @@ def run(
     """Convert, tokenize, train, save; returns the summary that is also printed."""
     flags = dict(locals())
     check_numbers(run, flags)
-    from mentalarena.hf_backend import EMBEDDED_GGUF, embedded_model_dir
+    from mentalarena.embedded import EMBEDDED_GGUF, embedded_model_dir
     from mentalarena.selection import check_options as check_selection
     from mentalarena.training import FORMATS, resolve_dtype, resolve_method
 

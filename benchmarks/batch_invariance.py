@@ -26,7 +26,7 @@ def main(model: str | None = None, dtypes: str = "float32,bfloat16") -> dict:
     from transformers import AutoModelForCausalLM
 
     from mentalarena.cli import names
-    from mentalarena.hf_backend import EMBEDDED_GGUF, embedded_model_dir
+    from mentalarena.embedded import EMBEDDED_GGUF, embedded_model_dir
     from mentalarena.training import _dense_copy, load_tokenizer
 
     base, gguf = (embedded_model_dir(), EMBEDDED_GGUF) if model is None else (model, None)

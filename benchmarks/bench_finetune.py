@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from mentalarena import training  # noqa: E402
 from mentalarena.cli import names  # noqa: E402
-from mentalarena.hf_backend import EMBEDDED_GGUF, embedded_model_dir  # noqa: E402
+from mentalarena.embedded import EMBEDDED_GGUF, embedded_model_dir  # noqa: E402
 from mentalarena.sft import dedup, load_pairs, to_openai, to_text  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "arena_outputs" / "gpt_iter1_output.jsonl"

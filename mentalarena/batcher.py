@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from .backends import Reply
+from .chat import Reply
 from .errors import ModelCallError
 from .halving import alone_error, describe, out_of_memory, release_memory
 from .sampling import row_generators

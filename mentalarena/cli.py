@@ -107,15 +107,6 @@ def public_settings(settings: dict) -> dict:
     return {**settings, "api_base": public_url(settings.get("api_base"))} if settings.get("api_base") else settings
 
 
-def require_keys(settings: dict, api_key_env: str | None) -> None:
-    """An evaluation of a served model: the key its server is to get is there (backends.require_credentials)."""
-    from .backends import Route, endpoint_list, require_credentials
-    from .openai_client import check_key_env
-    check_key_env(api_key_env, "api_key_env")
-    if settings["backend"] == "openai":
-        require_credentials(Route(settings["model"], "openai", tuple(endpoint_list(settings["api_base"])), api_key_env))
-
-
 def settings_hash(obj) -> str:
     """12 hex digits naming a settings dict; answers on file carry it so runs never mix. Which
     servers answer (`api_base`: one, or replicas) does not change the answers, so only whether the

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .backends import ChatBackend, Reply
+from .chat import ChatBackend, Reply
 from .context import fit_messages, merge_system
 from .errors import ContextOverflow
 from .halving import run_halving

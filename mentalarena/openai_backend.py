@@ -31,7 +31,8 @@ import openai
 from openai import OpenAI
 from openai.types.chat import ChatCompletion
 
-from .backends import ChatBackend, Reply, endpoint_list
+from .chat import ChatBackend, Reply
+from .routes import endpoint_list
 from .cli import public_url
 from .errors import ContextOverflow, EndpointError, InputError, ModelCallError, ServiceRefused
 from .openai_client import (DEFAULT_REQUEST_TIMEOUT, PREFLIGHT_TIMEOUT, RETRY, STOP, Credentials, classify,

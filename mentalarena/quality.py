@@ -20,7 +20,7 @@ def load_scorer(base_model: str | None = None):
     float32 on a CPU, bfloat16 (else float16) on CUDA, where it is placed."""
     import torch
 
-    from .hf_backend import EMBEDDED_GGUF, embedded_model_dir
+    from .embedded import EMBEDDED_GGUF, embedded_model_dir
     from .training import dense_model, load_tokenizer, resolve_dtype
 
     if base_model in (None, "", "embedded"):

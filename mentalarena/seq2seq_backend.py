@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from .backends import ChatBackend, Reply
+from .chat import ChatBackend, Reply
 from .cli import request_seed
 from .errors import InputError
 from .halving import run_halving

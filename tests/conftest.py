@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-from mentalarena.backends import ChatBackend, Reply  # noqa: E402
+from mentalarena.chat import ChatBackend, Reply  # noqa: E402
 
 
 def pytest_configure(config):
@@ -70,7 +70,7 @@ def embedded_tokenizer():
     """The embedded SmolLM2 tokenizer, read offline from its GGUF file."""
     from transformers import AutoTokenizer
 
-    from mentalarena.hf_backend import EMBEDDED_GGUF, embedded_model_dir
+    from mentalarena.embedded import EMBEDDED_GGUF, embedded_model_dir
     return AutoTokenizer.from_pretrained(embedded_model_dir(), gguf_file=EMBEDDED_GGUF)
 
 
