@@ -1,6 +1,6 @@
-"""The package's import graph has no circle, imports inside functions counted: every module can be
-read (and moved) after the ones it imports. The engines import the chat interface and the routing
-rules, never the factory that builds them."""
+"""The package's shape: its import graph has no circle, imports inside functions counted (every
+module can be read, and moved, after the ones it imports); the engines import the chat interface
+and the routing rules, never the factory that builds them; no module is over 500 lines."""
 from __future__ import annotations
 
 import ast
@@ -72,3 +72,8 @@ def test_engines_import_the_interface_not_the_factory():
     tree = ast.parse((PACKAGE / "embedded.py").read_text(encoding="utf-8"))  # the embedded model's place: no torch
     assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
                 and "torch" in ast.dump(n)]
+
+
+def test_no_module_is_over_500_lines():
+    long = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500}
+    assert not long, long
