@@ -23,7 +23,7 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
-from mentalarena import cli, figures, qa
+from mentalarena import cli, figures, paper, qa
 from mentalarena.backends import make_backend
 from mentalarena.routes import endpoint_list, require_keys, resolve_backend
 from mentalarena.errors import InputError, ModelCallError, check_choice
@@ -48,14 +48,8 @@ TABLES = {"main": MAIN_TABLE, "generalization": GENERALIZATION_TABLE}
 SCORERS = {"accuracy": "robust answer extraction", "accuracy_reference": "the reference's rule R (faithful)"}
 # Flags that change how a run goes, not its answers (iterate.py lets a re-run change them).
 RUNNING_FLAGS = ("progress", "batch_size", "device", "request_timeout", "api_key_env")
-# METHOD.md §7 (second-hand transcription of the paper's Table 2), accuracy %.
-PUBLISHED = {
-    "GPT-3.5-turbo": {"MedQA": 64.16, "MedMCQA": 33.76, "PubMedQA": 44.68},
-    "GPT-3.5-turbo + MentalArena (iter 2)": {"MedQA": 74.57, "MedMCQA": 91.08, "PubMedQA": 97.56},
-    "Llama-3-8B": {"MedQA": 70.52, "MedMCQA": 42.04, "PubMedQA": 86.59},
-    "Llama-3-8B + MentalArena (iter 4)": {"MedQA": 78.03, "MedMCQA": 50.32, "PubMedQA": 92.68},
-    "GPT-4o": {"MedQA": 87.86, "MedMCQA": 74.20, "PubMedQA": 60.06},
-}
+# Table 2's QA columns (mentalarena/paper.py, METHOD.md §7's second-hand transcription), accuracy %.
+PUBLISHED = paper.published(paper.QA_COLUMNS)
 # Where a folder laid out like the paper's `data/` (or ../shared/data) keeps each set.
 LOCAL_FILES = {
     ("MedQA", None): ["medqa/psychosis.jsonl"],

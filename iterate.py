@@ -523,7 +523,7 @@ def apply_preset(flags: dict) -> paper.Preset:
     if missing:
         raise InputError(f"--preset {chosen.name} needs {', '.join('--' + m for m in missing)}: "
                          + "; ".join(PRESET_DATA[m] for m in missing))
-    defaults = {name: p.default for name, p in inspect.signature(run).parameters.items()}
+    defaults = _run_defaults()
     for name, value in chosen.flags.items():
         if flags[name] == defaults[name]:
             flags[name] = value
@@ -541,7 +541,7 @@ PRESET_DATA = {"patients_file": "the Patient-Psi-CM JSON (106 profiles; the Ment
 
 def preset_listing(chosen: paper.Preset, flags: dict, plan: Plan) -> str:
     """The resolved settings of a preset run, each with where it came from, and why the preset chose it."""
-    defaults = {name: p.default for name, p in inspect.signature(run).parameters.items()}
+    defaults = _run_defaults()
     lines = [f"[iterate] --preset {chosen.name}: {chosen.title}", "[iterate] resolved settings [from]:"]
     for name, value in flags.items():
         if name in ("preset", "restart") or name.endswith("_args"):
@@ -560,6 +560,11 @@ def preset_listing(chosen: paper.Preset, flags: dict, plan: Plan) -> str:
     lines.append("[iterate] the preset's choices and their sources:")
     lines += [f"[iterate]   {what}: {value} ({source})" for what, value, source in chosen.notes]
     return "\n".join(lines)
+
+
+def _run_defaults() -> dict:
+    """Each flag of `run` and its default: a preset fills the flags left at these."""
+    return {name: p.default for name, p in inspect.signature(run).parameters.items()}
 
 
 def _json_dict(value):

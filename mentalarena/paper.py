@@ -101,8 +101,8 @@ PRESETS = {
         rows=("GPT-3.5-turbo", "GPT-3.5-turbo + MentalArena (iter 2)"),
         notes=(("model", "gpt-3.5-turbo-0125", "METHOD.md §6"),
                ("epochs", "4, 6", "METHOD.md §1"),
-               ("sessions per patient", "16", "inferred: the reference's GPT iteration-1 outputs hold about "
-                "1,690 records for 106 patients (7 files)"),
+               ("sessions per patient", "16", "inferred: the reference's GPT iteration-1 outputs are 7 files of "
+                "4.43 M characters, about 1,900 records at 2,312 characters a record, 16-18 per patient"),
                *_COMMON_NOTES)),
 }
 
