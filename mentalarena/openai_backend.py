@@ -130,6 +130,9 @@ class OpenAIBackend(ChatBackend):
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="openai")
         self._stats_lock = threading.Lock()
         self.counters = {"requests": 0, "retries": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        # set by the first refusal no retry can fix (no credit, a revoked key): from then on no request
+        # of this backend is sent or retried, each raises the same refusal (see _complete)
+        self._refused: str | None = None
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.model!r}, endpoints={self.where!r})"
@@ -253,6 +256,8 @@ class OpenAIBackend(ChatBackend):
         endpoint = self.endpoints[0]
         attempt = adaptations = 0
         while attempt <= self.max_retries:
+            if self._refused is not None:  # another request was refused: the run is stopping
+                raise ServiceRefused(self._refused)
             endpoint = self._take(tried)
             try:
                 reply = self._request(endpoint, messages, seed)
@@ -270,13 +275,17 @@ class OpenAIBackend(ChatBackend):
                 kind = RETRY if isinstance(err, _MalformedResponse) else classify(err)
                 if kind == STOP:
                     self._count(failures=1)
-                    raise ServiceRefused(f"{self.name}: " + stop_reason(err, endpoint.shown, endpoint.creds, self.key_flag)
-                                         + "; stopped (retrying cannot fix this)") from err
+                    self._refused = self._refused or (
+                        f"{self.name}: " + stop_reason(err, endpoint.shown, endpoint.creds, self.key_flag)
+                        + "; stopped (retrying cannot fix this)")
+                    raise ServiceRefused(self._refused) from err
                 if kind != RETRY:
                     self._count(failures=1)
                     raise ModelCallError(f"{self.name} at {endpoint.shown}: request rejected ({last_error}); "
                                          "not retried") from err
                 tried.add(id(endpoint))
+                if self._refused is not None:  # no backoff wait for a run that is stopping
+                    raise ServiceRefused(self._refused) from err
                 if attempt < self.max_retries:
                     self._before_retry(attempt, err, endpoint, last_error, tried)
                 attempt += 1

@@ -205,9 +205,8 @@ def test_a_refusal_mid_run_stops_self_play_at_once(tmp_path, capsys, monkeypatch
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(lines) == 1 and said in lines[0] and "stopped" in lines[0], err
     assert asked <= 1 + 4 + 1  # the probe, at most one call per session in flight: nothing retried
-    # no wait for the refusal; a call in flight cut off as the run stops may wait once, its first backoff
-    # (1 s base, jitter 0.5-1), never a chain of them
-    assert len(waits) <= 4 and all(w <= 1.0 for w in waits), (waits, err)
+    # no wait for the refusal, nor for a call in flight that fails as the run stops (it is not retried)
+    assert waits == [], (waits, err)
     assert SERVED_KEY not in err
 
 
@@ -221,7 +220,22 @@ def test_a_key_without_credit_stops_an_evaluation_at_once(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert code == 1 and "no credit left" in err, err
     assert asked <= 1 + 2 + 2  # the probe, the requests in flight; not 40 questions x retries
-    assert waits == []  # no backoff wait either
+    assert waits == []  # no backoff wait either, even for a request cut off as the run stops
+
+
+def test_after_a_refusal_the_backend_sends_and_retries_nothing(monkeypatch):
+    """Once the service refuses (no credit), every later call of that backend raises the same refusal
+    without reaching the server, and one that fails transiently is not waited on and retried."""
+    waits = backend_sleeps(monkeypatch)
+    with FakeOpenAI(faults=Faults(["quota", "drop"])) as server:
+        backend = OpenAIBackend("fake-model", api_base=server.base_url)
+        with pytest.raises(ServiceRefused) as first:
+            backend.generate([conversation(1)])
+        with pytest.raises(ServiceRefused) as second:
+            backend.generate([conversation(2)])
+        assert str(second.value) == str(first.value) and "no credit left" in str(first.value)
+        assert len(server.requests) == 1 and waits == []
+        backend.close()
 
 
 def test_rate_limits_are_still_retried(monkeypatch):
