@@ -29,17 +29,22 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from mentalarena import cli, counsel, figures
-from mentalarena.backends import make_backend
-from mentalarena.routes import check_loadable, judge_route, require_credentials, route, runs_on
-from mentalarena.cli import model_tag, names, request_seed, settings_hash
+from mentalarena import cli
+
+from mentalarena.evaluation import counsel
+
+from mentalarena.reports import figures
+from mentalarena.engines.backends import make_backend
+from mentalarena.engines.routes import check_loadable, judge_route, require_credentials, route, runs_on
+from mentalarena.cli import names
+from mentalarena.store.keys import model_fingerprint, model_tag, request_seed, settings_hash
 from mentalarena.errors import InputError, check_choice
 from mentalarena.flags import check_numbers
-from mentalarena.files import write_atomic
-from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
-from mentalarena.locks import hold_all
+from mentalarena.store.files import write_atomic
+from mentalarena.store.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
+from mentalarena.store.locks import hold_all
 from mentalarena.progress import Progress
-from mentalarena.sft import write_rows
+from mentalarena.training.sft import write_rows
 from mentalarena.prompts import Prompts
 
 log = logging.getLogger("counsel_eval")
@@ -119,7 +124,7 @@ def run(
         if r is not None:
             require_credentials(r)
     if "reward" in wanted:
-        from mentalarena.reward import check_reward_model
+        from mentalarena.evaluation.reward import check_reward_model
         if not reward_model:
             raise InputError("--scorers reward needs --reward_model (a sequence-classification reward model: "
                              "a local folder or a hub id)")
@@ -318,7 +323,7 @@ def judge_asks(judging: dict, rows, responses, baselines, wanted, prompts: Promp
 def reward_all(reward_model: str, rows, responses, path: Path, device, dtype, batch_size: int, max_length: int) -> dict:
     """Row key -> {"score", "truncated"}: the reward model's score of each answered row, cached by
     reward settings and text."""
-    fingerprint = cli.model_fingerprint(reward_model)
+    fingerprint = model_fingerprint(reward_model)
     run_hash = settings_hash({"reward_model": reward_model, "max_length": max_length,
                               "dtype": cli.auto_dtype(dtype, device),
                               **({"model_fingerprint": fingerprint} if fingerprint else {})})
@@ -328,7 +333,7 @@ def reward_all(reward_model: str, rows, responses, path: Path, device, dtype, ba
     print(f"[counsel] reward {reward_model}: {len(answered) - len(todo)} on file, {len(todo)} to score",
           file=sys.stderr, flush=True)
     if todo:
-        from mentalarena.reward import RewardModel
+        from mentalarena.evaluation.reward import RewardModel
         scorer = RewardModel(reward_model, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length)
         step = 16 * batch_size  # scores reach the file chunk by chunk: a crash keeps what was done
         try:
@@ -379,7 +384,7 @@ def _backend(where, temperature: float, max_new_tokens: int, generation: dict, b
 
 def _fingerprint(where) -> dict:
     """{"model_fingerprint": ...} for a local model folder (retrained in place: another model), else {}."""
-    fingerprint = cli.model_fingerprint(where.model) if where.kind == "hf" else None
+    fingerprint = model_fingerprint(where.model) if where.kind == "hf" else None
     return {"model_fingerprint": fingerprint} if fingerprint else {}
 
 

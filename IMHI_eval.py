@@ -7,7 +7,7 @@
 
 As the reference `IMHI.py`: the raw `query` goes to the model with no chat template and no system
 prompt, greedy, and the answer may run until prompt + answer reach 2048 tokens. Every answer is
-labelled by both rule sets of `mentalarena.imhi` side by side (`reference`: faithful; `fixed`:
+labelled by both rule sets of `mentalarena.evaluation.imhi` side by side (`reference`: faithful; `fixed`:
 corrected), optionally by the MentalBERT classifiers (`classifier`), and the explanations can be
 scored against the goldens (BART-score, ROUGE, BLEU, BERTScore). Per-row answers go to
 `<dataset>.samples.jsonl` (a re-run resumes from them), `generated/<dataset>.csv` is the
@@ -28,17 +28,23 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from mentalarena import cli, figures, imhi
-from mentalarena.backends import make_backend
-from mentalarena.routes import endpoint_list, require_keys, resolve_backend
+from mentalarena import cli
+from mentalarena.store import keys
+
+from mentalarena.reports import figures
+
+from mentalarena.evaluation import imhi
+from mentalarena.engines.backends import make_backend
+from mentalarena.engines.routes import endpoint_list, require_keys, resolve_backend
 from mentalarena.errors import InputError, check_choice
 from mentalarena.flags import check_numbers
-from mentalarena.cli import answers_on_file, auto_dtype, model_tag, names, request_seed, settings_hash
-from mentalarena.files import write_atomic
-from mentalarena.jsonl import append_jsonl, write_json_atomic
-from mentalarena.locks import hold_all
+from mentalarena.cli import answers_on_file, auto_dtype, names
+from mentalarena.store.keys import model_tag, request_seed, settings_hash
+from mentalarena.store.files import write_atomic
+from mentalarena.store.jsonl import append_jsonl, write_json_atomic
+from mentalarena.store.locks import hold_all
 from mentalarena.progress import Progress
-from mentalarena.seq2seq_backend import REFERENCE_MAX_LENGTH, Seq2SeqBackend, is_encoder_decoder
+from mentalarena.engines.seq2seq_backend import REFERENCE_MAX_LENGTH, Seq2SeqBackend, is_encoder_decoder
 
 log = logging.getLogger("imhi_eval")
 
@@ -363,7 +369,7 @@ class Scorers:
 
     def bart_scores(self, goldens: list[str], generated: list[str]) -> list[float]:
         """Log-likelihood per token of the golden given the generated text (the reference's direction)."""
-        from mentalarena.seq2seq_backend import load_seq2seq, target_log_likelihood
+        from mentalarena.engines.seq2seq_backend import load_seq2seq, target_log_likelihood
 
         if "bart" not in self._loaded:
             self._loaded["bart"] = load_seq2seq(self.bart_model, self._device(), "float32")
@@ -527,7 +533,7 @@ def _settings(model, backend, api_base, prompting, temperature, max_new_tokens, 
         raise InputError("--prompting raw needs a local model (an API takes chat messages); use --prompting chat")
     if kind == "seq2seq" and prompting == "chat":
         raise InputError("--prompting chat needs a chat model; an encoder-decoder reads the raw query")
-    fingerprint = cli.model_fingerprint(model) if kind in ("hf", "seq2seq") else None
+    fingerprint = keys.model_fingerprint(model) if kind in ("hf", "seq2seq") else None
     return {"model": model or EMBEDDED, "backend": kind, "api_base": api_base, "prompting": prompting,
             # a local model retrained into the same folder is another model (hub ids and API names: none)
             **({"model_fingerprint": fingerprint} if fingerprint else {}),

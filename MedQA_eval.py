@@ -23,15 +23,23 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
-from mentalarena import cli, figures, paper, qa
-from mentalarena.backends import make_backend
-from mentalarena.routes import endpoint_list, require_keys, resolve_backend
+from mentalarena import cli
+from mentalarena.store import keys
+
+from mentalarena.reports import figures
+
+from mentalarena.loop import paper
+
+from mentalarena.evaluation import qa
+from mentalarena.engines.backends import make_backend
+from mentalarena.engines.routes import endpoint_list, require_keys, resolve_backend
 from mentalarena.errors import InputError, ModelCallError, check_choice
 from mentalarena.flags import check_numbers
-from mentalarena.cli import answers_on_file, auto_dtype, model_tag, request_seed, settings_hash
-from mentalarena.files import write_atomic
-from mentalarena.jsonl import append_jsonl, write_json_atomic
-from mentalarena.locks import hold_all
+from mentalarena.cli import answers_on_file, auto_dtype
+from mentalarena.store.keys import model_tag, request_seed, settings_hash
+from mentalarena.store.files import write_atomic
+from mentalarena.store.jsonl import append_jsonl, write_json_atomic
+from mentalarena.store.locks import hold_all
 from mentalarena.progress import Progress
 from mentalarena.prompts import Prompts
 
@@ -48,7 +56,7 @@ TABLES = {"main": MAIN_TABLE, "generalization": GENERALIZATION_TABLE}
 SCORERS = {"accuracy": "robust answer extraction", "accuracy_reference": "the reference's rule R (faithful)"}
 # Flags that change how a run goes, not its answers (iterate.py lets a re-run change them).
 RUNNING_FLAGS = ("progress", "batch_size", "device", "request_timeout", "api_key_env")
-# Table 2's QA columns (mentalarena/paper.py, METHOD.md §7's second-hand transcription), accuracy %.
+# Table 2's QA columns (mentalarena/loop/paper.py, METHOD.md §7's second-hand transcription), accuracy %.
 PUBLISHED = paper.published(paper.QA_COLUMNS)
 # Where a folder laid out like the paper's `data/` (or ../shared/data) keeps each set.
 LOCAL_FILES = {
@@ -335,7 +343,7 @@ def _settings(model, backend, api_base, temperature, open_model, max_new_tokens,
         why = ("an open model: the reference's local pipeline used 0.1" if open_weights else
                "an API model, as the reference" + (" (a served open model: --open_model)" if api_base else ""))
         print(f"[eval] temperature {temperature} ({why}); --temperature sets another", file=sys.stderr, flush=True)
-    fingerprint = cli.model_fingerprint(model) if kind == "hf" else None
+    fingerprint = keys.model_fingerprint(model) if kind == "hf" else None
     return {"model": model or "embedded:SmolLM2-135M-Instruct", "backend": kind, "api_base": api_base,
             # a local model retrained into the same folder is another model (hub ids and API names: none)
             **({"model_fingerprint": fingerprint} if fingerprint else {}),

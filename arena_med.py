@@ -21,22 +21,23 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mentalarena.chat import Reply
-from mentalarena.routes import describe_routes, judge_route, require_credentials, route, runs_on
+from mentalarena.engines.chat import Reply
+from mentalarena.engines.routes import describe_routes, judge_route, require_credentials, route, runs_on
 from mentalarena import cli
-from mentalarena.cli import auto_dtype, checked, request_seed
-from mentalarena.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
-from mentalarena.dialogue import HISTORY_MODES, Conversation, fresh as fresh_messages
-from mentalarena.engine import Gate, ModelClient
+from mentalarena.cli import auto_dtype, checked
+from mentalarena.store.keys import model_fingerprint, request_seed
+from mentalarena.selfplay.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
+from mentalarena.selfplay.dialogue import HISTORY_MODES, Conversation, fresh as fresh_messages
+from mentalarena.engines.engine import Gate, ModelClient
 from mentalarena.errors import InputError, ServiceRefused, check_choice
 from mentalarena.flags import check_numbers
-from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
-from mentalarena.locks import OutputLock
-from mentalarena.parsing import (parse_extraction, parse_extraction_reference, parse_group_number,
+from mentalarena.store.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
+from mentalarena.store.locks import OutputLock
+from mentalarena.selfplay.parsing import (parse_extraction, parse_extraction_reference, parse_group_number,
                                  parse_score, parse_score_reference)
 from mentalarena.progress import SessionProgress
 from mentalarena.prompts import Prompts
-from mentalarena.similarity import BUNDLED_NAME, Encoder, threshold_for, top_k_groups
+from mentalarena.selfplay.similarity import BUNDLED_NAME, Encoder, threshold_for, top_k_groups
 
 log = logging.getLogger("mentalarena.arena")
 ILLNESS_PROMPTS = ("name", "reference")
@@ -88,7 +89,7 @@ class Settings:
     symptom_encoder: str = "on"
     symptom_decoder: str = "on"
     score_parser: str = "robust"  # how the judge's health rating is read (SCORE_PARSERS)
-    # the content of a local model folder (cli.model_fingerprint): retrained in place, it is another model
+    # the content of a local model folder (keys.model_fingerprint): retrained in place, it is another model
     base_fingerprint: str = ""
     judge_fingerprint: str = ""
     emotion_format: str = "joined"  # how a profile's list of emotions is written (EMOTION_FORMATS)
@@ -465,11 +466,11 @@ def prompt_names(illness_prompt: str, extraction_parser: str = "robust", symptom
 def run(
     # models
     base_model: str | None = None,     # None: the embedded SmolLM2-135M-Instruct; a path / org/name: hf; else OpenAI
-    backend: str = "auto",             # auto | embedded | hf | openai (rule: mentalarena.backends.resolve_backend)
+    backend: str = "auto",             # auto | embedded | hf | openai (rule: mentalarena.engines.backends.resolve_backend)
     api_base: str | None = None,       # an OpenAI-compatible server (vLLM, llama.cpp, Ollama), or replicas as a comma list
     judge_model: str | None = None,    # helper calls (paper: gpt-4-turbo-2024-04-09); None: the base model
     judge_backend: str = "auto",
-    judge_api_base: str | None = None,  # None: where the base model is served (rule: mentalarena.backends.judge_route)
+    judge_api_base: str | None = None,  # None: where the base model is served (rule: mentalarena.engines.backends.judge_route)
     api_key_env: str | None = None,    # the environment variable holding --api_base's key (None: no key; the
                                        #   OpenAI API always gets OPENAI_API_KEY and no other server does)
     judge_api_key_env: str | None = None,  # the same for --judge_api_base (None: the base model's, when served there)
@@ -607,13 +608,13 @@ def run(
 
 def _fingerprint(r) -> str:
     """A local model folder's content fingerprint; "" for hub ids, API models and the embedded model."""
-    return (cli.model_fingerprint(r.model) or "") if r.kind == "hf" else ""
+    return (model_fingerprint(r.model) or "") if r.kind == "hf" else ""
 
 
 def _clients(routes, common: dict, merge_system: bool) -> list[ModelClient]:
     """One client per route (base, then judge if it has its own). Servers are reached first, so a
     wrong address, key or model name stops the run in seconds, before any local model loads."""
-    from mentalarena.backends import make_backend
+    from mentalarena.engines.backends import make_backend
 
     gate, built = Gate(), {}
     try:
@@ -736,11 +737,11 @@ def _seed_everything(seed: int) -> None:
 def report(input_file: str, output_dir: str = "outputs/report", labels: str | None = None,
            perplexity_model: str = "embedded", max_records: int | None = None, encoder_model: str | None = None) -> dict:
     """`arena_med.py report --input_file A.jsonl[,B.jsonl,...] --output_dir DIR`: DIR/report.md and
-    PNG figures comparing record files (mentalarena/report.py). `--labels a,b` names the files (default:
+    PNG figures comparing record files (mentalarena/reports/report.py). `--labels a,b` names the files (default:
     their stems); `--perplexity_model embedded|none|<model>` scores the SFT answers; `--max_records N`
     reads each file's first N records; `--encoder_model none` skips the embedding diversity."""
     check_numbers(report, dict(locals()))
-    from mentalarena.report import write_report
+    from mentalarena.reports.report import write_report
     return write_report(input_file, output_dir, labels, perplexity_model, max_records, encoder_model)
 
 

@@ -3,7 +3,7 @@
     python data_process.py --input_file test.jsonl --finetune_file ft.jsonl --base_model gpt-3.5-turbo-0125 --n_epochs 4
     python data_process.py --input_file iter1.jsonl,iter1b.jsonl --convert_only     # only write the file
     python data_process.py --input_file test.jsonl --wait      # poll until the job ends, print the model id
-    # preference fine-tuning (DPO) on pairs from the try-and-reflect scores (mentalarena/preference.py);
+    # preference fine-tuning (DPO) on pairs from the try-and-reflect scores (mentalarena/training/preference.py);
     # the base model must be one OpenAI offers DPO for (default gpt-4.1-mini-2025-04-14)
     python data_process.py --input_file iter1.jsonl --method dpo --min_margin 2 --beta 0.1 --wait
 
@@ -19,7 +19,7 @@ settings reuses that job instead of creating another (and with --wait, waits for
 or settings (the method and beta among them) create a new job. The key comes from OPENAI_API_KEY.
 
 --select ppl_iqr,kcenter --select_size N (--method sft) uploads a subset chosen as MentalQLM does
-(`mentalarena/selection.py`): answer perplexity under the embedded model (or --select_model), then
+(`mentalarena/training/selection.py`): answer perplexity under the embedded model (or --select_model), then
 k-center on sentence embeddings; the counts go into the result and the settings into the job record.
 """
 from __future__ import annotations
@@ -35,20 +35,22 @@ from typing import Iterator
 
 import openai
 
-from mentalarena import cli, preference
+from mentalarena import cli
+
+from mentalarena.training import preference
 from mentalarena.cli import names, public_url
-from mentalarena.data import one_line
+from mentalarena.selfplay.data import one_line
 from mentalarena.errors import InputError, check_choice
 from mentalarena.flags import check_numbers
-from mentalarena.jsonl import write_json_atomic
-from mentalarena.locks import OutputLock
-from mentalarena.openai_client import (RETRY, STOP, Credentials, classify, connection_cause, credentials, describe,
+from mentalarena.store.jsonl import write_json_atomic
+from mentalarena.store.locks import OutputLock
+from mentalarena.engines.openai_client import (RETRY, STOP, Credentials, classify, connection_cause, credentials, describe,
                                        is_openai_api, make_client, redact, retry_after, server_message, stop_reason)
-from mentalarena.selection import check_options as check_selection
-from mentalarena.selection import select as select_rows
-from mentalarena.selection import summary as selection_summary
+from mentalarena.training.selection import check_options as check_selection
+from mentalarena.training.selection import select as select_rows
+from mentalarena.training.selection import summary as selection_summary
 from mentalarena.prompts import Prompts
-from mentalarena.sft import Questions, convert, write_rows
+from mentalarena.training.sft import Questions, convert, write_rows
 
 CHAT_ROLES = {"system", "user", "assistant"}
 METHODS = ("sft", "dpo")
@@ -80,7 +82,7 @@ def run(
     base_model: str | None = None,  # None: gpt-3.5-turbo-0125 (sft, the paper's), gpt-4.1-mini-2025-04-14 (dpo)
     n_epochs: int | str = 4,  # the paper: 4 in iteration 1, 6 in iteration 2; "auto" lets OpenAI choose
     method: str = "sft",  # sft: the paper's supervised fine-tuning; dpo: preference pairs (OpenAI's method "dpo")
-    # preference pairs (--method dpo; mentalarena/preference.py)
+    # preference pairs (--method dpo; mentalarena/training/preference.py)
     min_margin: float = 2.0,  # least score gap (1-10 scale) between the chosen and the rejected try
     all_pairs: bool = False,  # every two tries at least min_margin apart, not only the best and the worst
     diagnosis_pairs: bool = True,  # also the diagnosis the final illness came from against the other
@@ -100,7 +102,7 @@ def run(
     reference_glue: bool = False,  # the reference's missing newline before the treatment question
     prompt_dir: str | None = None,  # a folder of edited prompts/*.txt (the sft_* questions and system text)
     min_examples: int = 10,  # OpenAI refuses jobs with fewer; checked before uploading (0: off)
-    # data selection (--method sft; MentalQLM, mentalarena/selection.py)
+    # data selection (--method sft; MentalQLM, mentalarena/training/selection.py)
     select: str | tuple | None = None,  # ppl_iqr | kcenter | ppl_iqr,kcenter (applied in that order); None: every row
     select_size: int | None = None,  # kcenter: how many examples to keep (required with kcenter)
     iqr_factor: float = 1.5,  # ppl_iqr: keep answer perplexities within [Q1 - f*IQR, Q3 + f*IQR]

@@ -57,15 +57,17 @@ import Counsel_eval
 import IMHI_eval
 import llama_finetune
 import MedQA_eval
-from mentalarena import cli, figures, paper
+from mentalarena import cli
+from mentalarena.reports import figures
+from mentalarena.loop import paper
 from mentalarena.cli import has_credentials, names, public_url
-from mentalarena.routes import judge_route, require_credentials, route
+from mentalarena.engines.routes import judge_route, require_credentials, route
 from mentalarena.errors import InputError, check_choice
 from mentalarena.flags import check_numbers
-from mentalarena.files import write_atomic
-from mentalarena.jsonl import read_jsonl, write_json_atomic
-from mentalarena.locks import OutputLock
-from mentalarena.sft import WORDINGS
+from mentalarena.store.files import write_atomic
+from mentalarena.store.jsonl import read_jsonl, write_json_atomic
+from mentalarena.store.locks import OutputLock
+from mentalarena.training.sft import WORDINGS
 
 ROOT = Path(__file__).resolve().parent
 BACKENDS = ("open", "openai")

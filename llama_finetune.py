@@ -6,10 +6,10 @@ LoRA / full fine-tuning, which also run on a CPU.
     python llama_finetune.py --new_name smol_iter1 --data_files outputs/demo.jsonl --max_steps 20 --merge
     accelerate launch llama_finetune.py --base_model ... --new_name ... --data_files ...   # several GPUs
 
-`--data_files` takes self-play records (converted here, `mentalarena/sft.py`) or rows already
+`--data_files` takes self-play records (converted here, `mentalarena/training/sft.py`) or rows already
 converted (`text` or `messages`), detected row by row; exact duplicates of the formatted rows are
 dropped before training. `--select ppl_iqr,kcenter --select_size N` then keeps a subset (MentalQLM:
-`mentalarena/selection.py`; SFT rows only). Output: `<output_dir>/<new_name>/` holds the adapter (the model itself for
+`mentalarena/training/selection.py`; SFT rows only). Output: `<output_dir>/<new_name>/` holds the adapter (the model itself for
 `--method full`), the tokenizer and `finetune_config.json` (every setting, the data files with their
 hashes, the conversion counts, the loss, the steps, the wall time, the library versions);
 `checkpoints/` holds the trainer's checkpoints and TensorBoard logs, and `--merge` adds `merged/`,
@@ -31,14 +31,15 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from mentalarena.cli import main as cli_main
-from mentalarena.checkpoints import marker_callback
-from mentalarena.cli import names, settings_hash
+from mentalarena.training.checkpoints import marker_callback
+from mentalarena.cli import names
+from mentalarena.store.keys import settings_hash
 from mentalarena.errors import InputError, check_choice
 from mentalarena.flags import check_numbers
-from mentalarena.jsonl import write_json_atomic
-from mentalarena.locks import OutputLock
-from mentalarena.selection import parse_methods
-from mentalarena.sft import convert
+from mentalarena.store.jsonl import write_json_atomic
+from mentalarena.store.locks import OutputLock
+from mentalarena.training.selection import parse_methods
+from mentalarena.training.sft import convert
 
 SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine")
 # Flags that change how a run goes, not what it learns: a resumed run may change them.
@@ -49,9 +50,9 @@ DPO_FLAGS = ("objective", "beta", "dpo_lr", "dpo_nepoch", "dpo_loss", "min_margi
 # TRL 1.16's DPO loss types (its `loss_type`), checked here so a typo fails before any model loads
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-# Data selection flags (mentalarena/selection.py): left out of the settings (and hash) of a run without --select
+# Data selection flags (mentalarena/training/selection.py): left out of the settings (and hash) of a run without --select
 SELECT_FLAGS = ("select", "select_size", "iqr_factor", "select_model")
-# How the records are asked about (mentalarena/sft.Questions): hashed through the rows they make
+# How the records are asked about (mentalarena/training/sft.Questions): hashed through the rows they make
 QUESTION_FLAGS = ("sft_questions", "prompt_dir")
 RUNNING_FLAGS = ("output_dir", "resume", "merge", "logging_steps", "save_steps", "save_total_limit",
                  "gradient_checkpointing")
@@ -89,7 +90,7 @@ def run(
     packing: bool = False,             # SFT: examples into blocks of max_seq_length tokens (the paper: no packing)
     answer_only_loss: bool = False,    # SFT: loss on the answer tokens only (the paper: on the whole text)
     add_eos: bool = True,              # SFT: end each example with EOS where the format does not (the reference did not)
-    # data selection before tokenizing (MentalQLM; mentalarena/selection.py): SFT rows only
+    # data selection before tokenizing (MentalQLM; mentalarena/training/selection.py): SFT rows only
     select: str | tuple | None = None,  # ppl_iqr | kcenter | ppl_iqr,kcenter (applied in that order); None: every row
     select_size: int | None = None,    # kcenter: how many rows to keep (required with kcenter)
     iqr_factor: float = 1.5,           # ppl_iqr: keep answer perplexities within [Q1 - f*IQR, Q3 + f*IQR]
@@ -118,9 +119,9 @@ def run(
     """Convert, tokenize, train, save; returns the summary that is also printed."""
     flags = dict(locals())
     check_numbers(run, flags)
-    from mentalarena.embedded import EMBEDDED_GGUF, embedded_model_dir
-    from mentalarena.selection import check_options as check_selection
-    from mentalarena.training import FORMATS, resolve_dtype, resolve_method
+    from mentalarena.engines.embedded import EMBEDDED_GGUF, embedded_model_dir
+    from mentalarena.training.selection import check_options as check_selection
+    from mentalarena.training.trainers import FORMATS, resolve_dtype, resolve_method
 
     # ---- every input is checked before any model loads
     if not new_name or not str(new_name).strip("/."):
@@ -183,7 +184,7 @@ def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Pa
     out = Path(flags["output_dir"]) / flags["new_name"]
     fmt = flags["format"]
 
-    # ---- data: SFT pairs (METHOD.md §5) or preference pairs (mentalarena/preference.py)
+    # ---- data: SFT pairs (METHOD.md §5) or preference pairs (mentalarena/training/preference.py)
     methods, selection = [], None
     if objective == "sft":
         rows, report = convert(files, "text" if fmt == "original" else "openai", questions=_questions(flags))
@@ -193,7 +194,7 @@ def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Pa
         if methods:  # after conversion and duplicate removal, before tokenizing
             rows, selection = _select(rows, methods, flags)
     else:
-        from mentalarena.preference import load_preferences, to_trl, to_trl_text
+        from mentalarena.training.preference import load_preferences, to_trl, to_trl_text
         pairs, report = load_preferences(
             files, min_margin=flags["min_margin"], all_pairs=flags["all_pairs"], diagnosis=flags["diagnosis_pairs"],
             diagnosis_margin=flags["diagnosis_margin"], questions=_questions(flags))
@@ -234,7 +235,7 @@ def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Pa
     _say("settings " + json.dumps(settings))
 
     # ---- tokens, model and trainer
-    from mentalarena.training import load_tokenizer
+    from mentalarena.training.trainers import load_tokenizer
 
     tokenizer = load_tokenizer(str(start) if start is not None else base, None if start is not None else gguf)
     if objective == "sft":
@@ -280,8 +281,8 @@ def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Pa
     if objective == "sft":
         config["selection"] = selection
     if objective == "dpo":
-        from mentalarena.preference import to_trl
-        from mentalarena.sft import write_rows
+        from mentalarena.training.preference import to_trl
+        from mentalarena.training.sft import write_rows
         # every pair made (TRL may still drop or cut long ones), readable back
         write_rows(out / "dpo_pairs.jsonl", [to_trl(p) for p in pairs])
         config["pairs_file"] = str(out / "dpo_pairs.jsonl")
@@ -299,14 +300,14 @@ def _stage(flags: dict, files: list[str], model: dict, objective: str, start: Pa
 # ---------------------------------------------------------------------------------- helpers
 def _questions(flags: dict):
     from mentalarena.prompts import Prompts
-    from mentalarena.sft import Questions
+    from mentalarena.training.sft import Questions
     return Questions(Prompts(flags["prompt_dir"]), flags["sft_questions"], flags["reference_glue"])
 
 
 def _select(rows: list[dict], methods: list[str], flags: dict) -> tuple[list[dict], dict]:
-    """MentalQLM's selection (mentalarena/selection.py): perplexity under --select_model (default the
+    """MentalQLM's selection (mentalarena/training/selection.py): perplexity under --select_model (default the
     base model being fine-tuned), k-center on the bundled sentence encoder."""
-    from mentalarena.selection import select, summary
+    from mentalarena.training.selection import select, summary
 
     model = flags["select_model"] or flags["base_model"] or "embedded"
     kept, report = select(rows, methods, fmt=flags["format"], size=flags["select_size"], factor=flags["iqr_factor"],
@@ -318,11 +319,11 @@ def _select(rows: list[dict], methods: list[str], flags: dict) -> tuple[list[dic
 
 
 def _sft_trainer(model: dict, tokenizer, rows: list[dict], checkpoints: Path, flags: dict):
-    """Rows -> token ids with labels (mentalarena/training.py), the model with its LoRA adapter
+    """Rows -> token ids with labels (mentalarena/training/trainers.py), the model with its LoRA adapter
     (unless full), and a plain transformers Trainer around them."""
     from transformers import Trainer, set_seed
 
-    from mentalarena.training import Collator, add_lora, encode_rows, load_model, pack, parameter_counts
+    from mentalarena.training.trainers import Collator, add_lora, encode_rows, load_model, pack, parameter_counts
 
     max_len = flags["max_seq_length"]
     examples, stats = encode_rows(rows, tokenizer, flags["format"], max_len, flags["answer_only_loss"], flags["add_eos"])
@@ -359,7 +360,7 @@ def _dpo_trainer(model: dict, tokenizer, rows: list[dict], checkpoints: Path, fl
     from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
-    from mentalarena.training import load_model, lora_config, parameter_counts, prepare_kbit
+    from mentalarena.training.trainers import load_model, lora_config, parameter_counts, prepare_kbit
 
     method = model["method"]
     source, gguf = (str(start), None) if start is not None and method == "full" else (model["base"], model["gguf"])
@@ -402,7 +403,7 @@ def _args(model: dict, checkpoints: Path, flags: dict, config_class, **specific)
     """Trainer settings both objectives share (the paper's), plus the objective's own."""
     import torch
 
-    from mentalarena.training import tensorboard_available, training_args
+    from mentalarena.training.trainers import tensorboard_available, training_args
 
     method, torch_dtype = model["method"], model["dtype"]
     cuda = torch.cuda.is_available()
@@ -437,7 +438,7 @@ def _figure(history: list[dict], path: Path, title: str) -> str | None:
     """The training curves as a PNG beside the model (loss; for DPO also the reward margin and accuracy)."""
     if not history:
         return None
-    from mentalarena.figures import training_curves
+    from mentalarena.reports.figures import training_curves
     training_curves(history, path, title)
     return str(path)
 
@@ -462,7 +463,7 @@ def _merge(out: Path, base: str, gguf: str | None, trained=None) -> str:
     into 4-bit weights would round the adapter away."""
     from peft import PeftModel
 
-    from mentalarena.training import dense_model, load_tokenizer, resolve_dtype
+    from mentalarena.training.trainers import dense_model, load_tokenizer, resolve_dtype
 
     target = out / "merged"
     if trained is None:
@@ -503,8 +504,8 @@ def _check_checkpoints(checkpoints: Path, digest: str, resume: bool) -> None:
 
 def _last_checkpoint(checkpoints: Path) -> str | None:
     """The newest complete checkpoint: one a kill cut short while saving is named and moved aside
-    (mentalarena/checkpoints.py), not handed to the trainer."""
-    from mentalarena.checkpoints import newest_complete
+    (mentalarena/training/checkpoints.py), not handed to the trainer."""
+    from mentalarena.training.checkpoints import newest_complete
     last, notes = newest_complete(checkpoints, move_aside=_is_main())
     for note in notes:
         _say(note)

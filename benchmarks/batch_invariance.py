@@ -26,8 +26,8 @@ def main(model: str | None = None, dtypes: str = "float32,bfloat16") -> dict:
     from transformers import AutoModelForCausalLM
 
     from mentalarena.cli import names
-    from mentalarena.embedded import EMBEDDED_GGUF, embedded_model_dir
-    from mentalarena.training import _dense_copy, load_tokenizer
+    from mentalarena.engines.embedded import EMBEDDED_GGUF, embedded_model_dir
+    from mentalarena.training.trainers import _dense_copy, load_tokenizer
 
     base, gguf = (embedded_model_dir(), EMBEDDED_GGUF) if model is None else (model, None)
     tokenizer = load_tokenizer(base, gguf)

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mentalarena import batcher  # noqa: E402
-from mentalarena.data import DEFAULT_PATIENTS_FILE, load_patients  # noqa: E402
-from mentalarena.hf_backend import EMBEDDED_GGUF, HFBackend, embedded_model_dir  # noqa: E402
+from mentalarena.engines import batcher  # noqa: E402
+from mentalarena.selfplay.data import DEFAULT_PATIENTS_FILE, load_patients  # noqa: E402
+from mentalarena.engines.hf_backend import EMBEDDED_GGUF, HFBackend, embedded_model_dir  # noqa: E402
 
 
 def conversations(backend: HFBackend, rows: int, prompt_tokens: int) -> list[list[dict]]:

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import MedQA_eval  # noqa: E402
-from mentalarena import qa  # noqa: E402
-from mentalarena.backends import make_backend  # noqa: E402
+from mentalarena.evaluation import qa  # noqa: E402
+from mentalarena.engines.backends import make_backend  # noqa: E402
 from mentalarena.prompts import Prompts  # noqa: E402
 
 PAPER_FILE = ROOT.parent / "shared" / "data" / "medqa" / "psychosis.jsonl"

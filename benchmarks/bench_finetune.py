@@ -34,10 +34,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mentalarena import training  # noqa: E402
+from mentalarena.training import trainers as training  # noqa: E402
 from mentalarena.cli import names  # noqa: E402
-from mentalarena.embedded import EMBEDDED_GGUF, embedded_model_dir  # noqa: E402
-from mentalarena.sft import dedup, load_pairs, to_openai, to_text  # noqa: E402
+from mentalarena.engines.embedded import EMBEDDED_GGUF, embedded_model_dir  # noqa: E402
+from mentalarena.training.sft import dedup, load_pairs, to_openai, to_text  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "arena_outputs" / "gpt_iter1_output.jsonl"
 
@@ -122,7 +122,7 @@ def train_dpo(base_model, rows: list[dict], opts: dict, tokenizer) -> dict:
 def dpo_rows(sampled: list, fmt: str, pair_files: list[str]) -> list[dict]:
     """Preference rows: from scored records when given, else the sampled SFT examples' own answers
     (chosen) against the next sampled answer of the same kind (rejected)."""
-    from mentalarena.preference import PreferencePair, load_preferences, to_trl, to_trl_text
+    from mentalarena.training.preference import PreferencePair, load_preferences, to_trl, to_trl_text
 
     if pair_files:
         pairs, report = load_preferences(pair_files)

@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import IMHI_eval as ev  # noqa: E402
-from mentalarena import imhi  # noqa: E402
-from mentalarena.hf_backend import HFBackend  # noqa: E402
+from mentalarena.evaluation import imhi  # noqa: E402
+from mentalarena.engines.hf_backend import HFBackend  # noqa: E402
 
 SHARED_FILE = ev.ROOT.parent / "shared" / "data" / "imhi" / "test_instruction" / "dreaddit.csv"
 

@@ -1,5 +1,5 @@
 """Start-up cost of the embedded model: the GGUF file dequantized at every start (the cache off)
-against the dense copy the cache keeps (`mentalarena/gguf_cache.py`), each in a fresh process.
+against the dense copy the cache keeps (`mentalarena/engines/gguf_cache.py`), each in a fresh process.
 
     python benchmarks/bench_load.py            # a new empty cache folder: first load, then 2 later ones
 
@@ -26,7 +26,7 @@ def child(dtype: str) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
     imported = time.perf_counter()
-    from mentalarena.hf_backend import EMBEDDED_GGUF, _load, embedded_model_dir
+    from mentalarena.engines.hf_backend import EMBEDDED_GGUF, _load, embedded_model_dir
     tokenizer, model = _load(embedded_model_dir(), EMBEDDED_GGUF, "cpu", dtype)
     loaded = time.perf_counter()
     ids = tokenizer("The capital of France is", return_tensors="pt")

@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mentalarena.errors import InputError  # noqa: E402
-from mentalarena.similarity import Encoder, threshold_for  # noqa: E402
+from mentalarena.selfplay.similarity import Encoder, threshold_for  # noqa: E402
 
 PERCENTILES = (10, 25, 50, 75, 90)
 

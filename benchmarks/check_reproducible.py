@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import arena_med  # noqa: E402
 from mentalarena.cli import names  # noqa: E402
-from mentalarena.jsonl import read_jsonl  # noqa: E402
+from mentalarena.store.jsonl import read_jsonl  # noqa: E402
 
 
 def replies(path: Path) -> dict:

@@ -27,10 +27,11 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mentalarena.backends import make_backend  # noqa: E402
-from mentalarena.cli import checked, request_seed  # noqa: E402
-from mentalarena.jsonl import read_jsonl  # noqa: E402
-from mentalarena.parsing import parse_extraction, parse_extraction_reference  # noqa: E402
+from mentalarena.engines.backends import make_backend  # noqa: E402
+from mentalarena.cli import checked  # noqa: E402
+from mentalarena.store.keys import request_seed
+from mentalarena.store.jsonl import read_jsonl  # noqa: E402
+from mentalarena.selfplay.parsing import parse_extraction, parse_extraction_reference  # noqa: E402
 from mentalarena.prompts import Prompts  # noqa: E402
 
 TALKS_ABOUT_DIAGNOSES = re.compile(r"doctor|diagnos[ie]s\s*(?:#|no\.?\s*)?[12]\b|\b(?:first|second)\s+diagnosis|"

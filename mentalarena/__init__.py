@@ -1,1 +1,3 @@
-"""Shared machinery for the MentalArena scripts: chat backends, prompts, JSONL I/O, similarity, loaders."""
+"""The MentalArena package, one folder per stage of the pipeline (docs/architecture.md): engines/,
+selfplay/, training/, evaluation/, reports/, loop/, store/; the modules at this level are what every
+script shares (errors, flags, prompts, the CLI helpers, the progress bar)."""

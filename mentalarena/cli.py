@@ -2,8 +2,6 @@
 per-request seeds, folder names for models and the dtype rule."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import sys
@@ -11,8 +9,8 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import InputError, ServiceRefused, StorageError
-from .jsonl import read_jsonl, repair_torn_tail
+from mentalarena.errors import InputError, ServiceRefused, StorageError
+from mentalarena.store.jsonl import read_jsonl, repair_torn_tail
 
 
 def main(commands: dict[str, Callable], default: Callable, exit_code: Callable[[Callable, object], int],
@@ -105,63 +103,6 @@ def has_credentials(url: str | None) -> bool:
 def public_settings(settings: dict) -> dict:
     """Settings as they are printed and recorded: server addresses without credentials."""
     return {**settings, "api_base": public_url(settings.get("api_base"))} if settings.get("api_base") else settings
-
-
-def settings_hash(obj) -> str:
-    """12 hex digits naming a settings dict; answers on file carry it so runs never mix. Which
-    servers answer (`api_base`: one, or replicas) does not change the answers, so only whether the
-    model is served counts: a run may resume on more, fewer or other replicas."""
-    if isinstance(obj, dict) and obj.get("api_base"):
-        obj = {**obj, "api_base": "served"}
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def request_seed(*parts) -> int:
-    """A seed per request: a sampled answer does not depend on which others share its batch."""
-    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
-
-
-def model_tag(model: str) -> str:
-    """A folder name for a model: `org--name` for a hub id or an API model name; for a local path its
-    last part and 8 hex digits of its absolute path, so that two checkpoints that share a name
-    (`a/merged`, `b/merged`, `checkpoint-500`) never write into one folder."""
-    tail = model.rstrip("/").replace(":", "-")
-    if Path(model).exists():
-        where = hashlib.sha256(str(Path(model).resolve()).encode()).hexdigest()[:8]
-        tail = f"{tail.split('/')[-1]}-{where}"
-    else:
-        tail = tail.replace("/", "--")
-    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in tail)
-
-
-# What makes a local model answer as it does: its config, generation config, tokenizer and weights.
-_FINGERPRINTED = ("*.json", "*.safetensors", "*.bin", "*.gguf", "*.model", "*.txt", "*.jinja", "*.pt")
-
-
-def _derived(relative: Path) -> bool:
-    """Inside an adapter folder of llama_finetune.py: its trainer checkpoints and its merged copy,
-    which are not what loads when the folder is given as the model."""
-    return any(part.startswith("checkpoint") or part == "merged" for part in relative.parts[:-1])
-
-
-def model_fingerprint(model: str | None) -> str | None:
-    """16 hex digits of the content of a local model folder (or file) - the model is retrained into
-    the same folder: another fingerprint, so answers of the old weights are never taken for its own.
-    None for a hub id, an API model or the embedded model (their names say which weights they are).
-    Every byte is read (a LoRA merge changes only some tensors; about 1.5 GB/s)."""
-    if not model or not Path(model).exists():
-        return None
-    path = Path(model)
-    files = [path] if path.is_file() else sorted({f for pattern in _FINGERPRINTED for f in path.rglob(pattern)
-                                                   if f.is_file() and not _derived(f.relative_to(path))})
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
-        with open(file, "rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def auto_dtype(dtype: str | None, device: str | None) -> str | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import InputError
+from mentalarena.errors import InputError
 
 
 @dataclass(frozen=True)

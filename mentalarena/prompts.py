@@ -8,8 +8,8 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
-from .errors import InputError
-from .inputs import read_text
+from mentalarena.errors import InputError
+from mentalarena.store.inputs import read_text
 
 PROMPT_DIR = Path(__file__).resolve().parent.parent / "prompts"
 

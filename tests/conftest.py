@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-from mentalarena.chat import ChatBackend, Reply  # noqa: E402
+from mentalarena.engines.chat import ChatBackend, Reply  # noqa: E402
 
 
 def pytest_configure(config):
@@ -21,7 +21,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
-    """Dense copies of GGUF models (mentalarena/gguf_cache.py) go to a folder of this test session,
+    """Dense copies of GGUF models (mentalarena/engines/gguf_cache.py) go to a folder of this test session,
     never the user's cache: the embedded model is converted once per session, then read back.
     Subprocesses inherit the variable. Removed at the end (it holds ~0.5 GB)."""
     import shutil
@@ -70,7 +70,7 @@ def embedded_tokenizer():
     """The embedded SmolLM2 tokenizer, read offline from its GGUF file."""
     from transformers import AutoTokenizer
 
-    from mentalarena.embedded import EMBEDDED_GGUF, embedded_model_dir
+    from mentalarena.engines.embedded import EMBEDDED_GGUF, embedded_model_dir
     return AutoTokenizer.from_pretrained(embedded_model_dir(), gguf_file=EMBEDDED_GGUF)
 
 
@@ -167,7 +167,7 @@ def tiny_base(tmp_path_factory, tokenizer):
 def backend_sleeps(monkeypatch) -> list[float]:
     """Every wait the OpenAI backend asks for from now on (its module's `time.sleep`: a backoff or a
     Retry-After), recorded and not slept; the clock it reads stays the real one."""
-    from mentalarena import openai_backend
+    from mentalarena.engines import openai_backend
 
     asked: list[float] = []
     monkeypatch.setattr(openai_backend, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=asked.append))
@@ -178,7 +178,7 @@ def request_deadlines(monkeypatch) -> list[float]:
     """The overall deadline (seconds, to 0.01) each request of every SDK client built from now on was
     given, read where `openai_client` sets it, as the request starts: the preflight's short one, or
     the client's request timeout."""
-    from mentalarena import openai_client
+    from mentalarena.engines import openai_client
 
     given: list[float] = []
     real = openai_client._start_clock

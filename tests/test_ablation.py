@@ -14,7 +14,7 @@ from fake_openai import FakeOpenAI
 from test_session import FEEDBACK, P, CountingBackend, make_arena, run_one
 
 import arena_med as am
-from mentalarena.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
+from mentalarena.selfplay.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
 from mentalarena.prompts import PROMPT_DIR, Prompts
 
 PATIENT = load_patients(DEFAULT_PATIENTS_FILE)[0]
@@ -297,7 +297,7 @@ def _no_model(*args, **kwargs):
 @pytest.mark.parametrize(("flag", "value"), [("symptom_encoder", "none"), ("symptom_decoder", "False"),
                                              ("symptom_encoder", "1")])
 def test_bad_ablation_value_is_one_line_exit_2(tmp_path, capsys, monkeypatch, flag, value):
-    import mentalarena.backends as backends
+    import mentalarena.engines.backends as backends
     monkeypatch.setattr(backends, "make_backend", _no_model)
     monkeypatch.setattr(am, "Encoder", _no_model)
     output = tmp_path / "run" / "out.jsonl"
@@ -309,7 +309,7 @@ def test_bad_ablation_value_is_one_line_exit_2(tmp_path, capsys, monkeypatch, fl
 
 
 def test_a_broken_neutral_persona_is_refused_before_anything_loads(tmp_path, capsys, monkeypatch):
-    import mentalarena.backends as backends
+    import mentalarena.engines.backends as backends
     monkeypatch.setattr(backends, "make_backend", _no_model)
     monkeypatch.setattr(am, "Encoder", _no_model)
     folder = tmp_path / "p"

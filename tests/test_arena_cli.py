@@ -365,7 +365,7 @@ def _other_patients(tmp_path: Path) -> list[str]:
 
 
 def _other_principles(tmp_path: Path) -> list[str]:
-    from mentalarena.data import DEFAULT_PRINCIPLES_FILE
+    from mentalarena.selfplay.data import DEFAULT_PRINCIPLES_FILE
     path = tmp_path / "edited_principles.csv"
     path.write_text(Path(DEFAULT_PRINCIPLES_FILE).read_text(encoding="utf-8") + '99,"Mention the weather."\n',
                     encoding="utf-8")
@@ -457,7 +457,7 @@ def _prompt_dir_with(tmp_path: Path, name: str, text: str) -> Path:
 def test_prompt_with_unknown_slot_is_refused_before_anything_loads(tmp_path, capsys, monkeypatch, template,
                                                                    text, expected):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    import mentalarena.backends as backends
+    import mentalarena.engines.backends as backends
 
     def no_model(*args, **kwargs):
         raise AssertionError("a backend was built before the prompts were checked")
@@ -477,7 +477,7 @@ def test_prompt_with_unknown_slot_is_refused_before_anything_loads(tmp_path, cap
 
 def test_missing_api_key_is_one_line_before_anything_is_touched(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    import mentalarena.backends as backends
+    import mentalarena.engines.backends as backends
 
     def no_model(*args, **kwargs):
         raise AssertionError("a backend was built without a key")

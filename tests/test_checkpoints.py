@@ -1,4 +1,4 @@
-"""Which checkpoint a run resumes from (mentalarena/checkpoints.py), on folders built by hand as the
+"""Which checkpoint a run resumes from (mentalarena/training/checkpoints.py), on folders built by hand as the
 trainer leaves them: marked complete, from older runs without the marker, and cut short by a kill or a
 power cut at each point of a save. The end-to-end run is in test_llama_finetune.py."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mentalarena.checkpoints import is_complete, mark_complete, newest_complete
+from mentalarena.training.checkpoints import is_complete, mark_complete, newest_complete
 
 
 def safetensors(path: Path, values: int = 4) -> None:

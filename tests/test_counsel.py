@@ -1,4 +1,4 @@
-"""mentalarena.counsel: statements, principles, judge-reply parsers, two-order pairwise arithmetic,
+"""mentalarena.evaluation.counsel: statements, principles, judge-reply parsers, two-order pairwise arithmetic,
 bootstrap intervals. Pure functions, no model."""
 import csv
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mentalarena import counsel
+from mentalarena.evaluation import counsel
 from mentalarena.errors import InputError
 from mentalarena.prompts import Prompts
 

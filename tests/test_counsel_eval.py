@@ -339,7 +339,7 @@ def test_reward_scorer_through_the_script(tmp_path, models, tokenizer, monkeypat
     from test_counsel_reward import save_tiny_reward
     from transformers import AutoModelForSequenceClassification
 
-    from mentalarena.reward import pair_ids
+    from mentalarena.evaluation.reward import pair_ids
 
     reward = save_tiny_reward(tmp_path / "reward", tokenizer)
     data = _statements(tmp_path)
@@ -353,8 +353,8 @@ def test_reward_scorer_through_the_script(tmp_path, models, tokenizer, monkeypat
     whole = got["subsets"]["all"]["reward"]
     assert whole["mean"] == pytest.approx(statistics.fmean(direct), abs=1e-3) and whole["n"] == 6
     assert got["subsets"]["risk"]["reward"]["mean"] == pytest.approx((direct[1] + direct[4]) / 2, abs=1e-3)
-    import mentalarena.reward
-    monkeypatch.setattr(mentalarena.reward, "RewardModel", lambda *a, **k: pytest.fail("scores on file: nothing loads"))
+    import mentalarena.evaluation.reward
+    monkeypatch.setattr(mentalarena.evaluation.reward, "RewardModel", lambda *a, **k: pytest.fail("scores on file: nothing loads"))
     assert _run(tmp_path, data, scorers="reward", reward_model=reward, dtype="float32")["subsets"] == got["subsets"]
 
 

@@ -1,4 +1,4 @@
-"""The reward-model scorer of Counsel_eval.py (mentalarena/reward.py), on a tiny random
+"""The reward-model scorer of Counsel_eval.py (mentalarena/evaluation/reward.py), on a tiny random
 LlamaForSequenceClassification with the embedded SmolLM2 tokenizer and its chat template."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mentalarena.errors import InputError
-from mentalarena.reward import RewardModel, check_reward_model, pair_ids
+from mentalarena.evaluation.reward import RewardModel, check_reward_model, pair_ids
 
 STATEMENTS = [
     "I can't sleep.",
@@ -116,10 +116,10 @@ def test_long_pair_keeps_its_last_tokens(tiny_reward, reference, caplog):
     long = [i for i, x in enumerate(ids) if len(x) > limit]
     assert 0 < len(long) < len(ids)
     scorer = RewardModel(tiny_reward, dtype="float32", device="cpu", batch_size=4, max_length=limit)
-    with caplog.at_level(logging.WARNING, logger="mentalarena.reward"):
+    with caplog.at_level(logging.WARNING, logger="mentalarena.evaluation.reward"):
         got = scorer.score(STATEMENTS, RESPONSES)
     assert scorer.describe()["truncated"] == len(long)
-    warnings = [r for r in caplog.records if r.name == "mentalarena.reward"]
+    warnings = [r for r in caplog.records if r.name == "mentalarena.evaluation.reward"]
     assert len(warnings) == 1 and f"{len(long)} of {len(ids)} pairs" in warnings[0].getMessage()
     want = [alone(model, x[-limit:]) for x in ids]
     assert got == pytest.approx(want, abs=1e-4)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mentalarena.data import (
+from mentalarena.selfplay.data import (
     DEFAULT_PATIENTS_FILE,
     DEFAULT_PRINCIPLES_FILE,
     load_patients,

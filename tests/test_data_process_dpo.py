@@ -13,7 +13,7 @@ from test_data_process import run as run_sft
 
 import data_process
 from data_process import main
-from mentalarena.preference import validate_openai_file
+from mentalarena.training.preference import validate_openai_file
 
 SYSTEM = "You are a psychiatric expert."
 QUESTION = {"diagnosis": "What is the most likely diagnosis in this patient?",

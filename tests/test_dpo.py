@@ -17,8 +17,8 @@ from conftest import shared_data
 from test_llama_finetune import assert_arena_runs_on
 
 import llama_finetune
-from mentalarena.jsonl import read_jsonl
-from mentalarena.preference import load_preferences, to_trl_text
+from mentalarena.store.jsonl import read_jsonl
+from mentalarena.training.preference import load_preferences, to_trl_text
 
 PATIENTS = [
     ("lost her job in spring and sleeps four hours a night", "Major depressive disorder", "Generalized anxiety"),

@@ -17,8 +17,8 @@ from conftest import ROOT, backend_sleeps, request_deadlines
 from fake_openai import FakeOpenAI, Faults
 from mentalarena.cli import public_url
 from mentalarena.errors import InputError, ModelCallError, ServiceRefused
-from mentalarena.openai_backend import OpenAIBackend
-from mentalarena.openai_client import Credentials, credentials, plain_http_warning
+from mentalarena.engines.openai_backend import OpenAIBackend
+from mentalarena.engines.openai_client import Credentials, credentials, plain_http_warning
 
 OPENAI_KEY = "sk-proj-EDGE0OPENAI0KEY0abc123"
 SERVED_KEY = "vllm-EDGE-served-key-456"
@@ -323,7 +323,7 @@ def test_a_replica_removed_for_failures_gets_traffic_again_after_its_cool_down(m
     """Three failures in a row take a replica out for its 30 s cool-down: until then every request
     goes to the other one; once the clock has passed the cool-down, it gets requests again (its first
     one, the probe, succeeds and ends its probation). The clock is the test's, moved by hand."""
-    from mentalarena import openai_backend
+    from mentalarena.engines import openai_backend
 
     clock, waits = Clock(), []
     monkeypatch.setattr(openai_backend, "time", types.SimpleNamespace(monotonic=clock.monotonic, sleep=waits.append))

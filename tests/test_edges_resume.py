@@ -14,7 +14,7 @@ import MedQA_eval
 from conftest import ROOT, make_tiny_llama, shared_data
 from llama_server import free_port
 from fake_openai import FakeOpenAI
-from mentalarena.cli import model_fingerprint, model_tag
+from mentalarena.store.keys import model_fingerprint, model_tag
 
 QA = ROOT / "data" / "qa_sample" / "medqa.jsonl"
 

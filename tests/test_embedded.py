@@ -7,14 +7,14 @@ import torch
 from conftest import assert_same_up_to_a_tie, reply_token_ids
 
 import arena_med
-from mentalarena.jsonl import read_jsonl
+from mentalarena.store.jsonl import read_jsonl
 
 PAPER_FIELDS = ("symptom", "illness", "treatment", "explain_t", "medicine", "explain_m")
 
 
 @pytest.fixture(scope="module")
 def backend():
-    from mentalarena.hf_backend import EMBEDDED_GGUF, HFBackend, embedded_model_dir
+    from mentalarena.engines.hf_backend import EMBEDDED_GGUF, HFBackend, embedded_model_dir
     # float32: the greedy comparisons with transformers' generate below are exact only there
     return HFBackend(embedded_model_dir(), gguf_file=EMBEDDED_GGUF, temperature=0, max_new_tokens=12, dtype="float32")
 
@@ -149,7 +149,7 @@ def assert_same_draws_up_to_a_tie(backend, seed: int, got: list, want: list, tol
 
 
 def test_stream_seeds_make_sampled_answers_independent_of_the_batch(monkeypatch):
-    from mentalarena.hf_backend import EMBEDDED_GGUF, HFBackend, embedded_model_dir
+    from mentalarena.engines.hf_backend import EMBEDDED_GGUF, HFBackend, embedded_model_dir
     sampler = HFBackend(embedded_model_dir(), gguf_file=EMBEDDED_GGUF, temperature=1.0, max_new_tokens=6,
                         max_batch_size=4, dtype="float32")
     runs = record_draws(monkeypatch, sampler)

@@ -3,7 +3,7 @@
 as presets of iterate.py with Table 2's layout.
 
 The reference's converters are restated here from its data_process.py / llama_finetune.py (plain
-loops over the six fields), independently of mentalarena/sft.py, and run on the reference's own
+loops over the six fields), independently of mentalarena/training/sft.py, and run on the reference's own
 records in ../shared/data/arena_outputs."""
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from conftest import ScriptedBackend, shared_data
 import arena_med as am
 import data_process
 import iterate
-from mentalarena import paper, preference, sft
-from mentalarena.data import DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
-from mentalarena.engine import Gate, ModelClient
+from mentalarena.loop import paper
+from mentalarena.training import preference, sft
+from mentalarena.selfplay.data import DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
+from mentalarena.engines.engine import Gate, ModelClient
 from mentalarena.prompts import Prompts
 
 SYSTEM = "You are a psychiatric expert."

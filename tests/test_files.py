@@ -1,4 +1,4 @@
-"""Files that are safe to write (mentalarena/files.py and its users): no write through a symbolic link
+"""Files that are safe to write (mentalarena/store/files.py and its users): no write through a symbolic link
 planted at an output, lock or temporary path; new files readable by their owner only (or the group,
 by setting); a full disk is one line and leaves what was written before whole (a real kernel EFBIG
 through RLIMIT_FSIZE in a subprocess); a file system without flock is one warning line."""
@@ -18,11 +18,13 @@ from pathlib import Path
 import pytest
 from fake_openai import FakeOpenAI
 
-from mentalarena import figures, imhi
+from mentalarena.reports import figures
+
+from mentalarena.evaluation import imhi
 from mentalarena.errors import InputError, StorageError
-from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
-from mentalarena.locks import OutputLock, hold_all
-from mentalarena.sft import write_rows
+from mentalarena.store.jsonl import append_jsonl, read_jsonl, repair_torn_tail, write_json_atomic
+from mentalarena.store.locks import OutputLock, hold_all
+from mentalarena.training.sft import write_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 VICTIM = b"someone else's file\n"
@@ -135,10 +137,10 @@ def run_limited(code: str, limit: int, cwd: Path) -> subprocess.CompletedProcess
     prelude = textwrap.dedent(f"""
         import resource, signal, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from mentalarena import imhi
+        from mentalarena.evaluation import imhi
         from mentalarena.errors import StorageError
-        from mentalarena.jsonl import append_jsonl, write_json_atomic
-        from mentalarena.sft import write_rows
+        from mentalarena.store.jsonl import append_jsonl, write_json_atomic
+        from mentalarena.training.sft import write_rows
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     """)

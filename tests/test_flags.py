@@ -15,8 +15,8 @@ import IMHI_eval
 import iterate
 import llama_finetune
 import MedQA_eval
-from mentalarena.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
-from mentalarena.engine import Gate, ModelClient
+from mentalarena.selfplay.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
+from mentalarena.engines.engine import Gate, ModelClient
 from mentalarena.errors import InputError
 from mentalarena.flags import (OVERRIDES, RANGES, Range, check_numbers, command_name, has_range, numeric_flags,
                                range_of, whole)

@@ -32,9 +32,10 @@ import IMHI_eval
 import iterate
 import llama_finetune
 import MedQA_eval
-from mentalarena import cli, counsel, qa
-from mentalarena.backends import Reply, route
-from mentalarena.jsonl import read_jsonl
+from mentalarena.store import keys
+from mentalarena.evaluation import counsel, qa
+from mentalarena.engines.backends import Reply, route
+from mentalarena.store.jsonl import read_jsonl
 from mentalarena.prompts import Prompts
 
 # Every literal marked PINNED is the value the code had on 2026-12-02; a change means users' existing
@@ -118,37 +119,37 @@ class _FakeChat:
         return {}
 
 
-# ---------------------------------------------------------------------------------- shared (mentalarena/cli.py)
+# ---------------------------------------------------------------------------------- shared (mentalarena/store/keys.py)
 def test_settings_hash_of_a_fixed_dict():
-    """cli.settings_hash names the settings of every evaluation answer and every training run: sorted-key
+    """keys.settings_hash names the settings of every evaluation answer and every training run: sorted-key
     JSON, sha256, 12 hex digits; any api_base counts as "served" (replicas may change on resume)."""
     settings = {"model": "gpt-4o", "temperature": 0.0, "seed": 0, "api_base": None, "list": [1, "a"]}
-    assert cli.settings_hash(settings) == "da0347343a02"  # PINNED
+    assert keys.settings_hash(settings) == "da0347343a02"  # PINNED
     served = {**settings, "api_base": "http://10.0.0.1:8000/v1,http://10.0.0.2:8000/v1"}
-    assert cli.settings_hash(served) == "8698526758b2"  # PINNED
-    assert cli.settings_hash({**settings, "api_base": "http://elsewhere:1/v1"}) == cli.settings_hash(served)
+    assert keys.settings_hash(served) == "8698526758b2"  # PINNED
+    assert keys.settings_hash({**settings, "api_base": "http://elsewhere:1/v1"}) == keys.settings_hash(served)
 
 
 def test_request_seed_values():
-    """cli.request_seed: the seed of every sampled request (self-play calls, evaluation answers, judge
+    """keys.request_seed: the seed of every sampled request (self-play calls, evaluation answers, judge
     calls), stored in each row; another seed for the same request is another answer."""
-    got = [cli.request_seed(0, "p1", 0, "opening.patient"), cli.request_seed(0, "MedQA-0", 3),
-           cli.request_seed(42, "CAMS", "0:abcdef012345"), cli.request_seed(0, "judge", "0123456789abcdef")]
+    got = [keys.request_seed(0, "p1", 0, "opening.patient"), keys.request_seed(0, "MedQA-0", 3),
+           keys.request_seed(42, "CAMS", "0:abcdef012345"), keys.request_seed(0, "judge", "0123456789abcdef")]
     assert got == [3392713110992711456, 8614368821225868402, 5734972987465181250, 1828875292450948050]  # PINNED
 
 
 def test_model_tag_folder_names(tmp_path):
-    """cli.model_tag: the folder under --output_dir that holds one model's answers (MedQA, IMHI, Counsel)."""
-    assert cli.model_tag("meta-llama/Meta-Llama-3-8B-Instruct") == "meta-llama--Meta-Llama-3-8B-Instruct"  # PINNED
-    assert cli.model_tag("gpt-4o-2024-08-06") == "gpt-4o-2024-08-06"  # PINNED
-    assert cli.model_tag("ft:gpt-3.5-turbo-0125:org::abc123") == "ft-gpt-3.5-turbo-0125-org--abc123"  # PINNED
-    assert cli.model_tag("embedded:SmolLM2-135M-Instruct") == "embedded-SmolLM2-135M-Instruct"  # PINNED
+    """keys.model_tag: the folder under --output_dir that holds one model's answers (MedQA, IMHI, Counsel)."""
+    assert keys.model_tag("meta-llama/Meta-Llama-3-8B-Instruct") == "meta-llama--Meta-Llama-3-8B-Instruct"  # PINNED
+    assert keys.model_tag("gpt-4o-2024-08-06") == "gpt-4o-2024-08-06"  # PINNED
+    assert keys.model_tag("ft:gpt-3.5-turbo-0125:org::abc123") == "ft-gpt-3.5-turbo-0125-org--abc123"  # PINNED
+    assert keys.model_tag("embedded:SmolLM2-135M-Instruct") == "embedded-SmolLM2-135M-Instruct"  # PINNED
     # a local folder: its last name, "-", 8 hex digits of the sha256 of its absolute path
     folder = tmp_path / "runs" / "merged"
     folder.mkdir(parents=True)
     where = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
-    assert cli.model_tag(str(folder)) == f"merged-{where}"
-    assert cli.model_tag(str(folder) + "/") == f"merged-{where}"
+    assert keys.model_tag(str(folder)) == f"merged-{where}"
+    assert keys.model_tag(str(folder) + "/") == f"merged-{where}"
 
 
 def _model_folder(folder: Path) -> Path:
@@ -166,12 +167,12 @@ def _model_folder(folder: Path) -> Path:
 
 
 def test_model_fingerprint_of_a_fixed_folder(tmp_path):
-    """cli.model_fingerprint: the content of a local model folder, hashed into the settings of every
+    """keys.model_fingerprint: the content of a local model folder, hashed into the settings of every
     script (a model retrained in place is another model); checkpoint-*/ and merged/ do not count."""
     folder = _model_folder(tmp_path / "model")
-    assert cli.model_fingerprint(str(folder)) == "51a24821a0dc8392"  # PINNED
-    assert cli.model_fingerprint(str(folder / "model.safetensors")) == "de063935628141db"  # PINNED
-    assert cli.model_fingerprint("meta-llama/Meta-Llama-3-8B") is None
+    assert keys.model_fingerprint(str(folder)) == "51a24821a0dc8392"  # PINNED
+    assert keys.model_fingerprint(str(folder / "model.safetensors")) == "de063935628141db"  # PINNED
+    assert keys.model_fingerprint("meta-llama/Meta-Llama-3-8B") is None
 
 
 # ---------------------------------------------------------------------------------- arena_med.py
@@ -279,7 +280,7 @@ def test_arena_session_steps_and_seeds(tmp_path):
         "decode.1.principle_feedback", "diagnosis.1", "diagnosis.2", "diagnosis.review", "diagnosis.final",
         "treatment.1.doctor", "treatment.1.patient", "treatment.1.score", "medicine.1.doctor", "medicine.1.patient",
         "medicine.1.score", "extraction"]
-    assert all(t["seed"] == cli.request_seed(7, "p1", 1, t["step"]) for t in record["transcript"])
+    assert all(t["seed"] == keys.request_seed(7, "p1", 1, t["step"]) for t in record["transcript"])
     assert [t["seed"] for t in record["transcript"][:2]] == [6708518347782775843, 1877392501361250043]  # PINNED
     assert record["settings_hash"] == settings.digest()
     assert (record["patient_id"], record["sample"]) == ("p1", 1)
@@ -312,7 +313,7 @@ def test_arena_output_file_names(tmp_path, monkeypatch):
 ], ids=["api", "embedded", "served"])
 def test_medqa_settings_hash(args, want):
     """MedQA_eval._settings: what results files record and what the answers' run hash starts from."""
-    assert cli.settings_hash(MedQA_eval._settings(*args)) == want
+    assert keys.settings_hash(MedQA_eval._settings(*args)) == want
 
 
 QA_PROMPTS = {"qa_system": "You are an expert.", "qa_choice": "Q: {question}\n{options}\nAnswer:",
@@ -338,7 +339,7 @@ def test_medqa_answers_of_today_are_resumed(tmp_path):
     chat = _FakeChat()
     results = MedQA_eval.evaluate(chat, job, prompts, settings, tmp_path / "out", progress=False)
     assert [c[1]["content"] for c in chat.asked] == ["Q: Which else?\nA. three\nB. four\nAnswer:"]
-    assert chat.seeds == [cli.request_seed(0, "q2", 0)] == [6488438041998629535]  # PINNED
+    assert chat.seeds == [keys.request_seed(0, "q2", 0)] == [6488438041998629535]  # PINNED
     assert results["settings_hash"] == run_hash and results["samples_file"] == "MedQA.samples.jsonl"
     assert (samples.parent / "MedQA.results.json").is_file()
     assert [(r["id"], r["repeat"], r["settings_hash"]) for r in read_jsonl(samples)] == [
@@ -370,7 +371,7 @@ def test_medqa_question_ids_and_sources(tmp_path):
 ], ids=["api", "embedded"])
 def test_imhi_settings_hash(args, want):
     """IMHI_eval._settings, hashed: the run hash of every IMHI answer row."""
-    assert cli.settings_hash(IMHI_eval._settings(*args)) == want
+    assert keys.settings_hash(IMHI_eval._settings(*args)) == want
 
 
 def test_imhi_row_key():
@@ -405,7 +406,7 @@ def test_imhi_run_resumes_answers_of_today(tmp_path):
         "samples": "CAMS.samples.jsonl", "generated": "generated/CAMS.csv"}
     rows = read_jsonl(samples)
     assert rows[1]["key"] == IMHI_eval._row_key(1, "Post two?", "Golden two.")
-    assert rows[1]["seed"] == cli.request_seed(0, "CAMS", rows[1]["key"]) == 6073481704521297205  # PINNED
+    assert rows[1]["seed"] == keys.request_seed(0, "CAMS", rows[1]["key"]) == 6073481704521297205  # PINNED
     for name in ("IMHI/generated/CAMS.csv", "IMHI/CAMS.results.json", "report.md"):
         assert (model_dir / name).is_file(), name
 
@@ -417,9 +418,9 @@ GENERATION = {"system": "You are a therapist.", "temperature": 0.7, "max_new_tok
 
 def test_counsel_settings_hash():
     """Counsel_eval._settings, hashed: the run hash of every response row of one model."""
-    assert cli.settings_hash(Counsel_eval._settings(route("gpt-4o"), GENERATION)) == "bba89a5e6b64"  # PINNED
+    assert keys.settings_hash(Counsel_eval._settings(route("gpt-4o"), GENERATION)) == "bba89a5e6b64"  # PINNED
     served = route("fake-model", "auto", "http://127.0.0.1:9/v1")
-    assert cli.settings_hash(Counsel_eval._settings(served, GENERATION)) == "382e49f55b5f"  # PINNED
+    assert keys.settings_hash(Counsel_eval._settings(served, GENERATION)) == "382e49f55b5f"  # PINNED
 
 
 def test_counsel_row_keys():
@@ -459,12 +460,12 @@ def test_counsel_run_resumes_answers_of_today(tmp_path):
                                 "reward": "statements.reward.jsonl", "scored": "statements.scored.jsonl"}
     responses = read_jsonl(model_dir / "statements.samples.jsonl")
     assert responses[1]["id"] == counsel.row_key("s2", "I cannot sleep.")
-    assert responses[1]["seed"] == cli.request_seed(0, "statements", responses[1]["id"]) == 3943407770595040957  # PINNED
+    assert responses[1]["seed"] == keys.request_seed(0, "statements", responses[1]["id"]) == 3943407770595040957  # PINNED
     judged = read_jsonl(model_dir / "statements.judge.jsonl")
     assert {j["settings_hash"] for j in judged} == {"4b5c31bfdbf3"}  # PINNED: the rubric judge's hash
     assert sorted((j["key"], j["id"]) for j in judged) == [  # PINNED
         ("s1:92975a4d6147", "30477ae941f75d1e"), ("s2:b0299a3b93a3", "81e7aea756affd9e")]
-    assert all(j["seed"] == cli.request_seed(0, "judge", j["id"]) for j in judged)
+    assert all(j["seed"] == keys.request_seed(0, "judge", j["id"]) for j in judged)
     for name in ("fake-model/statements.scored.jsonl", "fake-model/statements.results.json", "report.md"):
         assert (tmp_path / "out" / name).is_file(), name
 

@@ -12,10 +12,10 @@ import torch
 from conftest import ROOT, ScriptedBackend, assert_same_up_to_a_tie, embedded_tokenizer, make_tiny_llama, shared_data
 
 import IMHI_eval as ev
-from mentalarena import imhi
+from mentalarena.evaluation import imhi
 from mentalarena.errors import ModelCallError
-from mentalarena.jsonl import read_jsonl
-from mentalarena.seq2seq_backend import Seq2SeqBackend, target_log_likelihood
+from mentalarena.store.jsonl import read_jsonl
+from mentalarena.engines.seq2seq_backend import Seq2SeqBackend, target_log_likelihood
 
 SAMPLE_DIR = ROOT / "data" / "imhi_sample"
 YES = "Yes, the poster suffers from stress. Reasoning: deadlines."

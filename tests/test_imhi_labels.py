@@ -1,4 +1,4 @@
-"""IMHI label rules (reference and fixed), metrics and CSV files (`mentalarena.imhi`)."""
+"""IMHI label rules (reference and fixed), metrics and CSV files (`mentalarena.evaluation.imhi`)."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +9,7 @@ import pytest
 import sklearn.metrics
 from conftest import ROOT, shared_data
 
-from mentalarena import imhi
+from mentalarena.evaluation import imhi
 from mentalarena.errors import InputError
 
 SAMPLE_DIR = ROOT / "data" / "imhi_sample"

@@ -1,4 +1,4 @@
-"""mentalarena.inputs, the one reader of users' input files, through the loaders every script calls:
+"""mentalarena.store.inputs, the one reader of users' input files, through the loaders every script calls:
 files saved the ways people save them (a spreadsheet's BOM, Windows-1252, Excel's UTF-16, no final
 newline, a huge CSV field, a folder, repeated ids), each one line naming the file and where."""
 import csv
@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 from conftest import FAKE_OPENAI_KEY, ScriptedBackend, shared_data
-from mentalarena import counsel, data, imhi, inputs, qa, report, sft
+from mentalarena.evaluation import counsel, imhi, qa
+from mentalarena.selfplay import data
+from mentalarena.store import inputs
+from mentalarena.reports import report
+from mentalarena.training import sft
 from mentalarena.errors import InputError
 
 LONG = "I keep replaying the argument. " * 6700  # ~200,000 characters: over csv's default limit of 131,072

@@ -25,7 +25,7 @@ import IMHI_eval
 import iterate
 import llama_finetune
 import MedQA_eval
-from mentalarena.jsonl import append_jsonl
+from mentalarena.store.jsonl import append_jsonl
 
 MODULES = {"arena_med.py": arena_med, "llama_finetune.py": llama_finetune, "data_process.py": data_process,
            "MedQA_eval.py": MedQA_eval, "IMHI_eval.py": IMHI_eval, "Counsel_eval.py": Counsel_eval}
@@ -408,7 +408,7 @@ def test_arena_args_pass_the_score_parser_through(tmp_path, stages):
 # ---------------------------------------------------------------------------------- data selection
 def test_selection_flags_reach_the_finetune_stage_through_finetune_args(tmp_path, stages, capsys):
     """--finetune_args takes llama_finetune.py's --select flags as they are: no flag of iterate.py's own."""
-    from mentalarena.selection import check_options
+    from mentalarena.training.selection import check_options
 
     work, fake = tmp_path / "run", stages()
     assert iterate.main(["--work_dir", str(work), "--iterations", "2", "--eval", "none", *QUICK, "--finetune_args",
@@ -555,7 +555,7 @@ def test_the_counsel_judge_is_the_same_in_every_iteration(tmp_path, stages, flag
 def test_a_served_loop_sends_the_counsel_model_and_its_judge_to_the_server(tmp_path):
     """The call the loop plans, read through Counsel_eval.py's own routes: the judge (the starting
     model) is served where the evaluated model is, never the OpenAI API by itself."""
-    from mentalarena.backends import judge_route, route
+    from mentalarena.engines.backends import judge_route, route
 
     server = "http://127.0.0.1:1/v1"
     defaults = {k: p.default for k, p in inspect.signature(iterate.run).parameters.items()}

@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT
 from llama_server import LlamaServer, available
 
-from mentalarena.counsel import parse_verdict
+from mentalarena.evaluation.counsel import parse_verdict
 
 # Both wheels are installed for these tests (requirements-test.txt, requirements.txt): a broken
 # install fails here, it never skips.

@@ -18,10 +18,10 @@ from conftest import assert_same_up_to_a_tie, reply_token_ids
 
 import arena_med
 import llama_finetune
-from mentalarena.jsonl import read_jsonl
-from mentalarena.locks import OutputLock
-from mentalarena.sft import SFTPair, to_openai, to_text
-from mentalarena.training import IGNORE, Collator, encode, pack
+from mentalarena.store.jsonl import read_jsonl
+from mentalarena.store.locks import OutputLock
+from mentalarena.training.sft import SFTPair, to_openai, to_text
+from mentalarena.training.trainers import IGNORE, Collator, encode, pack
 
 SYMPTOMS = [
     "Patient History: lost her job in spring and sleeps four hours a night.\nSituation: a friend calls.\n"
@@ -88,7 +88,7 @@ def test_chat_template_answer_only_labels(tokenizer):
     assert tokenizer.decode(learned).count(tokenizer.eos_token) == 1  # the template's end of turn, not a second EOS
     assert "Which illness?" in tokenizer.decode(prompt) and pair.answer not in tokenizer.decode(prompt)
     # a template that does not close the turn with EOS (the fallback layout) gets one appended
-    from mentalarena.hf_backend import FALLBACK_TEMPLATE
+    from mentalarena.engines.hf_backend import FALLBACK_TEMPLATE
     own, tokenizer.chat_template = tokenizer.chat_template, FALLBACK_TEMPLATE
     try:
         ex = encode(to_openai(pair), tokenizer, "chat_template", 512, answer_only=True, add_eos=True)
@@ -141,7 +141,7 @@ def test_lora_training_lowers_the_loss_and_the_outputs_load_back(tiny_base, reco
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from mentalarena.hf_backend import HFBackend
+    from mentalarena.engines.hf_backend import HFBackend
 
     out = tmp_path / "models"
     code = llama_finetune.main(tiny_args(tiny_base, records, out, "t", "--max_steps", "8", "--lr", "1e-2",
@@ -201,7 +201,7 @@ def test_packed_answer_only_training_runs(tiny_base, records, tmp_path):
 
 
 def test_full_fine_tuning_writes_a_loadable_model(tiny_base, records, tmp_path):
-    from mentalarena.hf_backend import HFBackend
+    from mentalarena.engines.hf_backend import HFBackend
 
     out = tmp_path / "models"
     args = tiny_args(tiny_base, records, out, "f", "--max_steps", "2", "--merge")
@@ -395,7 +395,7 @@ def test_selection_keeps_a_subset_before_tokenizing_and_is_recorded(tiny_base, r
 
 # ---------------------------------------------------------------------------------- the embedded model
 def test_embedded_model_finetuned_merged_and_used_by_arena_med(tmp_path, records):
-    from mentalarena.hf_backend import HFBackend
+    from mentalarena.engines.hf_backend import HFBackend
 
     out = tmp_path / "models"
     assert llama_finetune.main(["--new_name", "smol", "--data_files", records, "--output_dir", str(out),
@@ -404,7 +404,7 @@ def test_embedded_model_finetuned_merged_and_used_by_arena_med(tmp_path, records
     config = json.loads((out / "smol" / "finetune_config.json").read_text())
     assert config["settings"]["method"] == "lora" and config["base_gguf_file"].endswith(".gguf")
     # the adapter names the embedded model's folder as its base, not the model cache's dense copy
-    from mentalarena.hf_backend import embedded_model_dir
+    from mentalarena.engines.hf_backend import embedded_model_dir
     adapter = json.loads((out / "smol" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == embedded_model_dir()
     merged = out / "smol" / "merged"

@@ -1,5 +1,5 @@
 """The local engine's loading and its use of transformers: the cache of dequantized GGUF weights
-(`mentalarena/gguf_cache.py`), the transformers floor, and no deprecated transformers API.
+(`mentalarena/engines/gguf_cache.py`), the transformers floor, and no deprecated transformers API.
 
 The GGUF tests use a real GGUF file cut from the embedded one (2 of its 30 layers, its first 4,096
 tokens, the quantized blocks copied as they are), which transformers converts in a few seconds."""
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT, embedded_tokenizer, make_tiny_llama
-from mentalarena import gguf_cache, hf_backend
+from mentalarena.engines import gguf_cache, hf_backend
 from mentalarena.errors import InputError
 
 SMALL = "small.Q4_1.gguf"
@@ -170,7 +170,7 @@ def test_a_damaged_cache_is_ignored_and_rebuilt(small_gguf, cache, conversions, 
 
 def test_two_processes_starting_together_convert_once(small_gguf, cache):
     """Both load the model; the second waits for the first one's conversion, then reads it."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from mentalarena.hf_backend import _load; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from mentalarena.engines.hf_backend import _load; "
             "_load(sys.argv[2], sys.argv[3], 'cpu', 'float32'); print('loaded')")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT), small_gguf, SMALL], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -185,7 +185,7 @@ def test_an_unwritable_cache_loads_the_gguf_file_directly(small_gguf, tmp_path, 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv(gguf_cache.CACHE_ENV, str(blocker / "cache"))  # under a file: cannot be made
-    with caplog.at_level(logging.WARNING, logger="mentalarena.gguf_cache"):
+    with caplog.at_level(logging.WARNING, logger="mentalarena.engines.gguf_cache"):
         tokenizer, model = hf_backend._load(small_gguf, SMALL, "cpu", "float32")
     assert "cannot write the model cache" in caplog.text and not conversions
     fresh, fresh_tokenizer = fresh_from_gguf(small_gguf, torch.float32)
@@ -264,7 +264,7 @@ def test_self_play_takes_the_dtype_rule_of_the_evaluations(tmp_path, monkeypatch
     """`auto` (the default) is `cli.auto_dtype`: bfloat16 where the device has it (measured faster
     for self-play too: benchmarks/bench_dtype.py), else float32; an explicit dtype is kept."""
     import arena_med
-    import mentalarena.backends as backends
+    import mentalarena.engines.backends as backends
     from mentalarena.cli import auto_dtype
 
     asked = []

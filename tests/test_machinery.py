@@ -7,11 +7,11 @@ import json
 import pytest
 from conftest import ScriptedBackend
 
-from mentalarena.backends import resolve_backend
-from mentalarena.context import fit_messages, merge_system
-from mentalarena.engine import Gate, ModelClient
+from mentalarena.engines.backends import resolve_backend
+from mentalarena.engines.context import fit_messages, merge_system
+from mentalarena.engines.engine import Gate, ModelClient
 from mentalarena.errors import InputError
-from mentalarena.jsonl import append_jsonl, read_jsonl, repair_torn_tail
+from mentalarena.store.jsonl import append_jsonl, read_jsonl, repair_torn_tail
 from mentalarena.prompts import Prompts
 
 
@@ -208,7 +208,7 @@ def test_truncation_is_counted():
 def test_prefix_cache_longest_match_and_superseded_entries():
     import torch
 
-    from mentalarena.hf_backend import PrefixCache
+    from mentalarena.engines.hf_backend import PrefixCache
     cache = PrefixCache(budget_tokens=100, slack=2)
     t = lambda *xs: torch.tensor(xs)  # noqa: E731
     cache.add(t(1, 2, 3, 4, 5), ["kv-a"])
@@ -234,7 +234,7 @@ def test_seeded_sampling_follows_the_distribution_and_never_picks_a_zero_probabi
 
     import torch
 
-    from mentalarena.hf_backend import HFBackend
+    from mentalarena.engines.hf_backend import HFBackend
     fake = SimpleNamespace(temperature=1.0, top_p=1.0, top_k=0, generator=None)
     logits = torch.log(torch.tensor([[0.2, 0.0, 0.8, 0.0]])).repeat(4000, 1)
     generators = [torch.Generator().manual_seed(i) for i in range(4000)]

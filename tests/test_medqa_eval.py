@@ -9,7 +9,7 @@ from conftest import ScriptedBackend, shared_data
 
 import MedQA_eval as ev
 from mentalarena.errors import InputError, ModelCallError
-from mentalarena.jsonl import read_jsonl
+from mentalarena.store.jsonl import read_jsonl
 from mentalarena.prompts import Prompts
 
 QUESTIONS = [

@@ -11,8 +11,8 @@ from conftest import backend_sleeps
 
 from fake_openai import FakeOpenAI, Faults, echo_responder
 from mentalarena.errors import InputError, ModelCallError, ServiceRefused
-from mentalarena.openai_backend import OpenAIBackend
-from mentalarena.openai_client import parse_retry_after
+from mentalarena.engines.openai_backend import OpenAIBackend
+from mentalarena.engines.openai_client import parse_retry_after
 
 SECRET = "sk-test-SECRET-123"
 # Client timeouts. A request to the local fake server is answered in milliseconds, but a busy 2-core

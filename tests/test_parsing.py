@@ -1,7 +1,7 @@
 """Parsers of the judge's replies, fed with the kinds of text real models produce."""
 import pytest
 
-from mentalarena.parsing import (
+from mentalarena.selfplay.parsing import (
     EXTRACTION_KEYS,
     first_integer,
     parse_extraction,

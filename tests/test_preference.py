@@ -1,4 +1,4 @@
-"""Preference pairs from self-play records (mentalarena/preference.py): hand-made records with the exact
+"""Preference pairs from self-play records (mentalarena/training/preference.py): hand-made records with the exact
 pairs they must give, the prompts shared with SFT, diagnosis attribution through a scripted encoder (no
 model is loaded here), the reference's records (no scores: no pairs), converted rows read back, and bad input."""
 from __future__ import annotations
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from conftest import shared_data
 
-from mentalarena import sft
+from mentalarena.training import sft
 from mentalarena.errors import InputError
-from mentalarena.preference import (PairReport, PreferencePair, convert, load_preferences, named_doctor,
+from mentalarena.training.preference import (PairReport, PreferencePair, convert, load_preferences, named_doctor,
                                     openai_problems, to_openai, to_trl, to_trl_text, validate_openai_file)
-from mentalarena.sft import SFTPair, write_rows
+from mentalarena.training.sft import SFTPair, write_rows
 
 GPT, LLAMA = "gpt_iter1_output.jsonl", "llama3_iter4_output_1.jsonl"
 SYSTEM = "You are a psychiatric expert."
@@ -287,7 +287,7 @@ def test_diagnosis_false_makes_no_diagnosis_pairs_and_calls_no_encoder(tmp_path)
 
 
 class FakeEncoderClass:
-    """Stands in for mentalarena.similarity.Encoder: counts constructions, never loads a model."""
+    """Stands in for mentalarena.selfplay.similarity.Encoder: counts constructions, never loads a model."""
 
     made: list = []
 
@@ -299,9 +299,9 @@ class FakeEncoderClass:
 
 
 def test_the_sentence_encoder_is_loaded_only_when_a_diagnosis_needs_it(tmp_path, monkeypatch):
-    import mentalarena.similarity
+    import mentalarena.selfplay.similarity
 
-    monkeypatch.setattr(mentalarena.similarity, "Encoder", FakeEncoderClass)
+    monkeypatch.setattr(mentalarena.selfplay.similarity, "Encoder", FakeEncoderClass)
     monkeypatch.setattr(FakeEncoderClass, "made", [])
     named = [record(diagnoses=DIAGNOSES, illness=i) for i in ("Doctor 1", "the second diagnosis", "Dr 2")]
     _, pairs, report = load(tmp_path, named, encoder=None)

@@ -1,14 +1,14 @@
-"""mentalarena.qa: loaders for both schemas (paper's files, hub rows), rule R, the robust parser."""
+"""mentalarena.evaluation.qa: loaders for both schemas (paper's files, hub rows), rule R, the robust parser."""
 import json
 from collections import Counter
 
 import pytest
 from conftest import shared_data
 
-from mentalarena import qa
+from mentalarena.evaluation import qa
 from mentalarena.errors import InputError
 from mentalarena.prompts import Prompts
-from mentalarena.qa import QAItem
+from mentalarena.evaluation.qa import QAItem
 
 
 def raw_rows(path):

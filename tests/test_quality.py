@@ -1,4 +1,4 @@
-"""mentalarena/quality.py: batched answer perplexities on a tiny random Llama match a direct
+"""mentalarena/training/quality.py: batched answer perplexities on a tiny random Llama match a direct
 computation, one row at a time with plain torch, in both row formats; a cut-off answer is NaN."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from mentalarena.quality import answer_perplexities, load_scorer
-from mentalarena.sft import SFTPair, to_openai, to_text
-from mentalarena.training import IGNORE, encode
+from mentalarena.training.quality import answer_perplexities, load_scorer
+from mentalarena.training.sft import SFTPair, to_openai, to_text
+from mentalarena.training.trainers import IGNORE, encode
 
 SYSTEM = "You are a psychiatric expert."
 PAIRS = [

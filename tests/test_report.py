@@ -13,9 +13,9 @@ import pytest
 from conftest import shared_data
 
 import arena_med
-from mentalarena import report
+from mentalarena.reports import report
 from mentalarena.errors import InputError
-from mentalarena.report_figures import draw_all
+from mentalarena.reports.report_figures import draw_all
 
 SIX = {"symptom": "Patient History: a profile.", "treatment": "CBT", "explain_t": "It helps.", "explain_m": "It works."}
 
@@ -162,7 +162,7 @@ def figure_data(monkeypatch) -> dict[str, list]:
     (file name -> one entry per axes): the title, the x tick labels, the y tick labels, the
     labelled lines as {label: (xs, ys)}, and the bar groups as {label: [(height, (p10, p90) or None)]}
     (a horizontal bar's width is its value)."""
-    from mentalarena import report_figures
+    from mentalarena.reports import report_figures
 
     drawn: dict[str, list] = {}
     real_save = report_figures.save
@@ -456,8 +456,8 @@ def test_self_play_still_the_default(monkeypatch):
 
 
 def test_perplexity_with_a_tiny_model(tmp_path, records, tiny_base):
-    from mentalarena import quality
-    from mentalarena.sft import record_pairs, to_text
+    from mentalarena.training import quality
+    from mentalarena.training.sft import record_pairs, to_text
 
     out = tmp_path / "report"
     stats = report.write_report(str(write(tmp_path / "a.jsonl", records)), out, perplexity_model=tiny_base,

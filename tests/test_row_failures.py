@@ -11,12 +11,12 @@ import torch
 from conftest import ScriptedBackend, make_tiny_llama
 
 import arena_med as am
-from mentalarena.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
-from mentalarena.engine import Gate, ModelClient
+from mentalarena.selfplay.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
+from mentalarena.engines.engine import Gate, ModelClient
 from mentalarena.errors import ContextOverflow, InputError, ModelCallError, ServiceRefused
-from mentalarena.halving import describe, splittable
-from mentalarena.hf_backend import HFBackend
-from mentalarena.jsonl import read_jsonl
+from mentalarena.engines.halving import describe, splittable
+from mentalarena.engines.hf_backend import HFBackend
+from mentalarena.store.jsonl import read_jsonl
 from mentalarena.prompts import Prompts
 
 MARK = "POISONED-ROW"

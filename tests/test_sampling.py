@@ -11,9 +11,9 @@ from transformers import GenerationConfig
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 import arena_med
-import mentalarena.hf_backend as hf_backend
-import mentalarena.sampling as sampling
-from mentalarena.sampling import checkpoint_sampling, filter_scores
+import mentalarena.engines.hf_backend as hf_backend
+import mentalarena.engines.sampling as sampling
+from mentalarena.engines.sampling import checkpoint_sampling, filter_scores
 
 CKPT, DEFAULT, FLAG = "generation_config", "transformers_default", "flag"
 

@@ -1,4 +1,4 @@
-"""mentalarena/selection.py: IQR pruning on known values (numpy's linear quartiles, inclusive
+"""mentalarena/training/selection.py: IQR pruning on known values (numpy's linear quartiles, inclusive
 fences, ties, NaN), k-center greedy against hand-worked traversals and a brute-force optimum,
 composition order, k >= n, and bad input. No model is loaded: perplexities and embeddings are given."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from mentalarena.errors import InputError
-from mentalarena.selection import check_options, iqr_fences, iqr_keep, kcenter_greedy, parse_methods, row_text, select
-from mentalarena.sft import SFTPair, to_openai, to_text
+from mentalarena.training.selection import check_options, iqr_fences, iqr_keep, kcenter_greedy, parse_methods, row_text, select
+from mentalarena.training.sft import SFTPair, to_openai, to_text
 
 
 # ---------------------------------------------------------------------------------- IQR

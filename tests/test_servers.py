@@ -24,13 +24,13 @@ import arena_med
 import IMHI_eval
 import iterate
 import MedQA_eval
-from mentalarena.backends import Route, describe_routes, judge_route, route
-from mentalarena.cli import request_seed
-from mentalarena.data import DEFAULT_PATIENTS_FILE, load_patients
-from mentalarena.engine import Gate, ModelClient
+from mentalarena.engines.backends import Route, describe_routes, judge_route, route
+from mentalarena.store.keys import request_seed
+from mentalarena.selfplay.data import DEFAULT_PATIENTS_FILE, load_patients
+from mentalarena.engines.engine import Gate, ModelClient
 from mentalarena.errors import BusyError, ContextOverflow, ModelCallError
-from mentalarena.locks import OutputLock
-from mentalarena.openai_backend import OpenAIBackend
+from mentalarena.store.locks import OutputLock
+from mentalarena.engines.openai_backend import OpenAIBackend
 from mentalarena.progress import Progress, SessionProgress
 
 SECRET = "sk-test-SECRET-4242424242424242"
@@ -109,7 +109,7 @@ def _content(record: dict) -> dict:
 def test_transformers_generate_fallback_samples_each_row_from_its_own_seed(tmp_path):
     """Models the fast paths cannot run go through transformers' generate; with SeededSampler a
     row's reply does not depend on the others in its batch either."""
-    from mentalarena.hf_backend import HFBackend
+    from mentalarena.engines.hf_backend import HFBackend
 
     tiny = make_tiny_llama(tmp_path / "tiny", embedded_tokenizer())
     backend = HFBackend(tiny, temperature=1.0, max_new_tokens=10, dtype="float32")
@@ -188,7 +188,7 @@ def _fails_fast(main, argv, capsys, monkeypatch, *needles: str) -> str:
     """The run stops at its preflight with one line. Fast by its mechanism, not by a clock: every
     request it made had the preflight's deadline (PREFLIGHT_TIMEOUT, 10 s), and the backend asked
     for no wait (no backoff)."""
-    from mentalarena.openai_client import PREFLIGHT_TIMEOUT
+    from mentalarena.engines.openai_client import PREFLIGHT_TIMEOUT
 
     deadlines, sleeps = request_deadlines(monkeypatch), backend_sleeps(monkeypatch)
     code = main(argv)
@@ -428,7 +428,7 @@ def test_two_runs_on_one_output_the_second_is_refused_and_nothing_is_duplicated(
 
 # ---------------------------------------------------------------------------------- 7. progress
 def test_the_progress_bar_moves_with_every_call_and_estimates_the_rest():
-    from mentalarena.backends import Reply
+    from mentalarena.engines.backends import Reply
 
     bar = SessionProgress(sessions=4, calls_per_session=30)
     assert bar.bar.total == 120
@@ -484,7 +484,7 @@ def test_arena_progress_advances_before_any_session_ends(tmp_path, monkeypatch):
     ("llama-3.1-8b-instruct", None), ("my-gpt-4", None),
 ])
 def test_known_windows_of_openai_models(model, window):
-    from mentalarena.openai_backend import known_window
+    from mentalarena.engines.openai_backend import known_window
     assert known_window(model) == window
 
 

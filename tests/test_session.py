@@ -8,8 +8,8 @@ import pytest
 from conftest import ScriptedBackend
 
 import arena_med as am
-from mentalarena.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
-from mentalarena.engine import Gate, ModelClient
+from mentalarena.selfplay.data import DEFAULT_PATIENTS_FILE, DEFAULT_PRINCIPLES_FILE, load_patients, load_principles
+from mentalarena.engines.engine import Gate, ModelClient
 from mentalarena.prompts import Prompts
 
 P = Prompts()

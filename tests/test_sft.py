@@ -9,7 +9,7 @@ import pytest
 from conftest import shared_data
 
 from mentalarena.errors import InputError
-from mentalarena.sft import (SFTPair, convert, dedup, from_openai, load_pairs, medicine_usable, parse_text,
+from mentalarena.training.sft import (SFTPair, convert, dedup, from_openai, load_pairs, medicine_usable, parse_text,
                              record_pairs, row_kind, to_openai, to_text, write_rows)
 
 GPT, LLAMA = "gpt_iter1_output.jsonl", "llama3_iter4_output_1.jsonl"
@@ -176,7 +176,7 @@ def test_written_rows_keep_one_line_each_whatever_the_text(tmp_path):
     """U+2028, U+2029 and U+0085 split lines for str.splitlines() and some JSONL readers: escaped."""
     import json
 
-    from mentalarena.sft import write_rows
+    from mentalarena.training.sft import write_rows
     rows = [{"text": f"before{c}after"} for c in ("\u2028", "\u2029", "\u0085")]
     path = tmp_path / "rows.jsonl"
     write_rows(path, rows)

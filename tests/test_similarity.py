@@ -1,4 +1,4 @@
-"""Tests for mentalarena.similarity against the real bundled all-MiniLM-L6-v2 (offline, small)."""
+"""Tests for mentalarena.selfplay.similarity against the real bundled all-MiniLM-L6-v2 (offline, small)."""
 from __future__ import annotations
 
 import re
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from mentalarena.similarity import (
+from mentalarena.selfplay.similarity import (
     BUNDLED_NAME,
     THRESHOLDS,
     Encoder,

@@ -1,0 +1,1 @@
+"""The evaluations: each benchmark declared as data and scored (QA, IMHI, counseling, the reward model)."""

@@ -1,0 +1,1 @@
+"""The self-training loop's data: the paper's runs and published numbers."""

@@ -1,0 +1,1 @@
+"""What people read: the records report, its statistics and figures, and the figure style."""

@@ -1,0 +1,2 @@
+"""Self-play's parts below the session: patient and principle loaders, message lists, the judge
+replies' parsers, sentence similarity."""
